@@ -1,0 +1,102 @@
+//! The pre-LN transformer shared by CLIP's two towers (`CLIPEncoderLayer`, `CLIPEncoder`, `CLIPMLP` in
+//! `transformers/models/clip/modeling_clip.py`).
+
+use tch::{Tensor, nn, nn::Module};
+
+use crate::activation::Activation;
+use crate::attention::SelfAttention;
+
+#[derive(Debug)]
+pub struct ClipEncoderLayer {
+    self_attn: SelfAttention,
+    layer_norm1: nn::LayerNorm,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+    layer_norm2: nn::LayerNorm,
+    activation: Activation,
+}
+
+impl ClipEncoderLayer {
+    pub fn new(
+        vs: nn::Path,
+        hidden: i64,
+        intermediate: i64,
+        heads: i64,
+        eps: f64,
+        activation: Activation,
+    ) -> Self {
+        let ln = |name: &str| {
+            nn::layer_norm(
+                &vs / name,
+                vec![hidden],
+                nn::LayerNormConfig {
+                    eps,
+                    ..Default::default()
+                },
+            )
+        };
+        let mlp = &vs / "mlp";
+        Self {
+            self_attn: SelfAttention::new(&vs / "self_attn", hidden, heads),
+            layer_norm1: ln("layer_norm1"),
+            fc1: nn::linear(&mlp / "fc1", hidden, intermediate, Default::default()),
+            fc2: nn::linear(&mlp / "fc2", intermediate, hidden, Default::default()),
+            layer_norm2: ln("layer_norm2"),
+            activation,
+        }
+    }
+
+    pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>, causal: bool) -> Tensor {
+        let xs = xs
+            + self
+                .self_attn
+                .forward(&xs.apply(&self.layer_norm1), mask, causal);
+        let ys = self
+            .activation
+            .forward(&xs.apply(&self.layer_norm2).apply(&self.fc1))
+            .apply(&self.fc2);
+        xs + ys
+    }
+}
+
+#[derive(Debug)]
+pub struct ClipEncoder {
+    layers: Vec<ClipEncoderLayer>,
+}
+
+impl ClipEncoder {
+    pub fn new(
+        vs: nn::Path,
+        hidden: i64,
+        intermediate: i64,
+        heads: i64,
+        layers: i64,
+        eps: f64,
+        act: Activation,
+    ) -> Self {
+        let vs = &vs / "layers";
+        let layers = (0..layers)
+            .map(|i| ClipEncoderLayer::new(&vs / i, hidden, intermediate, heads, eps, act))
+            .collect();
+        Self { layers }
+    }
+
+    pub fn fuse_qkv(&mut self) {
+        self.layers.iter_mut().for_each(|l| l.self_attn.fuse_qkv());
+    }
+
+    pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>, causal: bool) -> Tensor {
+        let mut xs = xs.shallow_clone();
+        for layer in &self.layers {
+            xs = layer.forward(&xs, mask, causal);
+        }
+        xs
+    }
+}
+
+/// `nn::Module` is implemented for the unmasked, non-causal case (the vision tower).
+impl Module for ClipEncoder {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        ClipEncoder::forward(self, xs, None, false)
+    }
+}

@@ -1,0 +1,184 @@
+//! `CLIPImageProcessor`: resize the shortest side (bicubic), centre crop, rescale to [0, 1], normalise with the
+//! checkpoint's `image_mean` / `image_std`, read from `preprocessor_config.json`.
+
+use std::path::Path;
+
+use image::{DynamicImage, RgbImage, imageops::FilterType};
+use serde::Deserialize;
+use tch::{Kind, Tensor};
+
+use crate::error::{ModelError, Result};
+
+/// OpenAI CLIP's normalisation constants (`OPENAI_CLIP_MEAN`, `OPENAI_CLIP_STD`).
+pub const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipImageProcessor {
+    pub shortest_edge: u32,
+    pub crop_height: u32,
+    pub crop_width: u32,
+    pub rescale_factor: f64,
+    pub image_mean: [f64; 3],
+    pub image_std: [f64; 3],
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeField {
+    Int(u32),
+    Map {
+        shortest_edge: Option<u32>,
+        height: Option<u32>,
+        width: Option<u32>,
+    },
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawProcessorConfig {
+    size: Option<SizeField>,
+    crop_size: Option<SizeField>,
+    rescale_factor: Option<f64>,
+    image_mean: Option<Vec<f64>>,
+    image_std: Option<Vec<f64>>,
+    resample: Option<u32>,
+}
+
+impl ClipImageProcessor {
+    /// The processor of the OpenAI checkpoints for a given input resolution.
+    pub fn openai(image_size: u32) -> Self {
+        Self {
+            shortest_edge: image_size,
+            crop_height: image_size,
+            crop_width: image_size,
+            rescale_factor: 1.0 / 255.0,
+            image_mean: OPENAI_CLIP_MEAN,
+            image_std: OPENAI_CLIP_STD,
+        }
+    }
+
+    /// Reads `dir/preprocessor_config.json`, or uses OpenAI's settings at `image_size` when it is absent.
+    pub fn from_dir(dir: &Path, image_size: u32) -> Result<Self> {
+        let path = dir.join("preprocessor_config.json");
+        let mut p = Self::openai(image_size);
+        if !path.is_file() {
+            return Ok(p);
+        }
+        let raw: RawProcessorConfig = crate::checkpoint::read_json(&path)?;
+        match raw.size {
+            Some(SizeField::Int(s))
+            | Some(SizeField::Map {
+                shortest_edge: Some(s),
+                ..
+            }) => p.shortest_edge = s,
+            Some(SizeField::Map { .. }) => {
+                return Err(ModelError::config(
+                    &path,
+                    "size",
+                    "expected an integer or {\"shortest_edge\": N}",
+                ));
+            }
+            None => {}
+        }
+        match raw.crop_size {
+            Some(SizeField::Int(s)) => (p.crop_height, p.crop_width) = (s, s),
+            Some(SizeField::Map {
+                height: Some(h),
+                width: Some(w),
+                ..
+            }) => (p.crop_height, p.crop_width) = (h, w),
+            Some(SizeField::Map { .. }) => {
+                return Err(ModelError::config(
+                    &path,
+                    "crop_size",
+                    "expected an integer or {\"height\": H, \"width\": W}",
+                ));
+            }
+            None => {}
+        }
+        if let Some(r) = raw.resample
+            && r != 3
+        {
+            return Err(ModelError::config(
+                &path,
+                "resample",
+                format!("{r} is not supported (only 3, bicubic)"),
+            ));
+        }
+        p.rescale_factor = raw.rescale_factor.unwrap_or(p.rescale_factor);
+        for (field, src, dst) in [
+            ("image_mean", raw.image_mean, &mut p.image_mean),
+            ("image_std", raw.image_std, &mut p.image_std),
+        ] {
+            if let Some(v) = src {
+                *dst = v.try_into().map_err(|v: Vec<f64>| {
+                    ModelError::config(&path, field, format!("expected 3 values, got {}", v.len()))
+                })?;
+            }
+        }
+        Ok(p)
+    }
+
+    /// Opens and decodes an image file.
+    pub fn open(path: &Path) -> Result<DynamicImage> {
+        image::ImageReader::open(path)
+            .map_err(|e| ModelError::io(path, e))?
+            .with_guessed_format()
+            .map_err(|e| ModelError::io(path, e))?
+            .decode()
+            .map_err(|e| ModelError::BadImage {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Resize so the shortest side is `shortest_edge` (the other side truncated, as HF does), then centre crop.
+    pub fn resize_and_crop(&self, image: &DynamicImage) -> RgbImage {
+        let rgb = image.to_rgb8();
+        let (w, h) = rgb.dimensions();
+        let (short, long) = if w <= h { (w, h) } else { (h, w) };
+        let new_long = (self.shortest_edge as u64 * long as u64 / short.max(1) as u64) as u32;
+        let (new_w, new_h) = if w <= h {
+            (self.shortest_edge, new_long)
+        } else {
+            (new_long, self.shortest_edge)
+        };
+        // Catmull-Rom is PIL's bicubic (a = -0.5, support widened when downscaling); PIL rounds through a uint8
+        // intermediate with fixed-point weights, so a pixel can differ from HF's by one 8-bit level.
+        let resized = if (new_w, new_h) == (w, h) {
+            rgb
+        } else {
+            image::imageops::resize(&rgb, new_w, new_h, FilterType::CatmullRom)
+        };
+        let top = new_h.saturating_sub(self.crop_height) / 2;
+        let left = new_w.saturating_sub(self.crop_width) / 2;
+        image::imageops::crop_imm(
+            &resized,
+            left,
+            top,
+            self.crop_width.min(new_w),
+            self.crop_height.min(new_h),
+        )
+        .to_image()
+    }
+
+    /// `pixel_values` `[batch, 3, crop_height, crop_width]` f32.
+    pub fn preprocess(&self, images: &[DynamicImage]) -> Tensor {
+        let crops: Vec<Tensor> = images
+            .iter()
+            .map(|im| self.to_tensor(&self.resize_and_crop(im)))
+            .collect();
+        Tensor::stack(&crops, 0)
+    }
+
+    /// An RGB image (already at crop size) -> normalised `[3, h, w]`.
+    pub fn to_tensor(&self, rgb: &RgbImage) -> Tensor {
+        let (w, h) = rgb.dimensions();
+        let hwc = Tensor::from_slice(rgb.as_raw()).view([h as i64, w as i64, 3]);
+        let mean = Tensor::from_slice(&self.image_mean).view([3, 1, 1]);
+        let std = Tensor::from_slice(&self.image_std).view([3, 1, 1]);
+        ((hwc.permute([2, 0, 1]).to_kind(Kind::Double) * self.rescale_factor - mean) / std)
+            .to_kind(Kind::Float)
+    }
+}
