@@ -98,10 +98,9 @@ impl Wav2Vec2FeatureExtractor {
             path: path.to_path_buf(),
             reason,
         };
-        let mut reader = hound::WavReader::open(path).map_err(|e| match e {
-            hound::Error::IoError(io) => ModelError::io(path, io),
-            other => bad(format!("not a readable WAV file: {other}")),
-        })?;
+        let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let mut reader = hound::WavReader::new(std::io::BufReader::new(file))
+            .map_err(|e| bad(format!("not a readable WAV file: {e}")))?;
         let spec = reader.spec();
         if spec.sample_rate != self.sampling_rate {
             return Err(bad(format!(

@@ -1,4 +1,5 @@
 //! Shared by the parity tests: the reference outputs and a max-abs-difference check.
+#![allow(dead_code)] // each test binary uses a different part
 
 use std::collections::HashMap;
 use std::path::PathBuf;
