@@ -1,1 +1,60 @@
-pub fn x() {}
+//! One avexpr rank. For now: the frozen-encoder commands (`embed`, `bench-encoders`); training, evaluation and
+//! prediction under mpirun build on them.
+
+pub mod bench;
+pub mod embed;
+pub mod logging;
+
+use tch::Device;
+
+use avexpr_model::{EncoderOptions, Precision};
+
+/// Parses `--device` (`auto`, `cpu`, `cuda`, `cuda:N`) and `--precision` (`f32`, `bf16`).
+pub fn encoder_options(device: &str, precision: &str) -> anyhow::Result<EncoderOptions> {
+    let device = match device {
+        "auto" => EncoderOptions::best_available().device,
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Device::Cuda(n),
+            _ => anyhow::bail!("--device: `{other}` is not one of auto, cpu, cuda, cuda:N"),
+        },
+    };
+    if let Device::Cuda(n) = device
+        && n as i64 >= tch::Cuda::device_count()
+    {
+        anyhow::bail!(
+            "--device: cuda:{n} requested but {} CUDA device(s) are visible",
+            tch::Cuda::device_count()
+        );
+    }
+    let precision = match precision {
+        "f32" => Precision::F32,
+        "bf16" => Precision::Bf16,
+        "auto" if device.is_cuda() => Precision::Bf16,
+        "auto" => Precision::F32,
+        other => anyhow::bail!("--precision: `{other}` is not one of auto, f32, bf16"),
+    };
+    Ok(EncoderOptions { device, precision })
+}
+
+/// The Python used for reference benchmarks: `$AVEXPR_PYTHON`, else the venv that `scripts/setup` creates,
+/// else `python3`.
+pub fn default_python() -> String {
+    if let Ok(python) = std::env::var("AVEXPR_PYTHON") {
+        return python;
+    }
+    let venv = std::env::var_os("HOME").map(|home| {
+        std::path::Path::new(&home)
+            .join(".cache/avexpr")
+            .join(format!("venv-torch-{}", TORCH_VERSION))
+            .join("bin/python")
+    });
+    match venv {
+        Some(path) if path.is_file() => path.to_string_lossy().into_owned(),
+        _ => "python3".into(),
+    }
+}
+
+/// The PyTorch release whose libtorch tch links against (pinned in scripts/setup).
+pub const TORCH_VERSION: &str = "2.13.0";

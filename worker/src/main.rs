@@ -1,1 +1,162 @@
-fn main() {}
+//! `worker`: one avexpr process. Thin: parse, set up logging, call the library, report errors with their chain.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use avexpr_worker::{bench, embed, encoder_options, logging};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "worker",
+    version,
+    about = "avexpr worker: one rank of an audio-visual expression recognition job"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Embed images, the class prompts and audio with the frozen encoders of HF checkpoint directories.
+    Embed {
+        /// CLIP checkpoint directory (config.json, model.safetensors, tokenizer.json), e.g. clip-vit-base-patch32.
+        #[arg(long)]
+        clip: Option<PathBuf>,
+        /// Wav2Vec 2.0 checkpoint directory, e.g. wav2vec2-base.
+        #[arg(long)]
+        wav2vec2: Option<PathBuf>,
+        /// Image files (JPEG, PNG) to embed with the CLIP vision tower.
+        #[arg(long, num_args = 1..)]
+        images: Vec<PathBuf>,
+        /// 16 kHz WAV files to encode with Wav2Vec 2.0.
+        #[arg(long, num_args = 1..)]
+        audio: Vec<PathBuf>,
+        /// Prompt template for the 8 classes; `{}` becomes the lower-case class name.
+        #[arg(long, default_value = embed::DEFAULT_TEMPLATE)]
+        template: String,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// auto (bf16 on CUDA, f32 on CPU), f32 or bf16.
+        #[arg(long, default_value = "auto")]
+        precision: String,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Throughput of our encoders against transformers + PyTorch eager, same machine, same settings.
+    BenchEncoders {
+        /// Torch threads for both sides (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value_t = 32)]
+        clip_batch: i64,
+        #[arg(long, default_value_t = 5)]
+        clip_iters: usize,
+        #[arg(long, default_value_t = 2)]
+        audio_batch: i64,
+        #[arg(long, default_value_t = 10.0)]
+        audio_seconds: f64,
+        #[arg(long, default_value_t = 3)]
+        audio_iters: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value = "f32")]
+        precision: String,
+        /// Python with torch and transformers for the reference side (default: $AVEXPR_PYTHON, else the scripts/setup venv).
+        #[arg(long)]
+        python: Option<String>,
+        /// Only measure our side.
+        #[arg(long)]
+        no_reference: bool,
+    },
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Embed {
+            clip,
+            wav2vec2,
+            images,
+            audio,
+            template,
+            device,
+            precision,
+            out,
+        } => {
+            let options = encoder_options(&device, &precision)?;
+            let req = embed::EmbedRequest {
+                clip,
+                wav2vec2,
+                images,
+                audio,
+                template,
+                options,
+                out,
+            };
+            let summary = embed::run(&req)?;
+            for (name, shape) in &summary.tensors {
+                println!("{name:<32} {shape:?}");
+            }
+            for line in &summary.lines {
+                println!("{line}");
+            }
+            for (path, class, cos) in &summary.nearest_prompt {
+                println!(
+                    "{}: nearest class prompt {class} (cosine {cos:.3})",
+                    path.display()
+                );
+            }
+            println!("wrote {}", req.out.display());
+        }
+        Command::BenchEncoders {
+            threads,
+            clip_batch,
+            clip_iters,
+            audio_batch,
+            audio_seconds,
+            audio_iters,
+            device,
+            precision,
+            python,
+            no_reference,
+        } => {
+            let options = encoder_options(&device, &precision)?;
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let cfg = bench::BenchConfig {
+                threads,
+                clip_batch,
+                clip_iters,
+                audio_batch,
+                audio_seconds,
+                audio_iters,
+                device: match options.device {
+                    tch::Device::Cuda(n) => format!("cuda:{n}"),
+                    _ => "cpu".into(),
+                },
+                bf16: options.precision == avexpr_model::Precision::Bf16,
+            };
+            let python = python.unwrap_or_else(avexpr_worker::default_python);
+            print!(
+                "{}",
+                bench::run(&cfg, options, (!no_reference).then_some(python.as_str()))?
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    logging::init_worker();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

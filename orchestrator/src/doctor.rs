@@ -1,0 +1,120 @@
+//! `orchestrator doctor`: is this machine ready to run avexpr workers? Checks libtorch (and which devices it
+//! sees), the MPI launcher, the FFmpeg tools, and the Python venv used for benchmarks and fixtures.
+
+use std::process::Command;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    /// Required for training; optional checks only inform.
+    pub required: bool,
+    pub detail: String,
+}
+
+fn first_line(program: &str, args: &[&str]) -> Result<String, String> {
+    match Command::new(program).args(args).output() {
+        Ok(out) if out.status.success() => {
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            Ok(text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_string())
+        }
+        Ok(out) => Err(format!("`{program}` exited with {}", out.status)),
+        Err(e) => Err(format!(
+            "`{program}` not found on PATH ({e}); run scripts/setup"
+        )),
+    }
+}
+
+fn command_check(name: &'static str, required: bool, program: &str, args: &[&str]) -> Check {
+    match first_line(program, args) {
+        Ok(detail) => Check {
+            name,
+            ok: true,
+            required,
+            detail,
+        },
+        Err(detail) => Check {
+            name,
+            ok: false,
+            required,
+            detail,
+        },
+    }
+}
+
+pub fn run_checks(python: &str) -> Vec<Check> {
+    let cuda = tch::Cuda::device_count();
+    let torch = Check {
+        name: "libtorch",
+        ok: true,
+        required: true,
+        detail: format!(
+            "loaded; {} CPU thread(s); CUDA devices: {cuda}{}",
+            tch::get_num_threads(),
+            if cuda > 0 {
+                format!(", cuDNN {}", tch::Cuda::cudnn_is_available())
+            } else {
+                String::new()
+            }
+        ),
+    };
+    vec![
+        torch,
+        command_check("mpirun", true, "mpirun", &["--version"]),
+        command_check("ffmpeg", true, "ffmpeg", &["-hide_banner", "-version"]),
+        command_check(
+            "python venv (benchmarks, fixtures)",
+            false,
+            python,
+            &[
+                "-c",
+                "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)",
+            ],
+        ),
+    ]
+}
+
+/// Renders the checks; `true` when every required one passed.
+pub fn report(checks: &[Check]) -> (String, bool) {
+    let mut text = String::new();
+    for c in checks {
+        let status = match (c.ok, c.required) {
+            (true, _) => "ok",
+            (false, true) => "MISSING",
+            (false, false) => "missing (optional)",
+        };
+        text.push_str(&format!("{:<36} {:<20} {}\n", c.name, status, c.detail));
+    }
+    (text, checks.iter().all(|c| c.ok || !c.required))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_required_tool_fails_the_report() {
+        let missing = command_check("nothing", true, "avexpr-no-such-program", &[]);
+        assert!(!missing.ok && missing.detail.contains("not found on PATH"));
+        let optional = Check {
+            required: false,
+            ..missing.clone()
+        };
+        assert!(report(std::slice::from_ref(&optional)).1);
+        let (text, ok) = report(&[missing]);
+        assert!(!ok && text.contains("MISSING"));
+    }
+
+    #[test]
+    fn libtorch_is_always_reported() {
+        let checks = run_checks("avexpr-no-such-python");
+        assert!(checks[0].ok && checks[0].detail.contains("CUDA devices"));
+        assert!(!checks.last().unwrap().ok);
+    }
+}

@@ -1,0 +1,148 @@
+//! `worker embed` as a user runs it: real files in, one safetensors file out, equal to the library's (and so
+//! the reference's) embeddings; bad input fails with the file named and leaves an earlier output intact.
+
+use std::path::Path;
+
+use avexpr_model::EncoderOptions;
+use avexpr_model::clip::ClipTextEncoder;
+use avexpr_model::fixtures;
+use avexpr_tests::binary;
+use tch::Tensor;
+
+fn write_tone(path: &Path, rate: u32, seconds: f64) {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: rate,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(path, spec).unwrap();
+    for i in 0..(rate as f64 * seconds) as usize {
+        let t = i as f64 / rate as f64;
+        w.write_sample(((t * 220.0 * std::f64::consts::TAU).sin() * 8000.0) as i16)
+            .unwrap();
+    }
+    w.finalize().unwrap();
+}
+
+/// The tiny CLIP fixture plus the real tokenizer, as a user's checkpoint directory would hold them.
+fn clip_dir(tmp: &Path) -> std::path::PathBuf {
+    let dir = tmp.join("clip");
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(fixtures::dir().join("clip-tiny")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let tok = fixtures::clip_tokenizer_dir().unwrap();
+    for name in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tok.join(name), dir.join(name)).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn embed_writes_image_prompt_and_audio_embeddings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clip = clip_dir(tmp.path());
+    let wav = tmp.path().join("speech.wav");
+    write_tone(&wav, 16_000, 1.0);
+    let out = tmp.path().join("out").join("emb.safetensors");
+    let fx = fixtures::dir();
+    let output = binary("worker")
+        .args(["embed", "--device", "cpu", "--clip"])
+        .arg(&clip)
+        .arg("--wav2vec2")
+        .arg(fx.join("wav2vec2-tiny-group"))
+        .arg("--images")
+        .args([fx.join("image0.png"), fx.join("image1.png")])
+        .arg("--audio")
+        .arg(&wav)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "worker embed failed: {stderr}");
+    assert!(
+        stderr
+            .lines()
+            .filter(|l| !l.is_empty())
+            .all(|l| l.starts_with("[rank 0/1]")),
+        "log lines carry the rank:\n{stderr}"
+    );
+
+    let got: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&out)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let expected: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(fx.join("expected.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    // Image embeddings equal the reference's from the same PNGs (up to the one-level resize rounding).
+    for k in 0..2 {
+        let diff = (got["image_embeds"].get(k) - &expected[&format!("clip.image{k}.image_embeds")])
+            .abs()
+            .max();
+        assert!(diff.double_value(&[]) < 0.05, "image {k}: {diff:?}");
+    }
+    // Prompt embeddings equal the text encoder's on the 8 class prompts.
+    let text = ClipTextEncoder::load(&clip, EncoderOptions::default()).unwrap();
+    let prompts = avexpr_worker::embed::class_prompts(avexpr_worker::embed::DEFAULT_TEMPLATE);
+    let want = text
+        .encode_texts(&prompts.iter().map(String::as_str).collect::<Vec<_>>())
+        .unwrap();
+    assert_eq!(got["text_embeds"].size(), [8, 12]);
+    assert!(got["text_embeds"].allclose(&want, 1e-6, 1e-6, false));
+    // Audio: 16000 samples through kernels (10, 3, 3) / strides (5, 2, 2) -> 799 frames of 16; 2 layers.
+    assert_eq!(got["audio.0.last_hidden_state"].size(), [799, 16]);
+    assert_eq!(got["audio.0.hidden_states"].size(), [3, 799, 16]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("image0.png: nearest class prompt"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bad_audio_fails_naming_the_file_and_keeps_the_previous_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wav = tmp.path().join("interview-44k.wav");
+    write_tone(&wav, 44_100, 0.5);
+    let out = tmp.path().join("emb.safetensors");
+    std::fs::write(&out, b"previous result").unwrap();
+    let output = binary("worker")
+        .args(["embed", "--device", "cpu", "--wav2vec2"])
+        .arg(fixtures::dir().join("wav2vec2-tiny-group"))
+        .arg("--audio")
+        .arg(&wav)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("interview-44k.wav") && stderr.contains("44100 Hz"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"previous result");
+}
+
+#[test]
+fn usage_errors_are_reported() {
+    let output = binary("worker")
+        .args(["embed", "--out", "x.safetensors"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("give --clip DIR and/or --wav2vec2 DIR")
+    );
+    let output = binary("worker")
+        .args(["embed", "--device", "tpu", "--out", "x"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--device: `tpu`"));
+}
