@@ -27,6 +27,25 @@ impl Activation {
         })
     }
 
+    /// Like [`Activation::forward`], overwriting `xs` when no gradient can flow through it (frozen encoders
+    /// under no_grad): one allocation and one memory pass fewer per activation.
+    pub fn forward_owned(self, mut xs: Tensor) -> Tensor {
+        if xs.requires_grad() {
+            return self.forward(&xs);
+        }
+        match self {
+            Activation::QuickGelu => {
+                let gate = (&xs * 1.702).sigmoid_();
+                xs *= gate;
+                xs
+            }
+            Activation::Gelu => xs.gelu_("none"),
+            Activation::GeluTanh => xs.gelu_("tanh"),
+            Activation::Relu => xs.relu_(),
+            Activation::Silu => xs.silu_(),
+        }
+    }
+
     pub fn forward(self, xs: &Tensor) -> Tensor {
         match self {
             Activation::QuickGelu => xs * (xs * 1.702).sigmoid_(),
@@ -51,4 +70,33 @@ pub(crate) fn parse(
             format!("unsupported activation `{name}` (supported: quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, relu, silu)"),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_place_variant_equals_the_out_of_place_one_and_keeps_autograd() {
+        for act in [
+            Activation::QuickGelu,
+            Activation::Gelu,
+            Activation::GeluTanh,
+            Activation::Relu,
+            Activation::Silu,
+        ] {
+            let xs = Tensor::randn([4, 7], tch::kind::FLOAT_CPU);
+            let want = act.forward(&xs);
+            assert!(
+                act.forward_owned(xs.copy())
+                    .allclose(&want, 1e-6, 1e-6, false),
+                "{act:?}"
+            );
+            // With a gradient to carry, the input must survive for backward: no in-place update.
+            let leaf = xs.copy().set_requires_grad(true);
+            let ys = act.forward_owned(leaf.shallow_clone() * 1.0);
+            ys.sum(tch::Kind::Float).backward();
+            assert!(leaf.grad().defined(), "{act:?}");
+        }
+    }
 }

@@ -104,16 +104,48 @@ pub fn reference(cfg: &BenchConfig, python: &str) -> Result<(Throughput, String)
     Ok((parsed, line.to_string()))
 }
 
-/// Runs both sides and renders the table.
-pub fn run(cfg: &BenchConfig, options: EncoderOptions, python: Option<&str>) -> Result<String> {
+/// Picks one figure out of a run.
+type Field = fn(&Throughput) -> Option<f64>;
+
+fn median(mut xs: Vec<f64>) -> Option<f64> {
+    xs.sort_by(f64::total_cmp);
+    (!xs.is_empty()).then(|| xs[xs.len() / 2])
+}
+
+/// Runs both sides for `rounds` rounds, alternating which goes first (the machine's load drifts), and renders
+/// the medians and their ratio.
+pub fn run(
+    cfg: &BenchConfig,
+    options: EncoderOptions,
+    python: Option<&str>,
+    rounds: usize,
+) -> Result<String> {
     anyhow::ensure!(
-        cfg.clip_batch > 0 && cfg.audio_batch > 0 && cfg.audio_seconds > 0.0,
-        "batch sizes and --audio-seconds must be positive"
+        cfg.clip_batch > 0 && cfg.audio_batch > 0 && cfg.audio_seconds > 0.0 && rounds > 0,
+        "batch sizes, --audio-seconds and --rounds must be positive"
     );
-    let ours = ours(cfg, options)?;
-    let reference = python.map(|py| reference(cfg, py)).transpose()?;
+    let mut our_runs = Vec::new();
+    let mut reference_runs = Vec::new();
+    let mut raw = String::new();
+    for round in 0..rounds {
+        let reference_first = round % 2 == 1;
+        if let (true, Some(py)) = (reference_first, python) {
+            let (r, line) = reference(cfg, py)?;
+            reference_runs.push(r);
+            raw = line;
+        }
+        our_runs.push(ours(cfg, options)?);
+        if let (false, Some(py)) = (reference_first, python) {
+            let (r, line) = reference(cfg, py)?;
+            reference_runs.push(r);
+            raw = line;
+        }
+        tracing::info!(round = round + 1, rounds, "benchmark round done");
+    }
+    let pick = |runs: &[Throughput], f: Field| median(runs.iter().filter_map(f).collect());
     let mut table = format!(
-        "encoder benchmark: device {:?}, {}, {} thread(s), random weights\n{:<44} {:>12} {:>12} {:>7}\n",
+        "encoder benchmark: device {:?}, {}, {} thread(s), random weights, median of {rounds} interleaved round(s)\n\
+         {:<44} {:>12} {:>12} {:>7}\n",
         options.device,
         if options.precision == Precision::Bf16 {
             "bf16"
@@ -126,31 +158,31 @@ pub fn run(cfg: &BenchConfig, options: EncoderOptions, python: Option<&str>) -> 
         "transformers",
         "ratio"
     );
-    let rows = [
+    let rows: [(String, Field); 2] = [
         (
             format!("CLIP ViT-B/32 vision, batch {} (frames/s)", cfg.clip_batch),
-            ours.clip_frames_per_s,
-            reference.as_ref().and_then(|r| r.0.clip_frames_per_s),
+            |t| t.clip_frames_per_s,
         ),
         (
             format!(
                 "wav2vec2-base, {} x {} s (audio-s/s)",
                 cfg.audio_batch, cfg.audio_seconds
             ),
-            ours.audio_seconds_per_s,
-            reference.as_ref().and_then(|r| r.0.audio_seconds_per_s),
+            |t| t.audio_seconds_per_s,
         ),
     ];
-    for (name, o, r) in rows {
-        let Some(o) = o else { continue };
-        let (r_text, ratio) = match r {
+    for (name, field) in rows {
+        let Some(o) = pick(&our_runs, field) else {
+            continue;
+        };
+        let (r_text, ratio) = match pick(&reference_runs, field) {
             Some(r) => (format!("{r:.2}"), format!("{:.3}", o / r)),
             None => ("-".into(), "-".into()),
         };
         table.push_str(&format!("{name:<44} {o:>12.2} {r_text:>12} {ratio:>7}\n"));
     }
-    if let Some((_, raw)) = &reference {
-        table.push_str(&format!("reference: {raw}\n"));
+    if !raw.is_empty() {
+        table.push_str(&format!("reference (last round): {raw}\n"));
     }
     Ok(table)
 }

@@ -54,14 +54,17 @@ enum Command {
         threads: Option<usize>,
         #[arg(long, default_value_t = 32)]
         clip_batch: i64,
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 3)]
         clip_iters: usize,
         #[arg(long, default_value_t = 2)]
         audio_batch: i64,
         #[arg(long, default_value_t = 10.0)]
         audio_seconds: f64,
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 2)]
         audio_iters: usize,
+        /// Rounds of both sides, interleaved; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
         #[arg(long, default_value = "f32")]
@@ -119,6 +122,7 @@ fn run(cli: Cli) -> Result<()> {
             audio_batch,
             audio_seconds,
             audio_iters,
+            rounds,
             device,
             precision,
             python,
@@ -143,7 +147,12 @@ fn run(cli: Cli) -> Result<()> {
             let python = python.unwrap_or_else(avexpr_worker::default_python);
             print!(
                 "{}",
-                bench::run(&cfg, options, (!no_reference).then_some(python.as_str()))?
+                bench::run(
+                    &cfg,
+                    options,
+                    (!no_reference).then_some(python.as_str()),
+                    rounds
+                )?
             );
         }
     }
@@ -152,6 +161,11 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     logging::init_worker();
+    if !avexpr_worker::allocator::keep_freed_memory() {
+        tracing::warn!(
+            "could not tune the allocator: encoders will page-fault their activations on every pass"
+        );
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

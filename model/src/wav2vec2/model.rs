@@ -44,7 +44,7 @@ impl ConvLayer {
             // LayerNorm over channels: [batch, channels, time] -> [batch, time, channels] and back.
             ConvNorm::Layer(ln) => xs.transpose(-2, -1).apply(ln).transpose(-2, -1),
         };
-        self.activation.forward(&xs)
+        self.activation.forward_owned(xs)
     }
 }
 
@@ -111,7 +111,7 @@ impl PositionalConvEmbedding {
         } else {
             ys
         };
-        self.activation.forward(&ys).transpose(1, 2)
+        self.activation.forward_owned(ys).transpose(1, 2)
     }
 }
 
