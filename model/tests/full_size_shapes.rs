@@ -97,3 +97,29 @@ fn wav2vec2_base() {
 fn wav2vec2_large_lv60() {
     check_wav2vec2("wav2vec2-large-lv60", Wav2Vec2Config::large_lv60());
 }
+
+/// The full-size towers also run: one 224x224 frame through B/16 and L/14 (random weights), one second of
+/// audio through wav2vec2-large-lv60, with the output sizes of the real models.
+#[test]
+fn full_size_forward_passes() {
+    use avexpr_model::EncoderOptions;
+    use avexpr_model::clip::ClipVisionEncoder;
+    use avexpr_model::wav2vec2::Wav2Vec2Encoder;
+    let pixels = tch::Tensor::randn([1, 3, 224, 224], tch::kind::FLOAT_CPU);
+    for (cfg, dim) in [
+        (ClipVisionConfig::vit_b16(), 512),
+        (ClipVisionConfig::vit_l14(), 768),
+    ] {
+        let enc = ClipVisionEncoder::from_config(&cfg, EncoderOptions::default()).unwrap();
+        let embeds = enc.encode_pixels(&pixels);
+        assert_eq!(embeds.size(), [1, dim]);
+        assert!(embeds.isfinite().all().int64_value(&[]) == 1);
+    }
+    let enc =
+        Wav2Vec2Encoder::from_config(&Wav2Vec2Config::large_lv60(), EncoderOptions::default())
+            .unwrap();
+    let out = enc.encode(&tch::Tensor::randn([1, 16_000], tch::kind::FLOAT_CPU), None);
+    // 16000 samples -> 49 frames (the 320-sample stride, 400-sample receptive field); 24 layers + input.
+    assert_eq!(out.last_hidden_state.size(), [1, 49, 1024]);
+    assert_eq!(out.hidden_states.len(), 25);
+}

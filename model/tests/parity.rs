@@ -195,3 +195,69 @@ fn encoders_are_frozen() {
             .all(|v| !v.requires_grad())
     );
 }
+
+/// A config naming its real EOS id (not the legacy 2) pools at the first EOS, not at the largest id.
+#[test]
+fn clip_text_pools_at_the_configured_eos_token() {
+    let exp = expected();
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("clip-tiny")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    let config_path = tmp.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["text_config"]["eos_token_id"] = 407.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let enc = ClipTextEncoder::load(tmp.path(), EncoderOptions::default()).unwrap();
+    let ours = enc.encode_ids(
+        &exp["clip.input_ids_eos407"],
+        Some(&exp["clip.attention_mask"]),
+    );
+    assert_close(
+        "text_embeds (eos 407)",
+        &ours,
+        &exp["clip.text_embeds_eos407"],
+        ATOL,
+    );
+    // The legacy rule would have pooled elsewhere: the two references differ.
+    assert!(max_abs_diff(&exp["clip.text_embeds_eos407"], &exp["clip.text_embeds"]) > 1e-3);
+}
+
+/// The bf16 option (meant for CUDA; run here on CPU): weights and activations in bf16, outputs back in f32,
+/// close to the f32 reference at bf16's precision.
+#[test]
+fn bf16_precision_stays_close_to_f32() {
+    let exp = expected();
+    let bf16 = EncoderOptions {
+        precision: avexpr_model::Precision::Bf16,
+        ..Default::default()
+    };
+    let enc = ClipVisionEncoder::load(&fixture("clip-tiny"), bf16).unwrap();
+    assert!(
+        enc.var_store()
+            .variables()
+            .values()
+            .all(|v| v.kind() == tch::Kind::BFloat16)
+    );
+    let ours = enc.encode_pixels(&exp["clip.pixel_values"]);
+    assert_eq!(ours.kind(), tch::Kind::Float);
+    let reference = &exp["clip.image_embeds"];
+    let scale = reference.abs().max().double_value(&[]);
+    let diff = max_abs_diff(&ours, reference);
+    assert!(
+        diff > 0.0 && diff < 0.05 * scale,
+        "bf16 image_embeds differ by {diff} (scale {scale})"
+    );
+
+    let enc = Wav2Vec2Encoder::load(&fixture("wav2vec2-tiny-stable"), bf16).unwrap();
+    let out = enc.encode(&exp["w2v.input_values"], Some(&exp["w2v.attention_mask"]));
+    let reference = &exp["w2v.stable.mask.last_hidden_state"];
+    let scale = reference.abs().max().double_value(&[]);
+    let diff = max_abs_diff(&out.last_hidden_state, reference);
+    assert!(
+        diff < 0.05 * scale,
+        "bf16 wav2vec2 differs by {diff} (scale {scale})"
+    );
+}
