@@ -95,10 +95,7 @@ mod tests {
 
     #[test]
     fn header_is_the_official_one() {
-        assert_eq!(
-            Expression::header(),
-            "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other"
-        );
+        assert_eq!(Expression::header(), "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other");
     }
 
     #[test]

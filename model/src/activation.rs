@@ -58,16 +58,14 @@ impl Activation {
 }
 
 /// Serde helper: an HF activation name, validated at load time by the config that holds it.
-pub(crate) fn parse(
-    path: &std::path::Path,
-    field: &str,
-    name: &str,
-) -> crate::error::Result<Activation> {
+pub(crate) fn parse(path: &std::path::Path, field: &str, name: &str) -> crate::error::Result<Activation> {
     Activation::from_hf(name).ok_or_else(|| {
         crate::ModelError::config(
             path,
             field,
-            format!("unsupported activation `{name}` (supported: quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, relu, silu)"),
+            format!(
+                "unsupported activation `{name}` (supported: quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, relu, silu)"
+            ),
         )
     })
 }
@@ -78,20 +76,10 @@ mod tests {
 
     #[test]
     fn in_place_variant_equals_the_out_of_place_one_and_keeps_autograd() {
-        for act in [
-            Activation::QuickGelu,
-            Activation::Gelu,
-            Activation::GeluTanh,
-            Activation::Relu,
-            Activation::Silu,
-        ] {
+        for act in [Activation::QuickGelu, Activation::Gelu, Activation::GeluTanh, Activation::Relu, Activation::Silu] {
             let xs = Tensor::randn([4, 7], tch::kind::FLOAT_CPU);
             let want = act.forward(&xs);
-            assert!(
-                act.forward_owned(xs.copy())
-                    .allclose(&want, 1e-6, 1e-6, false),
-                "{act:?}"
-            );
+            assert!(act.forward_owned(xs.copy()).allclose(&want, 1e-6, 1e-6, false), "{act:?}");
             // With a gradient to carry, the input must survive for backward: no in-place update.
             let leaf = xs.copy().set_requires_grad(true);
             let ys = act.forward_owned(leaf.shallow_clone() * 1.0);

@@ -19,8 +19,7 @@ pub struct SelfAttention {
 
 impl SelfAttention {
     pub fn new(vs: nn::Path, hidden_size: i64, num_heads: i64) -> Self {
-        let linear =
-            |name: &str| nn::linear(&vs / name, hidden_size, hidden_size, Default::default());
+        let linear = |name: &str| nn::linear(&vs / name, hidden_size, hidden_size, Default::default());
         Self {
             q_proj: linear("q_proj"),
             k_proj: linear("k_proj"),
@@ -37,12 +36,7 @@ impl SelfAttention {
     pub fn fuse_qkv(&mut self) {
         let weight = Tensor::cat(&[&self.q_proj.ws, &self.k_proj.ws, &self.v_proj.ws], 0);
         let bias = Tensor::cat(
-            &[
-                self.q_proj.bs.as_ref(),
-                self.k_proj.bs.as_ref(),
-                self.v_proj.bs.as_ref(),
-            ]
-            .map(|b| b.expect("bias")),
+            &[self.q_proj.bs.as_ref(), self.k_proj.bs.as_ref(), self.v_proj.bs.as_ref()].map(|b| b.expect("bias")),
             0,
         );
         self.fused_qkv = Some((weight, bias));
@@ -51,67 +45,27 @@ impl SelfAttention {
     /// `xs`: `[batch, seq, hidden]`. `mask`: boolean, broadcastable to `[batch, heads, seq, seq]`, true where a
     /// query may attend a key. `causal`: add the lower-triangular mask (CLIP's text tower).
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>, causal: bool) -> Tensor {
-        let (batch, seq, hidden) = xs
-            .size3()
-            .expect("attention input must be [batch, seq, hidden]");
-        let split = |t: Tensor| {
-            t.view([batch, seq, self.num_heads, self.head_dim])
-                .transpose(1, 2)
-        };
+        let (batch, seq, hidden) = xs.size3().expect("attention input must be [batch, seq, hidden]");
+        let split = |t: Tensor| t.view([batch, seq, self.num_heads, self.head_dim]).transpose(1, 2);
         let (q, k, v) = match &self.fused_qkv {
             Some((w, b)) => {
                 // [batch, seq, 3, heads, head_dim] -> 3 x [batch, heads, seq, head_dim]
-                let qkv =
-                    xs.linear(w, Some(b))
-                        .view([batch, seq, 3, self.num_heads, self.head_dim]);
+                let qkv = xs.linear(w, Some(b)).view([batch, seq, 3, self.num_heads, self.head_dim]);
                 let qkv = qkv.permute([2, 0, 3, 1, 4]);
                 (qkv.get(0), qkv.get(1), qkv.get(2))
             }
-            None => (
-                split(xs.apply(&self.q_proj)),
-                split(xs.apply(&self.k_proj)),
-                split(xs.apply(&self.v_proj)),
-            ),
+            None => (split(xs.apply(&self.q_proj)), split(xs.apply(&self.k_proj)), split(xs.apply(&self.v_proj))),
         };
-        let ys = match (mask, causal) {
-            (None, causal) => Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<Tensor>,
-                0.0,
-                causal,
-                None,
-                false,
-            ),
-            (Some(mask), false) => Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                Some(mask),
-                0.0,
-                false,
-                None,
-                false,
-            ),
+        // SDPA takes either a mask or is_causal: with both, fold the causal triangle into the mask.
+        let (mask, causal) = match (mask, causal) {
             (Some(mask), true) => {
                 let tril = Tensor::ones([seq, seq], (tch::Kind::Bool, xs.device())).tril(0);
-                let mask = mask.logical_and(&tril);
-                Tensor::scaled_dot_product_attention(
-                    &q,
-                    &k,
-                    &v,
-                    Some(mask),
-                    0.0,
-                    false,
-                    None,
-                    false,
-                )
+                (Some(mask.logical_and(&tril)), false)
             }
+            (mask, causal) => (mask.map(Tensor::shallow_clone), causal),
         };
+        let ys = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, false);
         // [batch, heads, seq, head_dim] -> [batch, seq, hidden]
-        ys.transpose(1, 2)
-            .reshape([batch, seq, hidden])
-            .apply(&self.out_proj)
+        ys.transpose(1, 2).reshape([batch, seq, hidden]).apply(&self.out_proj)
     }
 }

@@ -23,11 +23,7 @@ pub struct KeyMap {
 
 impl KeyMap {
     pub fn canonical(&self, key: &str) -> String {
-        let key = self
-            .strip_prefixes
-            .iter()
-            .find_map(|p| key.strip_prefix(p))
-            .unwrap_or(key);
+        let key = self.strip_prefixes.iter().find_map(|p| key.strip_prefix(p)).unwrap_or(key);
         for (old, new) in self.renames {
             if let Some(stem) = key.strip_suffix(old) {
                 return format!("{stem}{new}");
@@ -43,18 +39,13 @@ pub fn weights_file(dir: &Path) -> Result<PathBuf> {
         .iter()
         .map(|name| dir.join(name))
         .find(|p| p.is_file())
-        .ok_or_else(|| ModelError::NoWeights {
-            dir: dir.to_path_buf(),
-        })
+        .ok_or_else(|| ModelError::NoWeights { dir: dir.to_path_buf() })
 }
 
 /// Reads and parses a JSON file (a `config.json`, a `preprocessor_config.json`).
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| ModelError::BadJson {
-        path: path.to_path_buf(),
-        source,
-    })
+    serde_json::from_str(&text).map_err(|source| ModelError::BadJson { path: path.to_path_buf(), source })
 }
 
 /// What a load did, for the log.
@@ -73,24 +64,17 @@ pub fn load_into(vs: &VarStore, path: &Path, keymap: &KeyMap) -> Result<LoadRepo
         // SAFETY: the file is opened read-only and only read while the map lives; a concurrent writer could
         // change the bytes under us, which at worst gives wrong weights, as reading the file would.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-        let st = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::BadCheckpoint {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let by_name: HashMap<String, String> = st
-            .names()
-            .into_iter()
-            .map(|n| (keymap.canonical(n), n.to_string()))
-            .collect();
+        let st = SafeTensors::deserialize(&mmap)
+            .map_err(|e| ModelError::BadCheckpoint { path: path.to_path_buf(), reason: e.to_string() })?;
+        let by_name: HashMap<String, String> =
+            st.names().into_iter().map(|n| (keymap.canonical(n), n.to_string())).collect();
         for (name, var) in &variables {
-            let key = by_name.get(name).ok_or_else(|| ModelError::MissingTensor {
-                path: path.to_path_buf(),
-                key: name.clone(),
-            })?;
-            let view = st.tensor(key).map_err(|e| ModelError::BadCheckpoint {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
+            let key = by_name
+                .get(name)
+                .ok_or_else(|| ModelError::MissingTensor { path: path.to_path_buf(), key: name.clone() })?;
+            let view = st
+                .tensor(key)
+                .map_err(|e| ModelError::BadCheckpoint { path: path.to_path_buf(), reason: e.to_string() })?;
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             check_shape(path, key, var, &shape)?;
             let kind = match view.dtype() {
@@ -109,24 +93,16 @@ pub fn load_into(vs: &VarStore, path: &Path, keymap: &KeyMap) -> Result<LoadRepo
             let src = Tensor::f_from_data_size(view.data(), &shape, kind)?;
             copy_into(var, &src)?;
         }
-        LoadReport {
-            loaded: variables.len(),
-            ignored: by_name.len().saturating_sub(variables.len()),
-        }
+        LoadReport { loaded: variables.len(), ignored: by_name.len().saturating_sub(variables.len()) }
     } else {
-        let named = Tensor::loadz_multi(path).map_err(|e| ModelError::BadCheckpoint {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let by_name: HashMap<String, (String, Tensor)> = named
-            .into_iter()
-            .map(|(n, t)| (keymap.canonical(&n), (n, t)))
-            .collect();
+        let named = Tensor::loadz_multi(path)
+            .map_err(|e| ModelError::BadCheckpoint { path: path.to_path_buf(), reason: e.to_string() })?;
+        let by_name: HashMap<String, (String, Tensor)> =
+            named.into_iter().map(|(n, t)| (keymap.canonical(&n), (n, t))).collect();
         for (name, var) in &variables {
-            let (key, src) = by_name.get(name).ok_or_else(|| ModelError::MissingTensor {
-                path: path.to_path_buf(),
-                key: name.clone(),
-            })?;
+            let (key, src) = by_name
+                .get(name)
+                .ok_or_else(|| ModelError::MissingTensor { path: path.to_path_buf(), key: name.clone() })?;
             check_shape(path, key, var, &src.size())?;
             if !src.is_floating_point() {
                 return Err(ModelError::UnsupportedDtype {
@@ -137,10 +113,7 @@ pub fn load_into(vs: &VarStore, path: &Path, keymap: &KeyMap) -> Result<LoadRepo
             }
             copy_into(var, src)?;
         }
-        LoadReport {
-            loaded: variables.len(),
-            ignored: by_name.len().saturating_sub(variables.len()),
-        }
+        LoadReport { loaded: variables.len(), ignored: by_name.len().saturating_sub(variables.len()) }
     };
     tracing::debug!(file = %path.display(), loaded = report.loaded, ignored = report.ignored, "checkpoint loaded");
     Ok(report)
@@ -171,18 +144,13 @@ mod tests {
 
     #[test]
     fn keymap_strips_prefix_and_renames_old_weight_norm_keys() {
-        let map = KeyMap {
-            strip_prefixes: &["wav2vec2."],
-            renames: &[(".weight_g", ".parametrizations.weight.original0")],
-        };
+        let map =
+            KeyMap { strip_prefixes: &["wav2vec2."], renames: &[(".weight_g", ".parametrizations.weight.original0")] };
         assert_eq!(
             map.canonical("wav2vec2.encoder.pos_conv_embed.conv.weight_g"),
             "encoder.pos_conv_embed.conv.parametrizations.weight.original0"
         );
-        assert_eq!(
-            map.canonical("encoder.layer_norm.weight"),
-            "encoder.layer_norm.weight"
-        );
+        assert_eq!(map.canonical("encoder.layer_norm.weight"), "encoder.layer_norm.weight");
         assert_eq!(map.canonical("lm_head.weight"), "lm_head.weight");
     }
 }

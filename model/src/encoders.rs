@@ -24,10 +24,7 @@ pub struct EncoderOptions {
 
 impl Default for EncoderOptions {
     fn default() -> Self {
-        Self {
-            device: Device::Cpu,
-            precision: Precision::F32,
-        }
+        Self { device: Device::Cpu, precision: Precision::F32 }
     }
 }
 
@@ -35,10 +32,7 @@ impl EncoderOptions {
     /// `cuda:0` in bf16 when CUDA is available, else CPU in f32.
     pub fn best_available() -> Self {
         if tch::Cuda::is_available() {
-            Self {
-                device: Device::Cuda(0),
-                precision: Precision::Bf16,
-            }
+            Self { device: Device::Cuda(0), precision: Precision::Bf16 }
         } else {
             Self::default()
         }

@@ -17,17 +17,9 @@ pub enum ModelError {
         source: serde_json::Error,
     },
     #[error("{path}: field `{field}`: {reason}")]
-    BadConfig {
-        path: PathBuf,
-        field: String,
-        reason: String,
-    },
+    BadConfig { path: PathBuf, field: String, reason: String },
     #[error("{path}: unsupported model_type `{found}` (expected {expected})")]
-    UnsupportedModelType {
-        path: PathBuf,
-        found: String,
-        expected: String,
-    },
+    UnsupportedModelType { path: PathBuf, found: String, expected: String },
     #[error("{dir}: no checkpoint found (looked for model.safetensors and pytorch_model.bin)")]
     NoWeights { dir: PathBuf },
     #[error("{path}: not a valid checkpoint: {reason}")]
@@ -35,18 +27,9 @@ pub enum ModelError {
     #[error("{path}: missing tensor `{key}`")]
     MissingTensor { path: PathBuf, key: String },
     #[error("{path}: tensor `{key}` has shape {found:?}, expected {expected:?}")]
-    ShapeMismatch {
-        path: PathBuf,
-        key: String,
-        expected: Vec<i64>,
-        found: Vec<i64>,
-    },
+    ShapeMismatch { path: PathBuf, key: String, expected: Vec<i64>, found: Vec<i64> },
     #[error("{path}: tensor `{key}` has unsupported dtype {dtype}")]
-    UnsupportedDtype {
-        path: PathBuf,
-        key: String,
-        dtype: String,
-    },
+    UnsupportedDtype { path: PathBuf, key: String, dtype: String },
     #[error("{path}: tokenizer: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
     #[error("{path}: cannot decode image: {reason}")]
@@ -63,21 +46,10 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 impl ModelError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ModelError::Io {
-            path: path.into(),
-            source,
-        }
+        ModelError::Io { path: path.into(), source }
     }
 
-    pub(crate) fn config(
-        path: impl Into<PathBuf>,
-        field: impl Into<String>,
-        reason: impl Into<String>,
-    ) -> Self {
-        ModelError::BadConfig {
-            path: path.into(),
-            field: field.into(),
-            reason: reason.into(),
-        }
+    pub(crate) fn config(path: impl Into<PathBuf>, field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ModelError::BadConfig { path: path.into(), field: field.into(), reason: reason.into() }
     }
 }

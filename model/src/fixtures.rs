@@ -10,20 +10,14 @@ use std::sync::Mutex;
 
 /// `model/tests/fixtures`.
 pub fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("fixtures")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
 }
 
 static GENERATE: Mutex<()> = Mutex::new(());
 
 /// The real CLIP tokenizer files and `reference_ids.json`, generated once.
 pub fn clip_tokenizer_dir() -> Result<PathBuf, String> {
-    let out = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("target")
-        .join("fixtures")
-        .join("clip-tokenizer");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("fixtures").join("clip-tokenizer");
     let _guard = GENERATE.lock().unwrap_or_else(|e| e.into_inner());
     if out.join("reference_ids.json").is_file() {
         return Ok(out);
@@ -37,9 +31,7 @@ pub fn clip_tokenizer_dir() -> Result<PathBuf, String> {
         .status()
         .map_err(|e| format!("cannot run {python} (run scripts/setup first): {e}"))?;
     if !status.success() {
-        return Err(format!(
-            "{python} generate.py tokenizer failed ({status}); run scripts/setup first"
-        ));
+        return Err(format!("{python} generate.py tokenizer failed ({status}); run scripts/setup first"));
     }
     std::fs::rename(&tmp, &out).map_err(|e| format!("{}: {e}", out.display()))?;
     Ok(out)

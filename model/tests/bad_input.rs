@@ -2,25 +2,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use avexpr_model::clip::{ClipImageProcessor, ClipTextEncoder, ClipVisionEncoder};
 use avexpr_model::wav2vec2::{Wav2Vec2Encoder, Wav2Vec2FeatureExtractor};
 use avexpr_model::{EncoderOptions, ModelError};
-use common::fixture;
+use common::{copy_fixture, edit_config, fixture};
 use tch::Tensor;
-
-/// A writable copy of a fixture checkpoint directory.
-fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join(name);
-    std::fs::create_dir(&dir).unwrap();
-    for entry in std::fs::read_dir(fixture(name)).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
-    (tmp, dir)
-}
 
 fn edit_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) {
     let path = dir.join("model.safetensors");
@@ -29,63 +17,34 @@ fn edit_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) {
     Tensor::write_safetensors(&tensors, &path).unwrap();
 }
 
-fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let path = dir.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    edit(&mut config);
-    std::fs::write(&path, config.to_string()).unwrap();
-}
-
 fn w2v_err(dir: &Path) -> String {
-    Wav2Vec2Encoder::load(dir, EncoderOptions::default())
-        .unwrap_err()
-        .to_string()
+    Wav2Vec2Encoder::load(dir, EncoderOptions::default()).unwrap_err().to_string()
 }
 
 #[track_caller]
 fn assert_mentions(message: &str, parts: &[&str]) {
     for part in parts {
-        assert!(
-            message.contains(part),
-            "error {message:?} does not mention {part:?}"
-        );
+        assert!(message.contains(part), "error {message:?} does not mention {part:?}");
     }
 }
 
 #[test]
 fn missing_tensor_names_file_and_key() {
     let (_tmp, dir) = copy_fixture("wav2vec2-tiny-group");
-    edit_weights(&dir, |t| {
-        t.retain(|(k, _)| k != "encoder.layer_norm.weight")
-    });
-    assert_mentions(
-        &w2v_err(&dir),
-        &[
-            "model.safetensors",
-            "missing tensor `encoder.layer_norm.weight`",
-        ],
-    );
+    edit_weights(&dir, |t| t.retain(|(k, _)| k != "encoder.layer_norm.weight"));
+    assert_mentions(&w2v_err(&dir), &["model.safetensors", "missing tensor `encoder.layer_norm.weight`"]);
 }
 
 #[test]
 fn wrong_shape_names_key_and_both_shapes() {
     let (_tmp, dir) = copy_fixture("wav2vec2-tiny-group");
     edit_weights(&dir, |t| {
-        let entry = t
-            .iter_mut()
-            .find(|(k, _)| k == "feature_projection.projection.weight")
-            .unwrap();
+        let entry = t.iter_mut().find(|(k, _)| k == "feature_projection.projection.weight").unwrap();
         entry.1 = Tensor::zeros([16, 8], tch::kind::FLOAT_CPU);
     });
     assert_mentions(
         &w2v_err(&dir),
-        &[
-            "model.safetensors",
-            "`feature_projection.projection.weight`",
-            "[16, 8]",
-            "expected [16, 16]",
-        ],
+        &["model.safetensors", "`feature_projection.projection.weight`", "[16, 8]", "expected [16, 16]"],
     );
 }
 
@@ -95,99 +54,58 @@ fn truncated_checkpoints_are_reported() {
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    assert_mentions(
-        &w2v_err(&dir),
-        &["model.safetensors", "not a valid checkpoint"],
-    );
+    assert_mentions(&w2v_err(&dir), &["model.safetensors", "not a valid checkpoint"]);
 
     let (_tmp, dir) = copy_fixture("wav2vec2-tiny-stable");
     let path = dir.join("pytorch_model.bin");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    assert_mentions(
-        &w2v_err(&dir),
-        &["pytorch_model.bin", "not a valid checkpoint"],
-    );
+    assert_mentions(&w2v_err(&dir), &["pytorch_model.bin", "not a valid checkpoint"]);
 }
 
 #[test]
 fn missing_weights_file() {
     let (_tmp, dir) = copy_fixture("wav2vec2-tiny-group");
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
-    assert_mentions(
-        &w2v_err(&dir),
-        &[
-            "no checkpoint found",
-            "model.safetensors",
-            "pytorch_model.bin",
-        ],
-    );
+    assert_mentions(&w2v_err(&dir), &["no checkpoint found", "model.safetensors", "pytorch_model.bin"]);
 }
 
 #[test]
 fn unsupported_model_type() {
     let (_tmp, dir) = copy_fixture("wav2vec2-tiny-group");
     edit_config(&dir, |c| c["model_type"] = "hubert".into());
-    assert_mentions(
-        &w2v_err(&dir),
-        &["config.json", "unsupported model_type `hubert`"],
-    );
+    assert_mentions(&w2v_err(&dir), &["config.json", "unsupported model_type `hubert`"]);
 
     let (_tmp, dir) = copy_fixture("clip-tiny");
     edit_config(&dir, |c| c["model_type"] = "siglip".into());
     let err = ClipVisionEncoder::load(&dir, EncoderOptions::default()).unwrap_err();
-    assert!(
-        matches!(err, ModelError::UnsupportedModelType { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, ModelError::UnsupportedModelType { .. }), "{err}");
     assert_mentions(&err.to_string(), &["config.json", "`siglip`"]);
 }
 
 #[test]
 fn malformed_config_json() {
     let (_tmp, dir) = copy_fixture("clip-tiny");
-    std::fs::write(
-        dir.join("config.json"),
-        "{\"model_type\": \"clip\", \"vision_config\": {",
-    )
-    .unwrap();
-    let err = ClipVisionEncoder::load(&dir, EncoderOptions::default())
-        .unwrap_err()
-        .to_string();
+    std::fs::write(dir.join("config.json"), "{\"model_type\": \"clip\", \"vision_config\": {").unwrap();
+    let err = ClipVisionEncoder::load(&dir, EncoderOptions::default()).unwrap_err().to_string();
     assert_mentions(&err, &["config.json", "malformed JSON"]);
 }
 
 #[test]
 fn invalid_config_fields_are_named() {
     let (_tmp, dir) = copy_fixture("clip-tiny");
-    edit_config(&dir, |c| {
-        c["vision_config"]["num_attention_heads"] = 5.into()
-    });
-    let err = ClipVisionEncoder::load(&dir, EncoderOptions::default())
-        .unwrap_err()
-        .to_string();
-    assert_mentions(
-        &err,
-        &[
-            "config.json",
-            "`vision_config.num_attention_heads`",
-            "divide hidden_size (32)",
-        ],
-    );
+    edit_config(&dir, |c| c["vision_config"]["num_attention_heads"] = 5.into());
+    let err = ClipVisionEncoder::load(&dir, EncoderOptions::default()).unwrap_err().to_string();
+    assert_mentions(&err, &["config.json", "`vision_config.num_attention_heads`", "divide hidden_size (32)"]);
 
     let (_tmp, dir) = copy_fixture("clip-tiny");
     edit_config(&dir, |c| c["text_config"]["hidden_act"] = "swiglu".into());
-    let err = ClipTextEncoder::load(&dir, EncoderOptions::default())
-        .unwrap_err()
-        .to_string();
+    let err = ClipTextEncoder::load(&dir, EncoderOptions::default()).unwrap_err().to_string();
     assert_mentions(&err, &["config.json", "`text_config.hidden_act`", "swiglu"]);
 
     let (_tmp, dir) = copy_fixture("wav2vec2-tiny-group");
     edit_config(&dir, |c| c["conv_stride"] = serde_json::json!([5, 2]));
-    assert_mentions(
-        &w2v_err(&dir),
-        &["config.json", "`conv_dim`", "conv_stride (2)"],
-    );
+    assert_mentions(&w2v_err(&dir), &["config.json", "`conv_dim`", "conv_stride (2)"]);
 
     let (_tmp, dir) = copy_fixture("wav2vec2-tiny-group");
     edit_config(&dir, |c| c["hidden_size"] = "wide".into());
@@ -196,9 +114,7 @@ fn invalid_config_fields_are_named() {
 
 #[test]
 fn vision_only_checkpoint_has_no_text_tower() {
-    let err = ClipTextEncoder::load(&fixture("clip-tiny-vision"), EncoderOptions::default())
-        .unwrap_err()
-        .to_string();
+    let err = ClipTextEncoder::load(&fixture("clip-tiny-vision"), EncoderOptions::default()).unwrap_err().to_string();
     assert_mentions(&err, &["clip-tiny-vision", "config.json", "no text tower"]);
 }
 
@@ -210,9 +126,7 @@ fn texts_without_tokenizer_json() {
 
     let (_tmp, dir) = copy_fixture("clip-tiny");
     std::fs::write(dir.join("tokenizer.json"), "{\"version\": ").unwrap();
-    let err = ClipTextEncoder::load(&dir, EncoderOptions::default())
-        .unwrap_err()
-        .to_string();
+    let err = ClipTextEncoder::load(&dir, EncoderOptions::default()).unwrap_err().to_string();
     assert_mentions(&err, &["tokenizer.json", "tokenizer:"]);
 }
 
@@ -223,19 +137,13 @@ fn unreadable_and_missing_images() {
     std::fs::write(&path, b"\xff\xd8\xff\xe0 this is not really a jpeg").unwrap();
     let err = ClipImageProcessor::open(&path).unwrap_err().to_string();
     assert_mentions(&err, &["frame.jpg", "cannot decode image"]);
-    let err = ClipImageProcessor::open(&tmp.path().join("absent.png"))
-        .unwrap_err()
-        .to_string();
+    let err = ClipImageProcessor::open(&tmp.path().join("absent.png")).unwrap_err().to_string();
     assert_mentions(&err, &["absent.png", "cannot read"]);
 }
 
 fn write_wav(path: &Path, rate: u32, channels: u16, samples: &[i16]) {
-    let spec = hound::WavSpec {
-        channels,
-        sample_rate: rate,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
-    };
+    let spec =
+        hound::WavSpec { channels, sample_rate: rate, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
     let mut w = hound::WavWriter::create(path, spec).unwrap();
     samples.iter().for_each(|&s| w.write_sample(s).unwrap());
     w.finalize().unwrap();
@@ -252,10 +160,7 @@ fn audio_at_the_wrong_sample_rate_or_corrupt() {
 
     let path = tmp.path().join("garbage.wav");
     std::fs::write(&path, b"RIFF\x10\x00\x00\x00WAVEjunkjunk").unwrap();
-    assert_mentions(
-        &fe.read_wav(&path).unwrap_err().to_string(),
-        &["garbage.wav", "not a readable WAV file"],
-    );
+    assert_mentions(&fe.read_wav(&path).unwrap_err().to_string(), &["garbage.wav", "not a readable WAV file"]);
 
     // Stereo 16 kHz is accepted and averaged to mono.
     let path = tmp.path().join("stereo.wav");

@@ -6,7 +6,7 @@ mod common;
 use avexpr_model::EncoderOptions;
 use avexpr_model::clip::{ClipImageProcessor, ClipTextEncoder, ClipVisionEncoder};
 use avexpr_model::wav2vec2::Wav2Vec2Encoder;
-use common::{assert_close, expected, fixture, max_abs_diff};
+use common::{assert_close, copy_fixture, edit_config, expected, fixture, max_abs_diff};
 use tch::Tensor;
 
 const ATOL: f64 = 1e-4;
@@ -22,8 +22,7 @@ fn clip_image_embeds_from_full_clip_model_checkpoint() {
 #[test]
 fn clip_image_embeds_from_vision_only_checkpoint() {
     let exp = expected();
-    let enc =
-        ClipVisionEncoder::load(&fixture("clip-tiny-vision"), EncoderOptions::default()).unwrap();
+    let enc = ClipVisionEncoder::load(&fixture("clip-tiny-vision"), EncoderOptions::default()).unwrap();
     let ours = enc.encode_pixels(&exp["clip.pixel_values"]);
     assert_close("image_embeds", &ours, &exp["clip.image_embeds"], ATOL);
 }
@@ -33,19 +32,9 @@ fn clip_text_embeds_and_hidden_states() {
     let exp = expected();
     let enc = ClipTextEncoder::load(&fixture("clip-tiny"), EncoderOptions::default()).unwrap();
     let (ids, mask) = (&exp["clip.input_ids"], &exp["clip.attention_mask"]);
-    assert_close(
-        "text_embeds",
-        &enc.encode_ids(ids, Some(mask)),
-        &exp["clip.text_embeds"],
-        ATOL,
-    );
+    assert_close("text_embeds", &enc.encode_ids(ids, Some(mask)), &exp["clip.text_embeds"], ATOL);
     let (last, _) = tch::no_grad(|| enc.model().text_model.forward(ids, Some(mask)));
-    assert_close(
-        "text last_hidden_state",
-        &last,
-        &exp["clip.text_last_hidden_state"],
-        ATOL,
-    );
+    assert_close("text last_hidden_state", &last, &exp["clip.text_last_hidden_state"], ATOL);
 }
 
 /// The image processor against transformers' PIL-based `CLIPImageProcessor` on real PNG files: PIL's
@@ -54,39 +43,21 @@ fn clip_text_embeds_and_hidden_states() {
 fn clip_preprocessing_matches_pil_processor() {
     let exp = expected();
     let processor = ClipImageProcessor::from_dir(&fixture("clip-tiny"), 32).unwrap();
-    assert_eq!(
-        (
-            processor.shortest_edge,
-            processor.crop_height,
-            processor.crop_width
-        ),
-        (32, 32, 32)
-    );
+    assert_eq!((processor.shortest_edge, processor.crop_height, processor.crop_width), (32, 32, 32));
     let enc = ClipVisionEncoder::load(&fixture("clip-tiny"), EncoderOptions::default()).unwrap();
     for k in 0..3 {
         let image = ClipImageProcessor::open(&fixture(&format!("image{k}.png"))).unwrap();
         let ours = processor.preprocess(std::slice::from_ref(&image)).get(0);
         let reference = &exp[&format!("clip.image{k}.pixel_values")];
         // Back to 8-bit levels: (normalised difference) * std * 255.
-        let std = Tensor::from_slice(&processor.image_std)
-            .view([3, 1, 1])
-            .to_kind(tch::Kind::Float);
+        let std = Tensor::from_slice(&processor.image_std).view([3, 1, 1]).to_kind(tch::Kind::Float);
         let levels = ((&ours - reference) * std * 255.0).abs();
-        let (max, mean) = (
-            levels.max().double_value(&[]),
-            levels.mean(tch::Kind::Double).double_value(&[]),
-        );
-        assert!(
-            max <= 1.0 + 1e-3,
-            "image{k}: a pixel differs from PIL's by {max} levels"
-        );
+        let (max, mean) = (levels.max().double_value(&[]), levels.mean(tch::Kind::Double).double_value(&[]));
+        assert!(max <= 1.0 + 1e-3, "image{k}: a pixel differs from PIL's by {max} levels");
         assert!(mean <= 0.3, "image{k}: mean difference {mean} levels");
         let embeds = enc.encode_images(std::slice::from_ref(&image)).get(0);
         let embed_diff = max_abs_diff(&embeds, &exp[&format!("clip.image{k}.image_embeds")]);
-        assert!(
-            embed_diff <= 0.05,
-            "image{k}: image_embeds differ by {embed_diff}"
-        );
+        assert!(embed_diff <= 0.05, "image{k}: image_embeds differ by {embed_diff}");
     }
 }
 
@@ -100,51 +71,27 @@ fn check_wav2vec2(tag: &str, out: &avexpr_model::wav2vec2::Wav2Vec2Output, layer
         ATOL,
     );
     for (i, h) in out.hidden_states.iter().enumerate() {
-        assert_close(
-            &format!("{tag} hidden_states[{i}]"),
-            h,
-            &exp[&format!("w2v.{tag}.hidden_states.{i}")],
-            ATOL,
-        );
+        assert_close(&format!("{tag} hidden_states[{i}]"), h, &exp[&format!("w2v.{tag}.hidden_states.{i}")], ATOL);
     }
 }
 
 #[test]
 fn wav2vec2_feature_extractor_normalises_and_pads_like_hf() {
     let exp = expected();
-    let enc =
-        Wav2Vec2Encoder::load(&fixture("wav2vec2-tiny-group"), EncoderOptions::default()).unwrap();
-    let waves: Vec<Vec<f32>> = (0..2)
-        .map(|k| Vec::<f32>::try_from(&exp[&format!("w2v.wave{k}")]).unwrap())
-        .collect();
-    let batch = enc
-        .feature_extractor
-        .batch(&waves.iter().map(Vec::as_slice).collect::<Vec<_>>());
-    assert_close(
-        "input_values",
-        &batch.input_values,
-        &exp["w2v.input_values"],
-        1e-5,
-    );
+    let enc = Wav2Vec2Encoder::load(&fixture("wav2vec2-tiny-group"), EncoderOptions::default()).unwrap();
+    let waves: Vec<Vec<f32>> = (0..2).map(|k| Vec::<f32>::try_from(&exp[&format!("w2v.wave{k}")]).unwrap()).collect();
+    let batch = enc.feature_extractor.batch(&waves.iter().map(Vec::as_slice).collect::<Vec<_>>());
+    assert_close("input_values", &batch.input_values, &exp["w2v.input_values"], 1e-5);
     assert!(batch.attention_mask.equal(&exp["w2v.attention_mask"]));
 }
 
 #[test]
 fn wav2vec2_group_norm_post_ln_with_and_without_mask() {
     let exp = expected();
-    let enc =
-        Wav2Vec2Encoder::load(&fixture("wav2vec2-tiny-group"), EncoderOptions::default()).unwrap();
+    let enc = Wav2Vec2Encoder::load(&fixture("wav2vec2-tiny-group"), EncoderOptions::default()).unwrap();
     let (xs, mask) = (&exp["w2v.input_values"], &exp["w2v.attention_mask"]);
-    check_wav2vec2(
-        "group.nomask",
-        &tch::no_grad(|| enc.model().forward(xs, None)),
-        2,
-    );
-    check_wav2vec2(
-        "group.mask",
-        &tch::no_grad(|| enc.model().forward(xs, Some(mask))),
-        2,
-    );
+    check_wav2vec2("group.nomask", &tch::no_grad(|| enc.model().forward(xs, None)), 2);
+    check_wav2vec2("group.mask", &tch::no_grad(|| enc.model().forward(xs, Some(mask))), 2);
     // This checkpoint's feature extractor says return_attention_mask = false: the encoder ignores the mask,
     // as the HF pipeline feeds group-norm models.
     check_wav2vec2("group.nomask", &enc.encode(xs, Some(mask)), 2);
@@ -154,73 +101,34 @@ fn wav2vec2_group_norm_post_ln_with_and_without_mask() {
 #[test]
 fn wav2vec2_layer_norm_stable_ln_from_ctc_bin_checkpoint() {
     let exp = expected();
-    let enc =
-        Wav2Vec2Encoder::load(&fixture("wav2vec2-tiny-stable"), EncoderOptions::default()).unwrap();
-    let waves: Vec<Vec<f32>> = (0..2)
-        .map(|k| Vec::<f32>::try_from(&exp[&format!("w2v.wave{k}")]).unwrap())
-        .collect();
+    let enc = Wav2Vec2Encoder::load(&fixture("wav2vec2-tiny-stable"), EncoderOptions::default()).unwrap();
+    let waves: Vec<Vec<f32>> = (0..2).map(|k| Vec::<f32>::try_from(&exp[&format!("w2v.wave{k}")]).unwrap()).collect();
     let out = enc.encode_waveforms(&waves.iter().map(Vec::as_slice).collect::<Vec<_>>());
     check_wav2vec2("stable.mask", &out, 2);
-    let frames = out
-        .frame_mask
-        .expect("mask")
-        .sum_dim_intlist(-1, false, tch::Kind::Int64);
-    let expected_frames: Vec<i64> = [1600, 1150]
-        .iter()
-        .map(|&n| enc.config.output_frames(n))
-        .collect();
+    let frames = out.frame_mask.expect("mask").sum_dim_intlist(-1, false, tch::Kind::Int64);
+    let expected_frames: Vec<i64> = [1600, 1150].iter().map(|&n| enc.config.output_frames(n)).collect();
     assert_eq!(Vec::<i64>::try_from(&frames).unwrap(), expected_frames);
 }
 
 #[test]
 fn encoders_are_frozen() {
     let enc = ClipVisionEncoder::load(&fixture("clip-tiny"), EncoderOptions::default()).unwrap();
-    assert!(
-        enc.var_store()
-            .variables()
-            .values()
-            .all(|v| !v.requires_grad())
-    );
+    assert!(enc.var_store().variables().values().all(|v| !v.requires_grad()));
     let pixels = Tensor::randn([1, 3, 32, 32], tch::kind::FLOAT_CPU).set_requires_grad(true);
-    assert!(
-        !enc.encode_pixels(&pixels).requires_grad(),
-        "encoders run under no_grad"
-    );
-    let w2v =
-        Wav2Vec2Encoder::load(&fixture("wav2vec2-tiny-stable"), EncoderOptions::default()).unwrap();
-    assert!(
-        w2v.var_store()
-            .variables()
-            .values()
-            .all(|v| !v.requires_grad())
-    );
+    assert!(!enc.encode_pixels(&pixels).requires_grad(), "encoders run under no_grad");
+    let w2v = Wav2Vec2Encoder::load(&fixture("wav2vec2-tiny-stable"), EncoderOptions::default()).unwrap();
+    assert!(w2v.var_store().variables().values().all(|v| !v.requires_grad()));
 }
 
 /// A config naming its real EOS id (not the legacy 2) pools at the first EOS, not at the largest id.
 #[test]
 fn clip_text_pools_at_the_configured_eos_token() {
     let exp = expected();
-    let tmp = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture("clip-tiny")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
-    }
-    let config_path = tmp.path().join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["text_config"]["eos_token_id"] = 407.into();
-    std::fs::write(&config_path, config.to_string()).unwrap();
-    let enc = ClipTextEncoder::load(tmp.path(), EncoderOptions::default()).unwrap();
-    let ours = enc.encode_ids(
-        &exp["clip.input_ids_eos407"],
-        Some(&exp["clip.attention_mask"]),
-    );
-    assert_close(
-        "text_embeds (eos 407)",
-        &ours,
-        &exp["clip.text_embeds_eos407"],
-        ATOL,
-    );
+    let (_tmp, dir) = copy_fixture("clip-tiny");
+    edit_config(&dir, |c| c["text_config"]["eos_token_id"] = 407.into());
+    let enc = ClipTextEncoder::load(&dir, EncoderOptions::default()).unwrap();
+    let ours = enc.encode_ids(&exp["clip.input_ids_eos407"], Some(&exp["clip.attention_mask"]));
+    assert_close("text_embeds (eos 407)", &ours, &exp["clip.text_embeds_eos407"], ATOL);
     // The legacy rule would have pooled elsewhere: the two references differ.
     assert!(max_abs_diff(&exp["clip.text_embeds_eos407"], &exp["clip.text_embeds"]) > 1e-3);
 }
@@ -230,34 +138,20 @@ fn clip_text_pools_at_the_configured_eos_token() {
 #[test]
 fn bf16_precision_stays_close_to_f32() {
     let exp = expected();
-    let bf16 = EncoderOptions {
-        precision: avexpr_model::Precision::Bf16,
-        ..Default::default()
-    };
+    let bf16 = EncoderOptions { precision: avexpr_model::Precision::Bf16, ..Default::default() };
     let enc = ClipVisionEncoder::load(&fixture("clip-tiny"), bf16).unwrap();
-    assert!(
-        enc.var_store()
-            .variables()
-            .values()
-            .all(|v| v.kind() == tch::Kind::BFloat16)
-    );
+    assert!(enc.var_store().variables().values().all(|v| v.kind() == tch::Kind::BFloat16));
     let ours = enc.encode_pixels(&exp["clip.pixel_values"]);
     assert_eq!(ours.kind(), tch::Kind::Float);
     let reference = &exp["clip.image_embeds"];
     let scale = reference.abs().max().double_value(&[]);
     let diff = max_abs_diff(&ours, reference);
-    assert!(
-        diff > 0.0 && diff < 0.05 * scale,
-        "bf16 image_embeds differ by {diff} (scale {scale})"
-    );
+    assert!(diff > 0.0 && diff < 0.05 * scale, "bf16 image_embeds differ by {diff} (scale {scale})");
 
     let enc = Wav2Vec2Encoder::load(&fixture("wav2vec2-tiny-stable"), bf16).unwrap();
     let out = enc.encode(&exp["w2v.input_values"], Some(&exp["w2v.attention_mask"]));
     let reference = &exp["w2v.stable.mask.last_hidden_state"];
     let scale = reference.abs().max().double_value(&[]);
     let diff = max_abs_diff(&out.last_hidden_state, reference);
-    assert!(
-        diff < 0.05 * scale,
-        "bf16 wav2vec2 differs by {diff} (scale {scale})"
-    );
+    assert!(diff < 0.05 * scale, "bf16 wav2vec2 differs by {diff} (scale {scale})");
 }

@@ -15,36 +15,18 @@ pub struct Check {
 fn first_line(program: &str, args: &[&str]) -> Result<String, String> {
     match Command::new(program).args(args).output() {
         Ok(out) if out.status.success() => {
-            let text = String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr);
-            Ok(text
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("")
-                .trim()
-                .to_string())
+            let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+            Ok(text.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string())
         }
         Ok(out) => Err(format!("`{program}` exited with {}", out.status)),
-        Err(e) => Err(format!(
-            "`{program}` not found on PATH ({e}); run scripts/setup"
-        )),
+        Err(e) => Err(format!("`{program}` not found on PATH ({e}); run scripts/setup")),
     }
 }
 
 fn command_check(name: &'static str, required: bool, program: &str, args: &[&str]) -> Check {
     match first_line(program, args) {
-        Ok(detail) => Check {
-            name,
-            ok: true,
-            required,
-            detail,
-        },
-        Err(detail) => Check {
-            name,
-            ok: false,
-            required,
-            detail,
-        },
+        Ok(detail) => Check { name, ok: true, required, detail },
+        Err(detail) => Check { name, ok: false, required, detail },
     }
 }
 
@@ -57,11 +39,7 @@ pub fn run_checks(python: &str) -> Vec<Check> {
         detail: format!(
             "loaded; {} CPU thread(s); CUDA devices: {cuda}{}",
             tch::get_num_threads(),
-            if cuda > 0 {
-                format!(", cuDNN {}", tch::Cuda::cudnn_is_available())
-            } else {
-                String::new()
-            }
+            if cuda > 0 { format!(", cuDNN {}", tch::Cuda::cudnn_is_available()) } else { String::new() }
         ),
     };
     vec![
@@ -102,10 +80,7 @@ mod tests {
     fn a_missing_required_tool_fails_the_report() {
         let missing = command_check("nothing", true, "avexpr-no-such-program", &[]);
         assert!(!missing.ok && missing.detail.contains("not found on PATH"));
-        let optional = Check {
-            required: false,
-            ..missing.clone()
-        };
+        let optional = Check { required: false, ..missing.clone() };
         assert!(report(std::slice::from_ref(&optional)).1);
         let (text, ok) = report(&[missing]);
         assert!(!ok && text.contains("MISSING"));

@@ -7,11 +7,7 @@ use avexpr_worker::logging;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "orchestrator",
-    version,
-    about = "avexpr orchestrator: plans, launches and watches training jobs"
-)]
+#[command(name = "orchestrator", version, about = "avexpr orchestrator: plans, launches and watches training jobs")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -10,17 +10,12 @@ use avexpr_tests::binary;
 use tch::Tensor;
 
 fn write_tone(path: &Path, rate: u32, seconds: f64) {
-    let spec = hound::WavSpec {
-        channels: 1,
-        sample_rate: rate,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
-    };
+    let spec =
+        hound::WavSpec { channels: 1, sample_rate: rate, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
     let mut w = hound::WavWriter::create(path, spec).unwrap();
     for i in 0..(rate as f64 * seconds) as usize {
         let t = i as f64 / rate as f64;
-        w.write_sample(((t * 220.0 * std::f64::consts::TAU).sin() * 8000.0) as i16)
-            .unwrap();
+        w.write_sample(((t * 220.0 * std::f64::consts::TAU).sin() * 8000.0) as i16).unwrap();
     }
     w.finalize().unwrap();
 }
@@ -64,45 +59,29 @@ fn embed_writes_image_prompt_and_audio_embeddings() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "worker embed failed: {stderr}");
     assert!(
-        stderr
-            .lines()
-            .filter(|l| !l.is_empty())
-            .all(|l| l.starts_with("[rank 0/1]")),
+        stderr.lines().filter(|l| !l.is_empty()).all(|l| l.starts_with("[rank 0/1]")),
         "log lines carry the rank:\n{stderr}"
     );
 
-    let got: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&out)
-        .unwrap()
-        .into_iter()
-        .collect();
+    let got: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&out).unwrap().into_iter().collect();
     let expected: std::collections::HashMap<String, Tensor> =
-        Tensor::read_safetensors(fx.join("expected.safetensors"))
-            .unwrap()
-            .into_iter()
-            .collect();
+        Tensor::read_safetensors(fx.join("expected.safetensors")).unwrap().into_iter().collect();
     // Image embeddings equal the reference's from the same PNGs (up to the one-level resize rounding).
     for k in 0..2 {
-        let diff = (got["image_embeds"].get(k) - &expected[&format!("clip.image{k}.image_embeds")])
-            .abs()
-            .max();
+        let diff = (got["image_embeds"].get(k) - &expected[&format!("clip.image{k}.image_embeds")]).abs().max();
         assert!(diff.double_value(&[]) < 0.05, "image {k}: {diff:?}");
     }
     // Prompt embeddings equal the text encoder's on the 8 class prompts.
     let text = ClipTextEncoder::load(&clip, EncoderOptions::default()).unwrap();
     let prompts = avexpr_worker::embed::class_prompts(avexpr_worker::embed::DEFAULT_TEMPLATE);
-    let want = text
-        .encode_texts(&prompts.iter().map(String::as_str).collect::<Vec<_>>())
-        .unwrap();
+    let want = text.encode_texts(&prompts.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
     assert_eq!(got["text_embeds"].size(), [8, 12]);
     assert!(got["text_embeds"].allclose(&want, 1e-6, 1e-6, false));
     // Audio: 16000 samples through kernels (10, 3, 3) / strides (5, 2, 2) -> 799 frames of 16; 2 layers.
     assert_eq!(got["audio.0.last_hidden_state"].size(), [799, 16]);
     assert_eq!(got["audio.0.hidden_states"].size(), [3, 799, 16]);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        stdout.contains("image0.png: nearest class prompt"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("image0.png: nearest class prompt"), "{stdout}");
 }
 
 #[test]
@@ -123,26 +102,15 @@ fn bad_audio_fails_naming_the_file_and_keeps_the_previous_output() {
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("interview-44k.wav") && stderr.contains("44100 Hz"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("interview-44k.wav") && stderr.contains("44100 Hz"), "{stderr}");
     assert_eq!(std::fs::read(&out).unwrap(), b"previous result");
 }
 
 #[test]
 fn usage_errors_are_reported() {
-    let output = binary("worker")
-        .args(["embed", "--out", "x.safetensors"])
-        .output()
-        .unwrap();
+    let output = binary("worker").args(["embed", "--out", "x.safetensors"]).output().unwrap();
     assert!(!output.status.success());
-    assert!(
-        String::from_utf8_lossy(&output.stderr).contains("give --clip DIR and/or --wav2vec2 DIR")
-    );
-    let output = binary("worker")
-        .args(["embed", "--device", "tpu", "--out", "x"])
-        .output()
-        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("give --clip DIR and/or --wav2vec2 DIR"));
+    let output = binary("worker").args(["embed", "--device", "tpu", "--out", "x"]).output().unwrap();
     assert!(String::from_utf8_lossy(&output.stderr).contains("--device: `tpu`"));
 }

@@ -6,16 +6,9 @@ use std::process::Command;
 /// A workspace binary (`worker`, `orchestrator`) next to this test executable's `deps/` directory.
 pub fn binary(name: &str) -> Command {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target profile directory");
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target profile directory");
     let path: PathBuf = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} not built: run `cargo test --workspace`",
-        path.display()
-    );
+    assert!(path.is_file(), "{} not built: run `cargo test --workspace`", path.display());
     let mut cmd = Command::new(path);
     // The binaries must find libtorch through their rpath, as a user runs them.
     cmd.env_remove("LD_LIBRARY_PATH");

@@ -61,15 +61,11 @@ pub fn ours(cfg: &BenchConfig, options: EncoderOptions) -> Result<Throughput> {
         let seconds = timed(&options, cfg.clip_iters, || {
             let _ = clip.encode_pixels(&pixels);
         });
-        result.clip_frames_per_s =
-            Some((cfg.clip_batch as usize * cfg.clip_iters) as f64 / seconds);
+        result.clip_frames_per_s = Some((cfg.clip_batch as usize * cfg.clip_iters) as f64 / seconds);
     }
     if cfg.audio_iters > 0 {
         let w2v = Wav2Vec2Encoder::from_config(&Wav2Vec2Config::base(), options)?;
-        let waves = Tensor::randn(
-            [cfg.audio_batch, (cfg.audio_seconds * 16_000.0) as i64],
-            kind,
-        );
+        let waves = Tensor::randn([cfg.audio_batch, (cfg.audio_seconds * 16_000.0) as i64], kind);
         let seconds = timed(&options, cfg.audio_iters, || {
             let _ = w2v.encode(&waves, None);
         });
@@ -87,7 +83,9 @@ pub fn reference(cfg: &BenchConfig, python: &str) -> Result<(Throughput, String)
         .arg(serde_json::to_string(cfg)?)
         .env("TRANSFORMERS_VERBOSITY", "error")
         .output()
-        .with_context(|| format!("cannot run {python} for the reference side (set --python to the project venv's python)"))?;
+        .with_context(|| {
+            format!("cannot run {python} for the reference side (set --python to the project venv's python)")
+        })?;
     anyhow::ensure!(
         output.status.success(),
         "reference benchmark failed ({}): {}",
@@ -95,12 +93,8 @@ pub fn reference(cfg: &BenchConfig, python: &str) -> Result<(Throughput, String)
         String::from_utf8_lossy(&output.stderr)
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout
-        .lines()
-        .last()
-        .context("reference benchmark printed nothing")?;
-    let parsed: Throughput =
-        serde_json::from_str(line).with_context(|| format!("reference output: {line}"))?;
+    let line = stdout.lines().last().context("reference benchmark printed nothing")?;
+    let parsed: Throughput = serde_json::from_str(line).with_context(|| format!("reference output: {line}"))?;
     Ok((parsed, line.to_string()))
 }
 
@@ -114,12 +108,7 @@ fn median(mut xs: Vec<f64>) -> Option<f64> {
 
 /// Runs both sides for `rounds` rounds, alternating which goes first (the machine's load drifts), and renders
 /// the medians and their ratio.
-pub fn run(
-    cfg: &BenchConfig,
-    options: EncoderOptions,
-    python: Option<&str>,
-    rounds: usize,
-) -> Result<String> {
+pub fn run(cfg: &BenchConfig, options: EncoderOptions, python: Option<&str>, rounds: usize) -> Result<String> {
     anyhow::ensure!(
         cfg.clip_batch > 0 && cfg.audio_batch > 0 && cfg.audio_seconds > 0.0 && rounds > 0,
         "batch sizes, --audio-seconds and --rounds must be positive"
@@ -147,11 +136,7 @@ pub fn run(
         "encoder benchmark: device {:?}, {}, {} thread(s), random weights, median of {rounds} interleaved round(s)\n\
          {:<44} {:>12} {:>12} {:>7}\n",
         options.device,
-        if options.precision == Precision::Bf16 {
-            "bf16"
-        } else {
-            "f32"
-        },
+        if options.precision == Precision::Bf16 { "bf16" } else { "f32" },
         cfg.threads,
         "",
         "avexpr",
@@ -159,17 +144,10 @@ pub fn run(
         "ratio"
     );
     let rows: [(String, Field); 2] = [
-        (
-            format!("CLIP ViT-B/32 vision, batch {} (frames/s)", cfg.clip_batch),
-            |t| t.clip_frames_per_s,
-        ),
-        (
-            format!(
-                "wav2vec2-base, {} x {} s (audio-s/s)",
-                cfg.audio_batch, cfg.audio_seconds
-            ),
-            |t| t.audio_seconds_per_s,
-        ),
+        (format!("CLIP ViT-B/32 vision, batch {} (frames/s)", cfg.clip_batch), |t| t.clip_frames_per_s),
+        (format!("wav2vec2-base, {} x {} s (audio-s/s)", cfg.audio_batch, cfg.audio_seconds), |t| {
+            t.audio_seconds_per_s
+        }),
     ];
     for (name, field) in rows {
         let Some(o) = pick(&our_runs, field) else {

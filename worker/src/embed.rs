@@ -32,10 +32,7 @@ pub struct EmbedRequest {
 
 /// The class prompts made from a template.
 pub fn class_prompts(template: &str) -> Vec<String> {
-    Expression::ALL
-        .iter()
-        .map(|e| template.replace("{}", &e.name().to_lowercase()))
-        .collect()
+    Expression::ALL.iter().map(|e| template.replace("{}", &e.name().to_lowercase())).collect()
 }
 
 /// What was written, for the summary and for tests.
@@ -52,15 +49,8 @@ pub fn run(req: &EmbedRequest) -> Result<EmbedSummary> {
         req.clip.is_some() || req.wav2vec2.is_some(),
         "nothing to do: give --clip DIR and/or --wav2vec2 DIR"
     );
-    anyhow::ensure!(
-        req.template.contains("{}"),
-        "--template `{}` must contain {{}} for the class name",
-        req.template
-    );
-    anyhow::ensure!(
-        req.images.is_empty() || req.clip.is_some(),
-        "--images need a CLIP checkpoint (--clip DIR)"
-    );
+    anyhow::ensure!(req.template.contains("{}"), "--template `{}` must contain {{}} for the class name", req.template);
+    anyhow::ensure!(req.images.is_empty() || req.clip.is_some(), "--images need a CLIP checkpoint (--clip DIR)");
     anyhow::ensure!(
         req.audio.is_empty() || req.wav2vec2.is_some(),
         "--audio needs a Wav2Vec 2.0 checkpoint (--wav2vec2 DIR)"
@@ -74,29 +64,18 @@ pub fn run(req: &EmbedRequest) -> Result<EmbedSummary> {
         if !req.images.is_empty() {
             let vision = ClipVisionEncoder::load(dir, req.options)?;
             tracing::info!(checkpoint = %dir.display(), images = req.images.len(), "CLIP vision tower loaded");
-            let images = req
-                .images
-                .iter()
-                .map(|p| ClipImageProcessor::open(p))
-                .collect::<Result<Vec<_>, _>>()?;
+            let images = req.images.iter().map(|p| ClipImageProcessor::open(p)).collect::<Result<Vec<_>, _>>()?;
             let embeds = vision.encode_images(&images).to_device(tch::Device::Cpu);
             metadata.insert("images".into(), serde_json::to_string(&req.images)?);
             image_embeds = Some(embeds.shallow_clone());
             out.push(("image_embeds".into(), embeds));
         }
-        let has_text_tower = ClipConfig::from_file(&dir.join("config.json"))?
-            .text
-            .is_some();
-        let text = if has_text_tower {
-            Some(ClipTextEncoder::load(dir, req.options)?)
-        } else {
-            None
-        };
+        let has_text_tower = ClipConfig::from_file(&dir.join("config.json"))?.text.is_some();
+        let text = if has_text_tower { Some(ClipTextEncoder::load(dir, req.options)?) } else { None };
         if let Some(text) = text.as_ref().filter(|t| t.tokenizer.is_some()) {
             let prompts = class_prompts(&req.template);
-            let text_embeds = text
-                .encode_texts(&prompts.iter().map(String::as_str).collect::<Vec<_>>())?
-                .to_device(tch::Device::Cpu);
+            let text_embeds =
+                text.encode_texts(&prompts.iter().map(String::as_str).collect::<Vec<_>>())?.to_device(tch::Device::Cpu);
             tracing::info!(prompts = prompts.len(), "class prompts encoded");
             if let Some(images) = &image_embeds {
                 // Cosine similarity [images, 8].
@@ -104,11 +83,7 @@ pub fn run(req: &EmbedRequest) -> Result<EmbedSummary> {
                 let (best, idx) = sim.max_dim(1, false);
                 for (k, path) in req.images.iter().enumerate() {
                     let class = Expression::ALL[idx.int64_value(&[k as i64]) as usize];
-                    summary.nearest_prompt.push((
-                        path.clone(),
-                        class,
-                        best.double_value(&[k as i64]),
-                    ));
+                    summary.nearest_prompt.push((path.clone(), class, best.double_value(&[k as i64])));
                 }
             }
             metadata.insert("prompts".into(), serde_json::to_string(&prompts)?);
@@ -133,9 +108,7 @@ pub fn run(req: &EmbedRequest) -> Result<EmbedSummary> {
                 wave.len()
             );
             let result = audio.encode_waveforms(&[&wave]);
-            let hidden = Tensor::stack(&result.hidden_states, 0)
-                .squeeze_dim(1)
-                .to_device(tch::Device::Cpu);
+            let hidden = Tensor::stack(&result.hidden_states, 0).squeeze_dim(1).to_device(tch::Device::Cpu);
             summary.lines.push(format!(
                 "audio.{k}: {} ({:.2} s) -> {} frames x {} hidden, {} hidden states",
                 path.display(),
@@ -146,10 +119,7 @@ pub fn run(req: &EmbedRequest) -> Result<EmbedSummary> {
             ));
             out.push((
                 format!("audio.{k}.last_hidden_state"),
-                result
-                    .last_hidden_state
-                    .squeeze_dim(0)
-                    .to_device(tch::Device::Cpu),
+                result.last_hidden_state.squeeze_dim(0).to_device(tch::Device::Cpu),
             ));
             out.push((format!("audio.{k}.hidden_states"), hidden));
         }
@@ -168,56 +138,29 @@ fn normalize(xs: &Tensor) -> Tensor {
 
 /// Writes f32 tensors with metadata to `path` through a temporary file and a rename, so an existing file is
 /// replaced only by a complete one.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, Tensor)],
-    metadata: HashMap<String, String>,
-) -> Result<()> {
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: HashMap<String, String>) -> Result<()> {
     let buffers: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(name, t)| {
             let t = t.to_kind(Kind::Float).contiguous();
             let values = Vec::<f32>::try_from(t.flatten(0, -1))?;
             let shape = t.size().iter().map(|&d| d as usize).collect();
-            Ok((
-                name.clone(),
-                shape,
-                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ))
+            Ok((name.clone(), shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
         })
         .collect::<Result<_>>()?;
     let views = buffers
         .iter()
         .map(|(name, shape, bytes)| {
-            Ok((
-                name.as_str(),
-                safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::F32,
-                    shape.clone(),
-                    bytes,
-                )?,
-            ))
+            Ok((name.as_str(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)?))
         })
         .collect::<Result<Vec<_>>>()?;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("{}: cannot create directory", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
+    let tmp =
+        dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
     safetensors::serialize_to_file(views, Some(metadata), &tmp)
         .with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| {
-        format!(
-            "{}: cannot move {} into place",
-            path.display(),
-            tmp.display()
-        )
-    })?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("{}: cannot move {} into place", path.display(), tmp.display()))?;
     Ok(())
 }

@@ -24,10 +24,7 @@ pub fn encoder_options(device: &str, precision: &str) -> anyhow::Result<EncoderO
     if let Device::Cuda(n) = device
         && n as i64 >= tch::Cuda::device_count()
     {
-        anyhow::bail!(
-            "--device: cuda:{n} requested but {} CUDA device(s) are visible",
-            tch::Cuda::device_count()
-        );
+        anyhow::bail!("--device: cuda:{n} requested but {} CUDA device(s) are visible", tch::Cuda::device_count());
     }
     let precision = match precision {
         "f32" => Precision::F32,

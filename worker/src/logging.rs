@@ -12,11 +12,7 @@ use tracing_subscriber::registry::LookupSpan;
 /// This process's rank and world size as the MPI launcher announces them (Open MPI, or PMI for others);
 /// `(0, 1)` when started alone.
 pub fn launcher_rank() -> (usize, usize) {
-    let var = |names: &[&str]| {
-        names
-            .iter()
-            .find_map(|n| std::env::var(n).ok()?.parse::<usize>().ok())
-    };
+    let var = |names: &[&str]| names.iter().find_map(|n| std::env::var(n).ok()?.parse::<usize>().ok());
     let rank = var(&["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"]).unwrap_or(0);
     let size = var(&["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]).unwrap_or(1);
     (rank, size)
@@ -32,12 +28,7 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         write!(writer, "{} ", self.prefix)?;
         self.inner.format_event(ctx, writer, event)
     }
@@ -45,10 +36,7 @@ where
 
 fn init_with_prefix(prefix: String) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let format = Prefixed {
-        prefix,
-        inner: Format::default().with_target(false),
-    };
+    let format = Prefixed { prefix, inner: Format::default().with_target(false) };
     // A second initialisation (tests calling into binaries' code) keeps the first subscriber.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

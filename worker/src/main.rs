@@ -8,11 +8,7 @@ use avexpr_worker::{bench, embed, encoder_options, logging};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "worker",
-    version,
-    about = "avexpr worker: one rank of an audio-visual expression recognition job"
-)]
+#[command(name = "worker", version, about = "avexpr worker: one rank of an audio-visual expression recognition job")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -80,26 +76,9 @@ enum Command {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Embed {
-            clip,
-            wav2vec2,
-            images,
-            audio,
-            template,
-            device,
-            precision,
-            out,
-        } => {
+        Command::Embed { clip, wav2vec2, images, audio, template, device, precision, out } => {
             let options = encoder_options(&device, &precision)?;
-            let req = embed::EmbedRequest {
-                clip,
-                wav2vec2,
-                images,
-                audio,
-                template,
-                options,
-                out,
-            };
+            let req = embed::EmbedRequest { clip, wav2vec2, images, audio, template, options, out };
             let summary = embed::run(&req)?;
             for (name, shape) in &summary.tensors {
                 println!("{name:<32} {shape:?}");
@@ -108,10 +87,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{line}");
             }
             for (path, class, cos) in &summary.nearest_prompt {
-                println!(
-                    "{}: nearest class prompt {class} (cosine {cos:.3})",
-                    path.display()
-                );
+                println!("{}: nearest class prompt {class} (cosine {cos:.3})", path.display());
             }
             println!("wrote {}", req.out.display());
         }
@@ -129,8 +105,7 @@ fn run(cli: Cli) -> Result<()> {
             no_reference,
         } => {
             let options = encoder_options(&device, &precision)?;
-            let threads = threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let cfg = bench::BenchConfig {
                 threads,
                 clip_batch,
@@ -145,15 +120,7 @@ fn run(cli: Cli) -> Result<()> {
                 bf16: options.precision == avexpr_model::Precision::Bf16,
             };
             let python = python.unwrap_or_else(avexpr_worker::default_python);
-            print!(
-                "{}",
-                bench::run(
-                    &cfg,
-                    options,
-                    (!no_reference).then_some(python.as_str()),
-                    rounds
-                )?
-            );
+            print!("{}", bench::run(&cfg, options, (!no_reference).then_some(python.as_str()), rounds)?);
         }
     }
     Ok(())
@@ -162,9 +129,7 @@ fn run(cli: Cli) -> Result<()> {
 fn main() -> ExitCode {
     logging::init_worker();
     if !avexpr_worker::allocator::keep_freed_memory() {
-        tracing::warn!(
-            "could not tune the allocator: encoders will page-fault their activations on every pass"
-        );
+        tracing::warn!("could not tune the allocator: encoders will page-fault their activations on every pass");
     }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,

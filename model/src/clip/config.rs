@@ -50,10 +50,7 @@ impl ClipVisionConfig {
 
     /// `openai/clip-vit-base-patch16`.
     pub fn vit_b16() -> Self {
-        Self {
-            patch_size: 16,
-            ..Self::vit_b32()
-        }
+        Self { patch_size: 16, ..Self::vit_b32() }
     }
 
     /// `openai/clip-vit-large-patch14`.
@@ -149,14 +146,10 @@ impl ClipConfig {
     /// `CLIPModel.__init__`), a `CLIPVisionModelWithProjection` or a `CLIPTextModelWithProjection`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let value: serde_json::Value = read_json(path)?;
-        let raw: RawClipConfig = serde_json::from_value(value.clone())
-            .map_err(|e| ModelError::config(path, "<root>", e.to_string()))?;
+        let raw: RawClipConfig =
+            serde_json::from_value(value.clone()).map_err(|e| ModelError::config(path, "<root>", e.to_string()))?;
         let field = |name: &str, v: serde_json::Value| -> Result<serde_json::Value> {
-            if v.is_object() {
-                Ok(v)
-            } else {
-                Err(ModelError::config(path, name, "must be a JSON object"))
-            }
+            if v.is_object() { Ok(v) } else { Err(ModelError::config(path, name, "must be a JSON object")) }
         };
         let config = match raw.model_type.as_deref() {
             Some("clip") => {
@@ -165,27 +158,15 @@ impl ClipConfig {
                     "vision_config",
                     field("vision_config", raw.vision_config.unwrap_or_default())?,
                 )?;
-                let mut text: ClipTextConfig = parse_section(
-                    path,
-                    "text_config",
-                    field("text_config", raw.text_config.unwrap_or_default())?,
-                )?;
+                let mut text: ClipTextConfig =
+                    parse_section(path, "text_config", field("text_config", raw.text_config.unwrap_or_default())?)?;
                 let projection_dim = raw.projection_dim.unwrap_or(512);
                 vision.projection_dim = projection_dim;
                 text.projection_dim = projection_dim;
-                ClipConfig {
-                    vision: Some(vision),
-                    text: Some(text),
-                }
+                ClipConfig { vision: Some(vision), text: Some(text) }
             }
-            Some("clip_vision_model") => ClipConfig {
-                vision: Some(parse_section(path, "<root>", value)?),
-                text: None,
-            },
-            Some("clip_text_model") => ClipConfig {
-                vision: None,
-                text: Some(parse_section(path, "<root>", value)?),
-            },
+            Some("clip_vision_model") => ClipConfig { vision: Some(parse_section(path, "<root>", value)?), text: None },
+            Some("clip_text_model") => ClipConfig { vision: None, text: Some(parse_section(path, "<root>", value)?) },
             found => {
                 return Err(ModelError::UnsupportedModelType {
                     path: path.to_path_buf(),
@@ -204,11 +185,7 @@ impl ClipConfig {
     }
 }
 
-fn parse_section<T: serde::de::DeserializeOwned>(
-    path: &Path,
-    section: &str,
-    v: serde_json::Value,
-) -> Result<T> {
+fn parse_section<T: serde::de::DeserializeOwned>(path: &Path, section: &str, v: serde_json::Value) -> Result<T> {
     serde_json::from_value(v).map_err(|e| ModelError::config(path, section, e.to_string()))
 }
 
@@ -230,20 +207,12 @@ impl ClipVisionConfig {
 
     fn validate(&self, path: &Path) -> Result<()> {
         self.activation(path)?;
-        check_heads(
-            path,
-            "vision_config.",
-            self.hidden_size,
-            self.num_attention_heads,
-        )?;
+        check_heads(path, "vision_config.", self.hidden_size, self.num_attention_heads)?;
         if self.patch_size <= 0 || self.image_size % self.patch_size != 0 {
             return Err(ModelError::config(
                 path,
                 "vision_config.patch_size",
-                format!(
-                    "{} must divide image_size ({})",
-                    self.patch_size, self.image_size
-                ),
+                format!("{} must divide image_size ({})", self.patch_size, self.image_size),
             ));
         }
         Ok(())
@@ -257,11 +226,6 @@ impl ClipTextConfig {
 
     fn validate(&self, path: &Path) -> Result<()> {
         self.activation(path)?;
-        check_heads(
-            path,
-            "text_config.",
-            self.hidden_size,
-            self.num_attention_heads,
-        )
+        check_heads(path, "text_config.", self.hidden_size, self.num_attention_heads)
     }
 }

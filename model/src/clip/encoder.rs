@@ -17,24 +17,9 @@ pub struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    pub fn new(
-        vs: nn::Path,
-        hidden: i64,
-        intermediate: i64,
-        heads: i64,
-        eps: f64,
-        activation: Activation,
-    ) -> Self {
-        let ln = |name: &str| {
-            nn::layer_norm(
-                &vs / name,
-                vec![hidden],
-                nn::LayerNormConfig {
-                    eps,
-                    ..Default::default()
-                },
-            )
-        };
+    pub fn new(vs: nn::Path, hidden: i64, intermediate: i64, heads: i64, eps: f64, activation: Activation) -> Self {
+        let ln =
+            |name: &str| nn::layer_norm(&vs / name, vec![hidden], nn::LayerNormConfig { eps, ..Default::default() });
         let mlp = &vs / "mlp";
         Self {
             self_attn: SelfAttention::new(&vs / "self_attn", hidden, heads),
@@ -47,14 +32,8 @@ impl ClipEncoderLayer {
     }
 
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>, causal: bool) -> Tensor {
-        let xs = xs
-            + self
-                .self_attn
-                .forward(&xs.apply(&self.layer_norm1), mask, causal);
-        let ys = self
-            .activation
-            .forward(&xs.apply(&self.layer_norm2).apply(&self.fc1))
-            .apply(&self.fc2);
+        let xs = xs + self.self_attn.forward(&xs.apply(&self.layer_norm1), mask, causal);
+        let ys = self.activation.forward(&xs.apply(&self.layer_norm2).apply(&self.fc1)).apply(&self.fc2);
         xs + ys
     }
 }
@@ -75,9 +54,8 @@ impl ClipEncoder {
         act: Activation,
     ) -> Self {
         let vs = &vs / "layers";
-        let layers = (0..layers)
-            .map(|i| ClipEncoderLayer::new(&vs / i, hidden, intermediate, heads, eps, act))
-            .collect();
+        let layers =
+            (0..layers).map(|i| ClipEncoderLayer::new(&vs / i, hidden, intermediate, heads, eps, act)).collect();
         Self { layers }
     }
 

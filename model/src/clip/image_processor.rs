@@ -27,11 +27,7 @@ pub struct ClipImageProcessor {
 #[serde(untagged)]
 enum SizeField {
     Int(u32),
-    Map {
-        shortest_edge: Option<u32>,
-        height: Option<u32>,
-        width: Option<u32>,
-    },
+    Map { shortest_edge: Option<u32>, height: Option<u32>, width: Option<u32> },
 }
 
 #[derive(Deserialize, Default)]
@@ -67,27 +63,15 @@ impl ClipImageProcessor {
         }
         let raw: RawProcessorConfig = crate::checkpoint::read_json(&path)?;
         match raw.size {
-            Some(SizeField::Int(s))
-            | Some(SizeField::Map {
-                shortest_edge: Some(s),
-                ..
-            }) => p.shortest_edge = s,
+            Some(SizeField::Int(s)) | Some(SizeField::Map { shortest_edge: Some(s), .. }) => p.shortest_edge = s,
             Some(SizeField::Map { .. }) => {
-                return Err(ModelError::config(
-                    &path,
-                    "size",
-                    "expected an integer or {\"shortest_edge\": N}",
-                ));
+                return Err(ModelError::config(&path, "size", "expected an integer or {\"shortest_edge\": N}"));
             }
             None => {}
         }
         match raw.crop_size {
             Some(SizeField::Int(s)) => (p.crop_height, p.crop_width) = (s, s),
-            Some(SizeField::Map {
-                height: Some(h),
-                width: Some(w),
-                ..
-            }) => (p.crop_height, p.crop_width) = (h, w),
+            Some(SizeField::Map { height: Some(h), width: Some(w), .. }) => (p.crop_height, p.crop_width) = (h, w),
             Some(SizeField::Map { .. }) => {
                 return Err(ModelError::config(
                     &path,
@@ -100,17 +84,12 @@ impl ClipImageProcessor {
         if let Some(r) = raw.resample
             && r != 3
         {
-            return Err(ModelError::config(
-                &path,
-                "resample",
-                format!("{r} is not supported (only 3, bicubic)"),
-            ));
+            return Err(ModelError::config(&path, "resample", format!("{r} is not supported (only 3, bicubic)")));
         }
         p.rescale_factor = raw.rescale_factor.unwrap_or(p.rescale_factor);
-        for (field, src, dst) in [
-            ("image_mean", raw.image_mean, &mut p.image_mean),
-            ("image_std", raw.image_std, &mut p.image_std),
-        ] {
+        for (field, src, dst) in
+            [("image_mean", raw.image_mean, &mut p.image_mean), ("image_std", raw.image_std, &mut p.image_std)]
+        {
             if let Some(v) = src {
                 *dst = v.try_into().map_err(|v: Vec<f64>| {
                     ModelError::config(&path, field, format!("expected 3 values, got {}", v.len()))
@@ -127,10 +106,7 @@ impl ClipImageProcessor {
             .with_guessed_format()
             .map_err(|e| ModelError::io(path, e))?
             .decode()
-            .map_err(|e| ModelError::BadImage {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })
+            .map_err(|e| ModelError::BadImage { path: path.to_path_buf(), reason: e.to_string() })
     }
 
     /// Resize so the shortest side is `shortest_edge` (the other side truncated, as HF does), then centre crop.
@@ -139,11 +115,7 @@ impl ClipImageProcessor {
         let (w, h) = rgb.dimensions();
         let (short, long) = if w <= h { (w, h) } else { (h, w) };
         let new_long = (self.shortest_edge as u64 * long as u64 / short.max(1) as u64) as u32;
-        let (new_w, new_h) = if w <= h {
-            (self.shortest_edge, new_long)
-        } else {
-            (new_long, self.shortest_edge)
-        };
+        let (new_w, new_h) = if w <= h { (self.shortest_edge, new_long) } else { (new_long, self.shortest_edge) };
         // Catmull-Rom is PIL's bicubic (a = -0.5, support widened when downscaling); PIL rounds through a uint8
         // intermediate with fixed-point weights, so a pixel can differ from HF's by one 8-bit level.
         let resized = if (new_w, new_h) == (w, h) {
@@ -153,22 +125,13 @@ impl ClipImageProcessor {
         };
         let top = new_h.saturating_sub(self.crop_height) / 2;
         let left = new_w.saturating_sub(self.crop_width) / 2;
-        image::imageops::crop_imm(
-            &resized,
-            left,
-            top,
-            self.crop_width.min(new_w),
-            self.crop_height.min(new_h),
-        )
-        .to_image()
+        image::imageops::crop_imm(&resized, left, top, self.crop_width.min(new_w), self.crop_height.min(new_h))
+            .to_image()
     }
 
     /// `pixel_values` `[batch, 3, crop_height, crop_width]` f32.
     pub fn preprocess(&self, images: &[DynamicImage]) -> Tensor {
-        let crops: Vec<Tensor> = images
-            .iter()
-            .map(|im| self.to_tensor(&self.resize_and_crop(im)))
-            .collect();
+        let crops: Vec<Tensor> = images.iter().map(|im| self.to_tensor(&self.resize_and_crop(im))).collect();
         Tensor::stack(&crops, 0)
     }
 
@@ -178,7 +141,6 @@ impl ClipImageProcessor {
         let hwc = Tensor::from_slice(rgb.as_raw()).view([h as i64, w as i64, 3]);
         let mean = Tensor::from_slice(&self.image_mean).view([3, 1, 1]);
         let std = Tensor::from_slice(&self.image_std).view([3, 1, 1]);
-        ((hwc.permute([2, 0, 1]).to_kind(Kind::Double) * self.rescale_factor - mean) / std)
-            .to_kind(Kind::Float)
+        ((hwc.permute([2, 0, 1]).to_kind(Kind::Double) * self.rescale_factor - mean) / std).to_kind(Kind::Float)
     }
 }

@@ -24,10 +24,7 @@ use crate::encoders::{EncoderOptions, build_frozen};
 use crate::error::{ModelError, Result};
 
 /// CLIP checkpoints need no key mapping: both `CLIPModel` and the single-tower classes use the same keys.
-pub const KEY_MAP: KeyMap = KeyMap {
-    strip_prefixes: &[],
-    renames: &[],
-};
+pub const KEY_MAP: KeyMap = KeyMap { strip_prefixes: &[], renames: &[] };
 
 /// The frozen CLIP image encoder: `pixel_values` -> `image_embeds` (projected, not normalised).
 #[derive(Debug)]
@@ -44,13 +41,9 @@ impl ClipVisionEncoder {
     /// checkpoint directory.
     pub fn load(dir: &Path, options: EncoderOptions) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let config = ClipConfig::from_file(&config_path)?.vision.ok_or_else(|| {
-            ModelError::config(
-                &config_path,
-                "model_type",
-                "this checkpoint has no vision tower",
-            )
-        })?;
+        let config = ClipConfig::from_file(&config_path)?
+            .vision
+            .ok_or_else(|| ModelError::config(&config_path, "model_type", "this checkpoint has no vision tower"))?;
         let processor = ClipImageProcessor::from_dir(dir, config.image_size as u32)?;
         let activation = config.activation(&config_path)?;
         let weights = weights_file(dir)?;
@@ -58,30 +51,17 @@ impl ClipVisionEncoder {
             ClipVisionModelWithProjection::new(p, &config, activation)
         })?;
         model.fuse_qkv();
-        Ok(Self {
-            vs,
-            model,
-            config,
-            processor,
-            options,
-        })
+        Ok(Self { vs, model, config, processor, options })
     }
 
     /// A randomly initialised encoder (benchmarks, shape checks).
     pub fn from_config(config: &ClipVisionConfig, options: EncoderOptions) -> Result<Self> {
         let activation = config.activation(Path::new("<config>"))?;
-        let (vs, mut model) = build_frozen(None, &options, |p| {
-            ClipVisionModelWithProjection::new(p, config, activation)
-        })?;
+        let (vs, mut model) =
+            build_frozen(None, &options, |p| ClipVisionModelWithProjection::new(p, config, activation))?;
         model.fuse_qkv();
         let processor = ClipImageProcessor::openai(config.image_size as u32);
-        Ok(Self {
-            vs,
-            model,
-            config: config.clone(),
-            processor,
-            options,
-        })
+        Ok(Self { vs, model, config: config.clone(), processor, options })
     }
 
     pub fn var_store(&self) -> &VarStore {
@@ -92,9 +72,7 @@ impl ClipVisionEncoder {
     /// encoder's device.
     pub fn encode_pixels(&self, pixel_values: &Tensor) -> Tensor {
         tch::no_grad(|| {
-            let xs = pixel_values
-                .to_device(self.options.device)
-                .to_kind(self.options.kind());
+            let xs = pixel_values.to_device(self.options.device).to_kind(self.options.kind());
             self.model.forward(&xs).to_kind(Kind::Float)
         })
     }
@@ -121,18 +99,11 @@ impl ClipTextEncoder {
     /// `CLIPTextModelWithProjection` checkpoint directory.
     pub fn load(dir: &Path, options: EncoderOptions) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let config = ClipConfig::from_file(&config_path)?.text.ok_or_else(|| {
-            ModelError::config(
-                &config_path,
-                "model_type",
-                "this checkpoint has no text tower",
-            )
-        })?;
+        let config = ClipConfig::from_file(&config_path)?
+            .text
+            .ok_or_else(|| ModelError::config(&config_path, "model_type", "this checkpoint has no text tower"))?;
         let tokenizer = if dir.join("tokenizer.json").is_file() {
-            Some(ClipTokenizer::from_dir(
-                dir,
-                config.max_position_embeddings as usize,
-            )?)
+            Some(ClipTokenizer::from_dir(dir, config.max_position_embeddings as usize)?)
         } else {
             None
         };
@@ -142,14 +113,7 @@ impl ClipTextEncoder {
             ClipTextModelWithProjection::new(p, &config, activation)
         })?;
         model.fuse_qkv();
-        Ok(Self {
-            vs,
-            model,
-            config,
-            tokenizer,
-            options,
-            dir: dir.to_path_buf(),
-        })
+        Ok(Self { vs, model, config, tokenizer, options, dir: dir.to_path_buf() })
     }
 
     pub fn var_store(&self) -> &VarStore {
@@ -171,13 +135,10 @@ impl ClipTextEncoder {
 
     /// Tokenizes and encodes texts; needs the checkpoint's `tokenizer.json`.
     pub fn encode_texts(&self, texts: &[&str]) -> Result<Tensor> {
-        let tokenizer = self
-            .tokenizer
-            .as_ref()
-            .ok_or_else(|| ModelError::Tokenizer {
-                path: self.dir.join("tokenizer.json"),
-                reason: "file not found: texts cannot be tokenized without it".into(),
-            })?;
+        let tokenizer = self.tokenizer.as_ref().ok_or_else(|| ModelError::Tokenizer {
+            path: self.dir.join("tokenizer.json"),
+            reason: "file not found: texts cannot be tokenized without it".into(),
+        })?;
         let batch = tokenizer.encode_batch(texts)?;
         Ok(self.encode_ids(&batch.input_ids, Some(&batch.attention_mask)))
     }

@@ -45,10 +45,7 @@ impl ClipTextTransformer {
             final_layer_norm: nn::layer_norm(
                 &vs / "final_layer_norm",
                 vec![cfg.hidden_size],
-                nn::LayerNormConfig {
-                    eps: cfg.layer_norm_eps,
-                    ..Default::default()
-                },
+                nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() },
             ),
             eos_token_id: cfg.eos_token_id,
         }
@@ -76,10 +73,7 @@ impl ClipTextTransformer {
         let xs = token_embeds + self.position_embedding.ws.narrow(0, 0, seq);
         // [batch, seq] -> [batch, 1, 1, seq]: padded keys are masked, on top of the causal mask.
         let mask = attention_mask.map(|m| m.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1));
-        let last_hidden_state = self
-            .encoder
-            .forward(&xs, mask.as_ref(), true)
-            .apply(&self.final_layer_norm);
+        let last_hidden_state = self.encoder.forward(&xs, mask.as_ref(), true).apply(&self.final_layer_norm);
         let eos_position = match self.eos_token_id {
             // Checkpoints from before transformers PR #24773 say eos_token_id = 2 and pool at the largest id.
             Some(eos) if eos != 2 => input_ids.eq(eos).to_kind(Kind::Int).argmax(-1, false),
@@ -111,10 +105,7 @@ impl ClipTextModelWithProjection {
                 vs / "text_projection",
                 cfg.hidden_size,
                 cfg.projection_dim,
-                nn::LinearConfig {
-                    bias: false,
-                    ..Default::default()
-                },
+                nn::LinearConfig { bias: false, ..Default::default() },
             ),
         }
     }
@@ -125,22 +116,11 @@ impl ClipTextModelWithProjection {
 
     /// `text_embeds` `[batch, projection_dim]` (not normalised, as `get_text_features`).
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Tensor {
-        self.text_model
-            .forward(input_ids, attention_mask)
-            .1
-            .apply(&self.text_projection)
+        self.text_model.forward(input_ids, attention_mask).1.apply(&self.text_projection)
     }
 
     /// `text_embeds` from token embeddings (see [`ClipTextTransformer::forward_embeds`]).
-    pub fn forward_embeds(
-        &self,
-        token_embeds: &Tensor,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-    ) -> Tensor {
-        self.text_model
-            .forward_embeds(token_embeds, input_ids, attention_mask)
-            .1
-            .apply(&self.text_projection)
+    pub fn forward_embeds(&self, token_embeds: &Tensor, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Tensor {
+        self.text_model.forward_embeds(token_embeds, input_ids, attention_mask).1.apply(&self.text_projection)
     }
 }

@@ -18,10 +18,7 @@ pub struct ClipTokenizer {
 
 impl std::fmt::Debug for ClipTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClipTokenizer")
-            .field("path", &self.path)
-            .field("max_length", &self.max_length)
-            .finish()
+        f.debug_struct("ClipTokenizer").field("path", &self.path).field("max_length", &self.max_length).finish()
     }
 }
 
@@ -37,14 +34,9 @@ impl ClipTokenizer {
     /// `<|endoftext|>`), defaulting to `<|endoftext|>`.
     pub fn from_dir(dir: &Path, max_length: usize) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let tok_err = |reason: String| ModelError::Tokenizer {
-            path: path.clone(),
-            reason,
-        };
+        let tok_err = |reason: String| ModelError::Tokenizer { path: path.clone(), reason };
         if !path.is_file() {
-            return Err(tok_err(
-                "file not found (the checkpoint directory must hold tokenizer.json)".into(),
-            ));
+            return Err(tok_err("file not found (the checkpoint directory must hold tokenizer.json)".into()));
         }
         let mut inner = Tokenizer::from_file(&path).map_err(|e| tok_err(e.to_string()))?;
         let pad_token = pad_token(dir)?.unwrap_or_else(|| "<|endoftext|>".to_string());
@@ -60,16 +52,9 @@ impl ClipTokenizer {
             pad_token,
         }));
         inner
-            .with_truncation(Some(TruncationParams {
-                max_length,
-                ..Default::default()
-            }))
+            .with_truncation(Some(TruncationParams { max_length, ..Default::default() }))
             .map_err(|e| tok_err(e.to_string()))?;
-        Ok(Self {
-            inner,
-            path,
-            max_length,
-        })
+        Ok(Self { inner, path, max_length })
     }
 
     pub fn max_length(&self) -> usize {
@@ -81,24 +66,17 @@ impl ClipTokenizer {
         let enc = self
             .inner
             .encode(text, true)
-            .map_err(|e| ModelError::Tokenizer {
-                path: self.path.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| ModelError::Tokenizer { path: self.path.clone(), reason: e.to_string() })?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn encode_batch(&self, texts: &[&str]) -> Result<TokenizedBatch> {
-        let encodings =
-            self.inner
-                .encode_batch(texts.to_vec(), true)
-                .map_err(|e| ModelError::Tokenizer {
-                    path: self.path.clone(),
-                    reason: e.to_string(),
-                })?;
-        let flat = |f: &dyn Fn(&tokenizers::Encoding) -> Vec<i64>| -> Vec<i64> {
-            encodings.iter().flat_map(f).collect()
-        };
+        let encodings = self
+            .inner
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| ModelError::Tokenizer { path: self.path.clone(), reason: e.to_string() })?;
+        let flat =
+            |f: &dyn Fn(&tokenizers::Encoding) -> Vec<i64>| -> Vec<i64> { encodings.iter().flat_map(f).collect() };
         let ids = flat(&|e| e.get_ids().iter().map(|&i| i as i64).collect());
         let mask = flat(&|e| e.get_attention_mask().iter().map(|&i| i as i64).collect());
         let shape = [texts.len() as i64, self.max_length as i64];
@@ -117,10 +95,7 @@ fn pad_token(dir: &Path) -> Result<Option<String>> {
     let config: serde_json::Value = crate::checkpoint::read_json(&path)?;
     Ok(match config.get("pad_token") {
         Some(serde_json::Value::String(s)) => Some(s.clone()),
-        Some(serde_json::Value::Object(o)) => o
-            .get("content")
-            .and_then(|c| c.as_str())
-            .map(str::to_string),
+        Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
         _ => None,
     })
 }

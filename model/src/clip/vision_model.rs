@@ -27,31 +27,17 @@ impl ClipVisionTransformer {
             nn::layer_norm(
                 &vs / name,
                 vec![hidden],
-                nn::LayerNormConfig {
-                    eps: cfg.layer_norm_eps,
-                    ..Default::default()
-                },
+                nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() },
             )
         };
         Self {
-            class_embedding: emb.var(
-                "class_embedding",
-                &[hidden],
-                nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.02,
-                },
-            ),
+            class_embedding: emb.var("class_embedding", &[hidden], nn::Init::Randn { mean: 0.0, stdev: 0.02 }),
             patch_embedding: nn::conv2d(
                 &emb / "patch_embedding",
                 cfg.num_channels,
                 hidden,
                 cfg.patch_size,
-                nn::ConvConfig {
-                    stride: cfg.patch_size,
-                    bias: false,
-                    ..Default::default()
-                },
+                nn::ConvConfig { stride: cfg.patch_size, bias: false, ..Default::default() },
             ),
             position_embedding: nn::embedding(
                 &emb / "position_embedding",
@@ -79,14 +65,8 @@ impl ClipVisionTransformer {
     pub fn forward(&self, pixel_values: &Tensor) -> (Tensor, Tensor) {
         let batch = pixel_values.size()[0];
         // [batch, hidden, grid, grid] -> [batch, patches, hidden]
-        let patches = pixel_values
-            .apply(&self.patch_embedding)
-            .flatten(2, -1)
-            .transpose(1, 2);
-        let class = self
-            .class_embedding
-            .to_kind(patches.kind())
-            .expand([batch, 1, -1], false);
+        let patches = pixel_values.apply(&self.patch_embedding).flatten(2, -1).transpose(1, 2);
+        let class = self.class_embedding.to_kind(patches.kind()).expand([batch, 1, -1], false);
         let xs = Tensor::cat(&[class, patches], 1) + &self.position_embedding.ws;
         let last_hidden_state = xs.apply(&self.pre_layrnorm).apply(&self.encoder);
         let pooled = last_hidden_state.select(1, 0).apply(&self.post_layernorm);
@@ -118,10 +98,7 @@ impl ClipVisionModelWithProjection {
                 vs / "visual_projection",
                 cfg.hidden_size,
                 cfg.projection_dim,
-                nn::LinearConfig {
-                    bias: false,
-                    ..Default::default()
-                },
+                nn::LinearConfig { bias: false, ..Default::default() },
             ),
         }
     }
@@ -134,9 +111,6 @@ impl ClipVisionModelWithProjection {
 /// `pixel_values` -> `image_embeds` `[batch, projection_dim]` (not normalised, as `get_image_features`).
 impl Module for ClipVisionModelWithProjection {
     fn forward(&self, pixel_values: &Tensor) -> Tensor {
-        self.vision_model
-            .forward(pixel_values)
-            .1
-            .apply(&self.visual_projection)
+        self.vision_model.forward(pixel_values).1.apply(&self.visual_projection)
     }
 }

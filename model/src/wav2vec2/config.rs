@@ -90,10 +90,7 @@ impl Wav2Vec2Config {
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let value: serde_json::Value = read_json(path)?;
-        let model_type = value
-            .get("model_type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("<missing>");
+        let model_type = value.get("model_type").and_then(|v| v.as_str()).unwrap_or("<missing>");
         if model_type != "wav2vec2" {
             return Err(ModelError::UnsupportedModelType {
                 path: path.to_path_buf(),
@@ -101,8 +98,7 @@ impl Wav2Vec2Config {
                 expected: "wav2vec2".into(),
             });
         }
-        let cfg: Self = serde_json::from_value(value)
-            .map_err(|e| ModelError::config(path, "<root>", e.to_string()))?;
+        let cfg: Self = serde_json::from_value(value).map_err(|e| ModelError::config(path, "<root>", e.to_string()))?;
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -112,11 +108,7 @@ impl Wav2Vec2Config {
     }
 
     pub fn feat_extract_activation(&self, path: &Path) -> Result<Activation> {
-        activation::parse(
-            path,
-            "feat_extract_activation",
-            &self.feat_extract_activation,
-        )
+        activation::parse(path, "feat_extract_activation", &self.feat_extract_activation)
     }
 
     pub fn validate(&self, path: &Path) -> Result<()> {
@@ -138,30 +130,18 @@ impl Wav2Vec2Config {
             return Err(ModelError::config(
                 path,
                 "num_attention_heads",
-                format!(
-                    "{} must divide hidden_size ({})",
-                    self.num_attention_heads, self.hidden_size
-                ),
+                format!("{} must divide hidden_size ({})", self.num_attention_heads, self.hidden_size),
             ));
         }
-        if self.num_conv_pos_embedding_groups <= 0
-            || self.hidden_size % self.num_conv_pos_embedding_groups != 0
-        {
+        if self.num_conv_pos_embedding_groups <= 0 || self.hidden_size % self.num_conv_pos_embedding_groups != 0 {
             return Err(ModelError::config(
                 path,
                 "num_conv_pos_embedding_groups",
-                format!(
-                    "{} must divide hidden_size ({})",
-                    self.num_conv_pos_embedding_groups, self.hidden_size
-                ),
+                format!("{} must divide hidden_size ({})", self.num_conv_pos_embedding_groups, self.hidden_size),
             ));
         }
         if self.add_adapter {
-            return Err(ModelError::config(
-                path,
-                "add_adapter",
-                "adapter layers are not supported",
-            ));
+            return Err(ModelError::config(path, "add_adapter", "adapter layers are not supported"));
         }
         Ok(())
     }
@@ -171,10 +151,7 @@ impl Wav2Vec2Config {
         self.conv_kernel
             .iter()
             .zip(&self.conv_stride)
-            .fold(
-                samples,
-                |len, (k, s)| if len < *k { 0 } else { (len - k) / s + 1 },
-            )
+            .fold(samples, |len, (k, s)| if len < *k { 0 } else { (len - k) / s + 1 })
     }
 
     /// Samples per output frame (320 for the base/large feature encoders: 50 frames per second at 16 kHz).

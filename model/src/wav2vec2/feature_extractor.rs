@@ -21,12 +21,7 @@ pub struct Wav2Vec2FeatureExtractor {
 impl Default for Wav2Vec2FeatureExtractor {
     /// `facebook/wav2vec2-base`'s `preprocessor_config.json`.
     fn default() -> Self {
-        Self {
-            sampling_rate: 16_000,
-            do_normalize: true,
-            padding_value: 0.0,
-            return_attention_mask: false,
-        }
+        Self { sampling_rate: 16_000, do_normalize: true, padding_value: 0.0, return_attention_mask: false }
     }
 }
 
@@ -48,11 +43,7 @@ impl Wav2Vec2FeatureExtractor {
         }
         let fe: Self = crate::checkpoint::read_json(&path)?;
         if fe.sampling_rate == 0 {
-            return Err(ModelError::config(
-                &path,
-                "sampling_rate",
-                "must be positive",
-            ));
+            return Err(ModelError::config(&path, "sampling_rate", "must be positive"));
         }
         Ok(fe)
     }
@@ -66,9 +57,7 @@ impl Wav2Vec2FeatureExtractor {
         let mean = wave.iter().map(|&x| x as f64).sum::<f64>() / n;
         let var = wave.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
         let scale = 1.0 / (var + 1e-7).sqrt();
-        wave.iter()
-            .map(|&x| ((x as f64 - mean) * scale) as f32)
-            .collect()
+        wave.iter().map(|&x| ((x as f64 - mean) * scale) as f32).collect()
     }
 
     /// Normalises each waveform and right-pads the batch to the longest.
@@ -78,10 +67,7 @@ impl Wav2Vec2FeatureExtractor {
         let mut mask = Vec::with_capacity(waves.len() * longest);
         for wave in waves {
             values.extend(self.normalize(wave));
-            values.extend(std::iter::repeat_n(
-                self.padding_value,
-                longest - wave.len(),
-            ));
+            values.extend(std::iter::repeat_n(self.padding_value, longest - wave.len()));
             mask.extend(std::iter::repeat_n(1i64, wave.len()));
             mask.extend(std::iter::repeat_n(0i64, longest - wave.len()));
         }
@@ -94,10 +80,7 @@ impl Wav2Vec2FeatureExtractor {
 
     /// Reads a WAV file as mono f32 in [-1, 1] (channels averaged); its rate must be `sampling_rate`.
     pub fn read_wav(&self, path: &Path) -> Result<Vec<f32>> {
-        let bad = |reason: String| ModelError::BadAudio {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let bad = |reason: String| ModelError::BadAudio { path: path.to_path_buf(), reason };
         let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
         let mut reader = hound::WavReader::new(std::io::BufReader::new(file))
             .map_err(|e| bad(format!("not a readable WAV file: {e}")))?;
@@ -113,17 +96,11 @@ impl Wav2Vec2FeatureExtractor {
             hound::SampleFormat::Float => reader.samples::<f32>().collect::<Result<_, _>>(),
             hound::SampleFormat::Int => {
                 let scale = 1.0 / (1u64 << (spec.bits_per_sample - 1)) as f32;
-                reader
-                    .samples::<i32>()
-                    .map(|s| s.map(|s| s as f32 * scale))
-                    .collect::<Result<_, _>>()
+                reader.samples::<i32>().map(|s| s.map(|s| s as f32 * scale)).collect::<Result<_, _>>()
             }
         }
         .map_err(|e| bad(format!("corrupt sample data: {e}")))?;
         let channels = spec.channels.max(1) as usize;
-        Ok(samples
-            .chunks(channels)
-            .map(|c| c.iter().sum::<f32>() / channels as f32)
-            .collect())
+        Ok(samples.chunks(channels).map(|c| c.iter().sum::<f32>() / channels as f32).collect())
     }
 }

@@ -33,43 +33,24 @@ impl Wav2Vec2Encoder {
         let config_path = dir.join("config.json");
         let config = Wav2Vec2Config::from_file(&config_path)?;
         let feature_extractor = Wav2Vec2FeatureExtractor::from_dir(dir)?;
-        let (feat_act, hidden_act) = (
-            config.feat_extract_activation(&config_path)?,
-            config.hidden_activation(&config_path)?,
-        );
+        let (feat_act, hidden_act) =
+            (config.feat_extract_activation(&config_path)?, config.hidden_activation(&config_path)?);
         let weights = crate::checkpoint::weights_file(dir)?;
         let (vs, mut model) = build_frozen(Some((&weights, &KEY_MAP)), &options, |p| {
             Wav2Vec2Model::new(p, &config, feat_act, hidden_act)
         })?;
         model.prepare_inference();
-        Ok(Self {
-            vs,
-            model,
-            config,
-            feature_extractor,
-            options,
-        })
+        Ok(Self { vs, model, config, feature_extractor, options })
     }
 
     /// A randomly initialised encoder (benchmarks, shape checks).
     pub fn from_config(config: &Wav2Vec2Config, options: EncoderOptions) -> Result<Self> {
         let here = Path::new("<config>");
         config.validate(here)?;
-        let (feat_act, hidden_act) = (
-            config.feat_extract_activation(here)?,
-            config.hidden_activation(here)?,
-        );
-        let (vs, mut model) = build_frozen(None, &options, |p| {
-            Wav2Vec2Model::new(p, config, feat_act, hidden_act)
-        })?;
+        let (feat_act, hidden_act) = (config.feat_extract_activation(here)?, config.hidden_activation(here)?);
+        let (vs, mut model) = build_frozen(None, &options, |p| Wav2Vec2Model::new(p, config, feat_act, hidden_act))?;
         model.prepare_inference();
-        Ok(Self {
-            vs,
-            model,
-            config: config.clone(),
-            feature_extractor: Default::default(),
-            options,
-        })
+        Ok(Self { vs, model, config: config.clone(), feature_extractor: Default::default(), options })
     }
 
     pub fn var_store(&self) -> &VarStore {
@@ -91,18 +72,12 @@ impl Wav2Vec2Encoder {
     pub fn encode(&self, input_values: &Tensor, attention_mask: Option<&Tensor>) -> Wav2Vec2Output {
         let mask = attention_mask.filter(|_| self.feature_extractor.return_attention_mask);
         tch::no_grad(|| {
-            let xs = input_values
-                .to_device(self.options.device)
-                .to_kind(self.options.kind());
+            let xs = input_values.to_device(self.options.device).to_kind(self.options.kind());
             let mask = mask.map(|m| m.to_device(self.options.device));
             let out = self.model.forward(&xs, mask.as_ref());
             Wav2Vec2Output {
                 last_hidden_state: out.last_hidden_state.to_kind(tch::Kind::Float),
-                hidden_states: out
-                    .hidden_states
-                    .into_iter()
-                    .map(|h| h.to_kind(tch::Kind::Float))
-                    .collect(),
+                hidden_states: out.hidden_states.into_iter().map(|h| h.to_kind(tch::Kind::Float)).collect(),
                 frame_mask: out.frame_mask,
             }
         })

@@ -64,20 +64,14 @@ impl PositionalConvEmbedding {
     fn new(vs: nn::Path, cfg: &Wav2Vec2Config, activation: Activation) -> Self {
         let conv = &vs / "conv";
         let weight = &conv / "parametrizations" / "weight";
-        let (hidden, kernel, groups) = (
-            cfg.hidden_size,
-            cfg.num_conv_pos_embeddings,
-            cfg.num_conv_pos_embedding_groups,
-        );
+        let (hidden, kernel, groups) =
+            (cfg.hidden_size, cfg.num_conv_pos_embeddings, cfg.num_conv_pos_embedding_groups);
         Self {
             weight_g: weight.var("original0", &[1, 1, kernel], nn::Init::Const(1.0)),
             weight_v: weight.var(
                 "original1",
                 &[hidden, hidden / groups, kernel],
-                nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.02,
-                },
+                nn::Init::Randn { mean: 0.0, stdev: 0.02 },
             ),
             bias: conv.var("bias", &[hidden], nn::Init::Const(0.0)),
             weight: None,
@@ -93,24 +87,10 @@ impl PositionalConvEmbedding {
 
     /// `xs`: `[batch, time, hidden]` -> positional embeddings of the same shape.
     fn forward(&self, xs: &Tensor) -> Tensor {
-        let weight = self
-            .weight
-            .as_ref()
-            .map_or_else(|| self.effective_weight(), Tensor::shallow_clone);
-        let ys = xs.transpose(1, 2).conv1d(
-            &weight,
-            Some(&self.bias),
-            [1],
-            [self.kernel / 2],
-            [1],
-            self.groups,
-        );
+        let weight = self.weight.as_ref().map_or_else(|| self.effective_weight(), Tensor::shallow_clone);
+        let ys = xs.transpose(1, 2).conv1d(&weight, Some(&self.bias), [1], [self.kernel / 2], [1], self.groups);
         // Wav2Vec2SamePadLayer: an even kernel yields one extra frame.
-        let ys = if self.kernel % 2 == 0 {
-            ys.narrow(2, 0, ys.size()[2] - 1)
-        } else {
-            ys
-        };
+        let ys = if self.kernel % 2 == 0 { ys.narrow(2, 0, ys.size()[2] - 1) } else { ys };
         self.activation.forward_owned(ys).transpose(1, 2)
     }
 }
@@ -124,9 +104,7 @@ struct FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Tensor {
-        self.activation
-            .forward(&xs.apply(&self.intermediate_dense))
-            .apply(&self.output_dense)
+        self.activation.forward(&xs.apply(&self.intermediate_dense)).apply(&self.output_dense)
     }
 }
 
@@ -145,19 +123,12 @@ impl EncoderLayer {
             nn::layer_norm(
                 &vs / name,
                 vec![cfg.hidden_size],
-                nn::LayerNormConfig {
-                    eps: cfg.layer_norm_eps,
-                    ..Default::default()
-                },
+                nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() },
             )
         };
         let ff = &vs / "feed_forward";
         Self {
-            attention: SelfAttention::new(
-                &vs / "attention",
-                cfg.hidden_size,
-                cfg.num_attention_heads,
-            ),
+            attention: SelfAttention::new(&vs / "attention", cfg.hidden_size, cfg.num_attention_heads),
             layer_norm: ln("layer_norm"),
             feed_forward: FeedForward {
                 intermediate_dense: nn::linear(
@@ -182,10 +153,7 @@ impl EncoderLayer {
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Tensor {
         if self.stable_layer_norm {
             // Wav2Vec2EncoderLayerStableLayerNorm (pre-LN).
-            let xs = xs
-                + self
-                    .attention
-                    .forward(&xs.apply(&self.layer_norm), mask, false);
+            let xs = xs + self.attention.forward(&xs.apply(&self.layer_norm), mask, false);
             &xs + xs.apply(&self.final_layer_norm).apply(&self.feed_forward)
         } else {
             // Wav2Vec2EncoderLayer (post-LN).
@@ -224,79 +192,48 @@ pub struct Wav2Vec2Model {
 impl Wav2Vec2Model {
     /// `vs` is the checkpoint root of a `Wav2Vec2Model` (keys `feature_extractor.*`, `encoder.*`, ...).
     /// Activations must come from the validated config.
-    pub fn new(
-        vs: &nn::Path,
-        cfg: &Wav2Vec2Config,
-        feat_act: Activation,
-        hidden_act: Activation,
-    ) -> Self {
+    pub fn new(vs: &nn::Path, cfg: &Wav2Vec2Config, feat_act: Activation, hidden_act: Activation) -> Self {
         let convs = vs / "feature_extractor" / "conv_layers";
         let mut in_dim = 1;
         let conv_layers = (0..cfg.conv_dim.len())
             .map(|i| {
                 let layer = &convs / i as i64;
-                let (out_dim, kernel, stride) =
-                    (cfg.conv_dim[i], cfg.conv_kernel[i], cfg.conv_stride[i]);
+                let (out_dim, kernel, stride) = (cfg.conv_dim[i], cfg.conv_kernel[i], cfg.conv_stride[i]);
                 let conv = nn::conv1d(
                     &layer / "conv",
                     in_dim,
                     out_dim,
                     kernel,
-                    nn::ConvConfig {
-                        stride,
-                        bias: cfg.conv_bias,
-                        ..Default::default()
-                    },
+                    nn::ConvConfig { stride, bias: cfg.conv_bias, ..Default::default() },
                 );
                 let norm = match cfg.feat_extract_norm {
                     FeatExtractNorm::Group if i == 0 => ConvNorm::Group(nn::group_norm(
                         &layer / "layer_norm",
                         out_dim,
                         out_dim,
-                        nn::GroupNormConfig {
-                            eps: 1e-5,
-                            affine: true,
-                            ..Default::default()
-                        },
+                        nn::GroupNormConfig { eps: 1e-5, affine: true, ..Default::default() },
                     )),
                     FeatExtractNorm::Group => ConvNorm::None,
-                    FeatExtractNorm::Layer => ConvNorm::Layer(nn::layer_norm(
-                        &layer / "layer_norm",
-                        vec![out_dim],
-                        Default::default(),
-                    )),
+                    FeatExtractNorm::Layer => {
+                        ConvNorm::Layer(nn::layer_norm(&layer / "layer_norm", vec![out_dim], Default::default()))
+                    }
                 };
                 in_dim = out_dim;
-                ConvLayer {
-                    conv,
-                    norm,
-                    activation: feat_act,
-                }
+                ConvLayer { conv, norm, activation: feat_act }
             })
             .collect();
         let proj = vs / "feature_projection";
-        let ln_cfg = nn::LayerNormConfig {
-            eps: cfg.layer_norm_eps,
-            ..Default::default()
-        };
+        let ln_cfg = nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
         if cfg.mask_time_prob > 0.0 || cfg.mask_feature_prob > 0.0 {
             // Used only by SpecAugment during pre-training; declared so the variables match the checkpoint.
-            let _masked_spec_embed = vs.var(
-                "masked_spec_embed",
-                &[cfg.hidden_size],
-                nn::Init::Uniform { lo: 0.0, up: 1.0 },
-            );
+            let _masked_spec_embed =
+                vs.var("masked_spec_embed", &[cfg.hidden_size], nn::Init::Uniform { lo: 0.0, up: 1.0 });
         }
         let enc = vs / "encoder";
         Self {
             conv_layers,
             projection_layer_norm: nn::layer_norm(&proj / "layer_norm", vec![in_dim], ln_cfg),
-            projection: nn::linear(
-                &proj / "projection",
-                in_dim,
-                cfg.hidden_size,
-                Default::default(),
-            ),
+            projection: nn::linear(&proj / "projection", in_dim, cfg.hidden_size, Default::default()),
             pos_conv_embed: PositionalConvEmbedding::new(&enc / "pos_conv_embed", cfg, feat_act),
             encoder_layer_norm: nn::layer_norm(&enc / "layer_norm", vec![cfg.hidden_size], ln_cfg),
             layers: (0..cfg.num_hidden_layers)
@@ -326,11 +263,7 @@ impl Wav2Vec2Model {
 
     /// `input_values`: `[batch, samples]` (already normalised as the feature extractor does);
     /// `attention_mask`: `[batch, samples]`, 1 for real samples, 0 for padding.
-    pub fn forward(
-        &self,
-        input_values: &Tensor,
-        attention_mask: Option<&Tensor>,
-    ) -> Wav2Vec2Output {
+    pub fn forward(&self, input_values: &Tensor, attention_mask: Option<&Tensor>) -> Wav2Vec2Output {
         // [batch, samples] -> [batch, 1, samples] -> [batch, conv_dim, frames]
         let mut xs = input_values.unsqueeze(1);
         for layer in &self.conv_layers {
@@ -339,19 +272,11 @@ impl Wav2Vec2Model {
         // [batch, frames, conv_dim] -> [batch, frames, hidden]
         let xs = xs.transpose(1, 2);
         let frames = xs.size()[1];
-        let mut xs = xs
-            .apply(&self.projection_layer_norm)
-            .apply(&self.projection);
+        let mut xs = xs.apply(&self.projection_layer_norm).apply(&self.projection);
 
         let frame_mask = attention_mask.map(|m| {
-            let lengths = self.output_lengths(&m.to_kind(Kind::Int64).sum_dim_intlist(
-                -1,
-                false,
-                Kind::Int64,
-            ));
-            Tensor::arange(frames, (Kind::Int64, xs.device()))
-                .unsqueeze(0)
-                .lt_tensor(&lengths.unsqueeze(1))
+            let lengths = self.output_lengths(&m.to_kind(Kind::Int64).sum_dim_intlist(-1, false, Kind::Int64));
+            Tensor::arange(frames, (Kind::Int64, xs.device())).unsqueeze(0).lt_tensor(&lengths.unsqueeze(1))
         });
         // Key-padding mask [batch, 1, 1, frames]; padded frames are zeroed before the positional conv.
         let attn_mask = frame_mask.as_ref().map(|m| {
@@ -369,15 +294,7 @@ impl Wav2Vec2Model {
             xs = layer.forward(&xs, attn_mask.as_ref());
             hidden_states.push(xs.shallow_clone());
         }
-        let last_hidden_state = if self.stable_layer_norm {
-            xs.apply(&self.encoder_layer_norm)
-        } else {
-            xs
-        };
-        Wav2Vec2Output {
-            last_hidden_state,
-            hidden_states,
-            frame_mask,
-        }
+        let last_hidden_state = if self.stable_layer_norm { xs.apply(&self.encoder_layer_norm) } else { xs };
+        Wav2Vec2Output { last_hidden_state, hidden_states, frame_mask }
     }
 }
