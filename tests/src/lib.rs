@@ -8,7 +8,11 @@ pub fn binary(name: &str) -> Command {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe.parent().and_then(|deps| deps.parent()).expect("target profile directory");
     let path: PathBuf = dir.join(name);
-    assert!(path.is_file(), "{} not built: run `cargo test --workspace`", path.display());
+    assert!(
+        path.is_file(),
+        "{} not built: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
     let mut cmd = Command::new(path);
     // The binaries must find libtorch through their rpath, as a user runs them.
     cmd.env_remove("LD_LIBRARY_PATH");
