@@ -1,4 +1,4 @@
-//! Multi-head self-attention with the Hugging Face layout shared by CLIP (`CLIPAttention`) and Wav2Vec 2.0
+//! Multi-head attention (self and cross) with the Hugging Face layout shared by CLIP (`CLIPAttention`) and Wav2Vec 2.0
 //! (`Wav2Vec2Attention`): `q_proj`, `k_proj`, `v_proj`, `out_proj`, all with bias, scale `head_dim^-0.5`.
 //!
 //! For inference the three input projections are fused into one matmul once the weights are loaded
@@ -40,6 +40,31 @@ impl SelfAttention {
             0,
         );
         self.fused_qkv = Some((weight, bias));
+    }
+
+    /// Cross-attention: queries from `query` `[batch, q_len, hidden]`, keys and values from `context`
+    /// `[batch, kv_len, hidden]`; `key_mask` `[batch, kv_len]` bool, true for keys that may be attended. A row
+    /// of the batch without any valid key gets zeros (rather than SDPA's NaN).
+    pub fn forward_cross(&self, query: &Tensor, context: &Tensor, key_mask: Option<&Tensor>) -> Tensor {
+        let (batch, q_len, hidden) = query.size3().expect("query must be [batch, seq, hidden]");
+        let kv_len = context.size()[1];
+        let heads = |t: Tensor, len: i64| t.view([batch, len, self.num_heads, self.head_dim]).transpose(1, 2);
+        let q = heads(query.apply(&self.q_proj), q_len);
+        let k = heads(context.apply(&self.k_proj), kv_len);
+        let v = heads(context.apply(&self.v_proj), kv_len);
+        let (mask, any_valid) = match key_mask {
+            Some(m) => {
+                let any = m.any_dim(1, true); // [batch, 1]
+                (Some(m.logical_or(&any.logical_not()).view([batch, 1, 1, kv_len])), Some(any))
+            }
+            None => (None, None),
+        };
+        let ys = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, None, false);
+        let ys = ys.transpose(1, 2).reshape([batch, q_len, hidden]).apply(&self.out_proj);
+        match any_valid {
+            Some(any) => ys * any.unsqueeze(-1).to_kind(query.kind()),
+            None => ys,
+        }
     }
 
     /// `xs`: `[batch, seq, hidden]`. `mask`: boolean, broadcastable to `[batch, heads, seq, seq]`, true where a

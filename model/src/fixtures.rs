@@ -36,3 +36,23 @@ pub fn clip_tokenizer_dir() -> Result<PathBuf, String> {
     std::fs::rename(&tmp, &out).map_err(|e| format!("{}: {e}", out.display()))?;
     Ok(out)
 }
+
+/// The tiny random CLIP checkpoint with the real tokenizer beside it, as a user's checkpoint directory holds
+/// them (`target/fixtures/clip-tiny`).
+pub fn clip_tiny_with_tokenizer() -> Result<PathBuf, String> {
+    let tokenizer = clip_tokenizer_dir()?;
+    let out = tokenizer.with_file_name("clip-tiny");
+    let _guard = GENERATE.lock().unwrap_or_else(|e| e.into_inner());
+    let copy = |from: PathBuf, name: &std::ffi::OsStr| {
+        std::fs::copy(&from, out.join(name)).map(|_| ()).map_err(|e| format!("{}: {e}", from.display()))
+    };
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    for entry in std::fs::read_dir(dir().join("clip-tiny")).map_err(|e| e.to_string())? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        copy(entry.path(), &entry.file_name())?;
+    }
+    for name in ["tokenizer.json", "tokenizer_config.json"] {
+        copy(tokenizer.join(name), std::ffi::OsStr::new(name))?;
+    }
+    Ok(out)
+}

@@ -2,17 +2,29 @@
 //! the Hugging Face `transformers` implementations and loading their checkpoints directly, plus (later) the
 //! trainable TCN / adapter / fusion / prompt head.
 //!
-//! Variable paths are the Hugging Face state-dict keys, so a `model.safetensors` loads without renaming.
+//! Variable paths of the encoders are the Hugging Face state-dict keys, so a `model.safetensors` loads
+//! without renaming; the trainable variables live in four groups: `tcn`, `adapter`, `fusion`, `prompt`.
 
 pub mod activation;
+pub mod adapter;
 pub mod attention;
 pub mod checkpoint;
 pub mod clip;
+pub mod config;
 pub mod encoders;
 pub mod error;
+pub mod expr;
 #[doc(hidden)]
 pub mod fixtures;
+pub mod fusion;
+pub mod head;
+pub mod loss;
+pub mod prompt;
+pub mod tcn;
 pub mod wav2vec2;
+pub mod weight_norm;
 
+pub use config::ModelConfig;
 pub use encoders::{EncoderOptions, Precision};
 pub use error::ModelError;
+pub use expr::{Encoders, ExprModel, ExprOutput, FeatureBatch, RawBatch};

@@ -135,6 +135,31 @@ impl ClipImageProcessor {
         Tensor::stack(&crops, 0)
     }
 
+    /// The same preprocessing on a batch of uint8 images `[n, 3, H, W]` on any device (the training path):
+    /// antialiased bicubic resize of the shortest side (PIL's kernel, in floating point), centre crop, rescale
+    /// and normalise. Returns f32 `[n, 3, crop_height, crop_width]`.
+    pub fn preprocess_tensor(&self, images: &Tensor) -> Tensor {
+        let size = images.size();
+        let (h, w) = (size[2], size[3]);
+        let (short, long) = if w <= h { (w, h) } else { (h, w) };
+        let new_long = self.shortest_edge as i64 * long / short.max(1);
+        let (new_h, new_w) =
+            if w <= h { (new_long, self.shortest_edge as i64) } else { (self.shortest_edge as i64, new_long) };
+        let mut xs = images.to_kind(Kind::Float) * self.rescale_factor;
+        if (new_h, new_w) != (h, w) {
+            // PIL clips the resized 8-bit values; bicubic overshoot is clipped the same way here.
+            xs = xs
+                .internal_upsample_bicubic2d_aa([new_h, new_w], false, None, None)
+                .clamp(0.0, 255.0 * self.rescale_factor);
+        }
+        let (ch, cw) = (self.crop_height as i64, self.crop_width as i64);
+        let xs = xs.narrow(2, (new_h - ch).max(0) / 2, ch.min(new_h)).narrow(3, (new_w - cw).max(0) / 2, cw.min(new_w));
+        let device = xs.device();
+        let mean = Tensor::from_slice(&self.image_mean).to_kind(Kind::Float).to_device(device).view([1, 3, 1, 1]);
+        let std = Tensor::from_slice(&self.image_std).to_kind(Kind::Float).to_device(device).view([1, 3, 1, 1]);
+        (xs - mean) / std
+    }
+
     /// An RGB image (already at crop size) -> normalised `[3, h, w]`.
     pub fn to_tensor(&self, rgb: &RgbImage) -> Tensor {
         let (w, h) = rgb.dimensions();

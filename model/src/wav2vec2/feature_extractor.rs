@@ -60,6 +60,24 @@ impl Wav2Vec2FeatureExtractor {
         wave.iter().map(|&x| ((x as f64 - mean) * scale) as f32).collect()
     }
 
+    /// `normalize` on a padded batch `[batch, samples]` on any device, over the samples where `mask` is true;
+    /// padding becomes `padding_value`.
+    pub fn normalize_tensor(&self, values: &Tensor, mask: &Tensor) -> Tensor {
+        let m = mask.to_kind(Kind::Float);
+        let values = values.to_kind(Kind::Float);
+        if !self.do_normalize {
+            return values.where_self(
+                &mask.to_kind(Kind::Bool),
+                &Tensor::from(self.padding_value as f64).to_device(values.device()),
+            );
+        }
+        let n = m.sum_dim_intlist(1, true, Kind::Float).clamp_min(1.0);
+        let mean = (&values * &m).sum_dim_intlist(1, true, Kind::Float) / &n;
+        let centred = (&values - &mean) * &m;
+        let var = (&centred * &centred).sum_dim_intlist(1, true, Kind::Float) / &n;
+        centred / (var + 1e-7).sqrt() + (1.0 - m) * self.padding_value as f64
+    }
+
     /// Normalises each waveform and right-pads the batch to the longest.
     pub fn batch(&self, waves: &[&[f32]]) -> AudioBatch {
         let longest = waves.iter().map(|w| w.len()).max().unwrap_or(0);

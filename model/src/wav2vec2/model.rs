@@ -10,6 +10,7 @@ use super::config::{FeatExtractNorm, Wav2Vec2Config};
 use crate::activation::Activation;
 use crate::attention::SelfAttention;
 use crate::checkpoint::KeyMap;
+use crate::weight_norm::{WeightNormConv1d, WeightNormConv1dConfig};
 
 /// The one key mapping of Wav2Vec 2.0 checkpoints: `Wav2Vec2ForCTC`-style prefixes, and the pre-parametrization
 /// weight-norm names `weight_g` / `weight_v` of older checkpoints.
@@ -51,44 +52,26 @@ impl ConvLayer {
 /// `Wav2Vec2PositionalConvEmbedding`: grouped conv with weight norm over dim 2, "same" padding, activation.
 #[derive(Debug)]
 struct PositionalConvEmbedding {
-    weight_g: Tensor,
-    weight_v: Tensor,
-    bias: Tensor,
-    weight: Option<Tensor>,
+    conv: WeightNormConv1d,
     kernel: i64,
-    groups: i64,
     activation: Activation,
 }
 
 impl PositionalConvEmbedding {
     fn new(vs: nn::Path, cfg: &Wav2Vec2Config, activation: Activation) -> Self {
-        let conv = &vs / "conv";
-        let weight = &conv / "parametrizations" / "weight";
-        let (hidden, kernel, groups) =
-            (cfg.hidden_size, cfg.num_conv_pos_embeddings, cfg.num_conv_pos_embedding_groups);
-        Self {
-            weight_g: weight.var("original0", &[1, 1, kernel], nn::Init::Const(1.0)),
-            weight_v: weight.var(
-                "original1",
-                &[hidden, hidden / groups, kernel],
-                nn::Init::Randn { mean: 0.0, stdev: 0.02 },
-            ),
-            bias: conv.var("bias", &[hidden], nn::Init::Const(0.0)),
-            weight: None,
-            kernel,
-            groups,
-            activation,
-        }
-    }
-
-    fn effective_weight(&self) -> Tensor {
-        Tensor::internal_weight_norm(&self.weight_v, &self.weight_g, 2)
+        let (hidden, kernel) = (cfg.hidden_size, cfg.num_conv_pos_embeddings);
+        let conv_cfg = WeightNormConv1dConfig {
+            dim: 2,
+            padding: kernel / 2,
+            groups: cfg.num_conv_pos_embedding_groups,
+            ..Default::default()
+        };
+        Self { conv: WeightNormConv1d::new(&vs / "conv", hidden, hidden, kernel, 0.02, conv_cfg), kernel, activation }
     }
 
     /// `xs`: `[batch, time, hidden]` -> positional embeddings of the same shape.
     fn forward(&self, xs: &Tensor) -> Tensor {
-        let weight = self.weight.as_ref().map_or_else(|| self.effective_weight(), Tensor::shallow_clone);
-        let ys = xs.transpose(1, 2).conv1d(&weight, Some(&self.bias), [1], [self.kernel / 2], [1], self.groups);
+        let ys = self.conv.forward(&xs.transpose(1, 2));
         // Wav2Vec2SamePadLayer: an even kernel yields one extra frame.
         let ys = if self.kernel % 2 == 0 { ys.narrow(2, 0, ys.size()[2] - 1) } else { ys };
         self.activation.forward_owned(ys).transpose(1, 2)
@@ -249,7 +232,7 @@ impl Wav2Vec2Model {
     /// variables are loaded, moved and cast.
     pub fn prepare_inference(&mut self) {
         self.layers.iter_mut().for_each(|l| l.attention.fuse_qkv());
-        self.pos_conv_embed.weight = Some(self.pos_conv_embed.effective_weight());
+        self.pos_conv_embed.conv.freeze_weight();
     }
 
     /// Frames per sample count, as `_get_feat_extract_output_lengths` (works on tensors of lengths).

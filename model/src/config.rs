@@ -1,0 +1,315 @@
+//! The `model` section of a job's YAML config: which frozen encoders, and the shape of the trainable parts
+//! (`tcn`, `adapter`, `fusion` with the pooling head, `prompt`) and of the loss. Unknown fields are rejected
+//! and every error names the field (`model.fusion.heads: ...`).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub clip: EncoderConfig,
+    pub wav2vec2: EncoderConfig,
+    pub tcn: TcnConfig,
+    pub adapter: AdapterConfig,
+    pub fusion: FusionConfig,
+    pub head: HeadConfig,
+    pub prompt: PromptConfig,
+    pub loss: LossConfig,
+}
+
+impl Default for ModelConfig {
+    /// The paper's configuration (also `configs/paper.yaml`).
+    fn default() -> Self {
+        Self {
+            clip: EncoderConfig { checkpoint: PathBuf::from("checkpoints/clip-vit-base-patch32") },
+            wav2vec2: EncoderConfig { checkpoint: PathBuf::from("checkpoints/wav2vec2-base") },
+            tcn: TcnConfig::default(),
+            adapter: AdapterConfig::default(),
+            fusion: FusionConfig::default(),
+            head: HeadConfig::default(),
+            prompt: PromptConfig::default(),
+            loss: LossConfig::default(),
+        }
+    }
+}
+
+/// A frozen encoder: a Hugging Face checkpoint directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderConfig {
+    pub checkpoint: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcnConfig {
+    /// Output channels of each level; level `i` has dilation `2^i`.
+    pub channels: Vec<i64>,
+    pub kernel_size: i64,
+    pub dropout: f64,
+}
+
+impl Default for TcnConfig {
+    fn default() -> Self {
+        Self { channels: vec![256; 4], kernel_size: 3, dropout: 0.1 }
+    }
+}
+
+impl TcnConfig {
+    /// Frames one output frame sees: `1 + 2 (k - 1) (2^levels - 1)` (two convs per level).
+    pub fn receptive_field(&self) -> i64 {
+        1 + 2 * (self.kernel_size - 1) * ((1i64 << self.channels.len()) - 1)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AudioLayers {
+    /// The encoder's last hidden state.
+    Last,
+    /// A learned softmax-weighted sum of every hidden state (SUPERB style).
+    WeightedSum,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdapterConfig {
+    pub layers: AudioLayers,
+    /// Width of the residual bottleneck MLP.
+    pub bottleneck: i64,
+    pub dropout: f64,
+}
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        Self { layers: AudioLayers::WeightedSum, bottleneck: 128, dropout: 0.1 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FusionConfig {
+    /// Width of both streams inside the fusion (the adapter and the TCN are projected to it).
+    pub dim: i64,
+    pub layers: i64,
+    pub heads: i64,
+    pub ff_dim: i64,
+    pub dropout: f64,
+}
+
+impl Default for FusionConfig {
+    fn default() -> Self {
+        Self { dim: 256, layers: 2, heads: 4, ff_dim: 512, dropout: 0.1 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    Mean,
+    Attention,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetFrame {
+    /// The clip's last frame (causal, as the TCN).
+    Last,
+    Center,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeadConfig {
+    pub pooling: Pooling,
+    pub target: TargetFrame,
+    /// Logits for every frame of the clip from the fused sequence, instead of one per clip.
+    pub per_frame: bool,
+    pub hidden: i64,
+    pub dropout: f64,
+}
+
+impl Default for HeadConfig {
+    fn default() -> Self {
+        Self { pooling: Pooling::Mean, target: TargetFrame::Last, per_frame: false, hidden: 256, dropout: 0.1 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PromptConfig {
+    /// Templates with `{}` for the lower-case class name; the embeddings of several are averaged.
+    pub templates: Vec<String>,
+    /// Learnable context vectors fed through the frozen text encoder (CoOp); 0 uses the fixed templates.
+    pub context_vectors: i64,
+}
+
+impl Default for PromptConfig {
+    fn default() -> Self {
+        Self { templates: vec!["A face expressing {}".into()], context_vectors: 0 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClassificationLoss {
+    CrossEntropy,
+    Focal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClassWeights {
+    None,
+    InverseFrequency,
+    /// Cui et al. 2019: `(1 - beta) / (1 - beta^n_c)`.
+    EffectiveNumber,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossConfig {
+    pub classification: ClassificationLoss,
+    pub class_weights: ClassWeights,
+    pub effective_number_beta: f64,
+    pub focal_gamma: f64,
+    pub label_smoothing: f64,
+    /// Weight of the prompt contrastive term: total = classification + contrastive_weight * contrastive.
+    pub contrastive_weight: f64,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self {
+            classification: ClassificationLoss::CrossEntropy,
+            class_weights: ClassWeights::None,
+            effective_number_beta: 0.999,
+            focal_gamma: 2.0,
+            label_smoothing: 0.0,
+            contrastive_weight: 0.5,
+        }
+    }
+}
+
+/// A field-naming validation failure.
+fn bad(field: &str, reason: String) -> ModelError {
+    ModelError::config(Path::new("<config>"), field, reason)
+}
+
+fn check_dropout(field: &str, p: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(bad(field, format!("{p} must be in [0, 1)")));
+    }
+    Ok(())
+}
+
+fn check_positive(field: &str, v: i64) -> Result<()> {
+    if v <= 0 {
+        return Err(bad(field, format!("{v} must be positive")));
+    }
+    Ok(())
+}
+
+impl ModelConfig {
+    /// Reads the `model` section of a job's YAML file (the other sections belong to other crates). Relative
+    /// checkpoint paths are taken relative to the directory the job is started from.
+    pub fn from_job_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let root: serde_yaml::Value = serde_yaml::from_str(&text)
+            .map_err(|e| ModelError::config(path, "<root>", format!("malformed YAML: {e}")))?;
+        let section = root.get("model").ok_or_else(|| ModelError::config(path, "model", "section missing"))?;
+        let section = serde_yaml::to_string(section).map_err(|e| ModelError::config(path, "model", e.to_string()))?;
+        Self::from_yaml(&section, path)
+    }
+
+    /// Parses the `model` section from YAML text (the section's own mapping, without the `model:` key).
+    pub fn from_yaml(text: &str, origin: &Path) -> Result<Self> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let cfg: Self = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            ModelError::config(origin, format!("model.{path}"), e.into_inner().to_string())
+        })?;
+        cfg.validate().map_err(|e| match e {
+            ModelError::BadConfig { field, reason, .. } => {
+                ModelError::BadConfig { path: origin.to_path_buf(), field, reason }
+            }
+            other => other,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: ranges and divisibility. Messages name the field from `model.` down.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.tcn;
+        if t.channels.is_empty() {
+            return Err(bad("model.tcn.channels", "must list at least one level".into()));
+        }
+        for (i, &c) in t.channels.iter().enumerate() {
+            check_positive(&format!("model.tcn.channels[{i}]"), c)?;
+        }
+        if t.channels.len() > 16 {
+            return Err(bad(
+                "model.tcn.channels",
+                format!("{} levels: dilation 2^{} is beyond any clip", t.channels.len(), t.channels.len() - 1),
+            ));
+        }
+        if t.kernel_size < 2 {
+            return Err(bad("model.tcn.kernel_size", format!("{} must be at least 2", t.kernel_size)));
+        }
+        check_dropout("model.tcn.dropout", t.dropout)?;
+        check_positive("model.adapter.bottleneck", self.adapter.bottleneck)?;
+        check_dropout("model.adapter.dropout", self.adapter.dropout)?;
+        let f = &self.fusion;
+        check_positive("model.fusion.dim", f.dim)?;
+        check_positive("model.fusion.layers", f.layers)?;
+        check_positive("model.fusion.heads", f.heads)?;
+        if f.dim % f.heads != 0 {
+            return Err(bad("model.fusion.heads", format!("{} must divide model.fusion.dim ({})", f.heads, f.dim)));
+        }
+        check_positive("model.fusion.ff_dim", f.ff_dim)?;
+        check_dropout("model.fusion.dropout", f.dropout)?;
+        check_positive("model.head.hidden", self.head.hidden)?;
+        check_dropout("model.head.dropout", self.head.dropout)?;
+        if self.prompt.templates.is_empty() && self.prompt.context_vectors == 0 {
+            return Err(bad("model.prompt.templates", "give at least one template (or context_vectors > 0)".into()));
+        }
+        for (i, tpl) in self.prompt.templates.iter().enumerate() {
+            if !tpl.contains("{}") {
+                return Err(bad(
+                    &format!("model.prompt.templates[{i}]"),
+                    format!("`{tpl}` has no {{}} for the class name"),
+                ));
+            }
+        }
+        if self.prompt.context_vectors < 0 || self.prompt.context_vectors > 60 {
+            return Err(bad(
+                "model.prompt.context_vectors",
+                format!("{} must be in 0..=60", self.prompt.context_vectors),
+            ));
+        }
+        let l = &self.loss;
+        if !(0.0..1.0).contains(&l.effective_number_beta) {
+            return Err(bad(
+                "model.loss.effective_number_beta",
+                format!("{} must be in [0, 1)", l.effective_number_beta),
+            ));
+        }
+        if l.focal_gamma < 0.0 {
+            return Err(bad("model.loss.focal_gamma", format!("{} must be >= 0", l.focal_gamma)));
+        }
+        if !(0.0..1.0).contains(&l.label_smoothing) {
+            return Err(bad("model.loss.label_smoothing", format!("{} must be in [0, 1)", l.label_smoothing)));
+        }
+        if l.label_smoothing > 0.0 && l.classification == ClassificationLoss::Focal {
+            return Err(bad("model.loss.label_smoothing", "applies to cross_entropy only, not focal".into()));
+        }
+        if l.contrastive_weight < 0.0 {
+            return Err(bad("model.loss.contrastive_weight", format!("{} must be >= 0", l.contrastive_weight)));
+        }
+        Ok(())
+    }
+}

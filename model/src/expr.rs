@@ -1,0 +1,357 @@
+//! `ExprModel`: the paper's model. Frozen encoders (CLIP vision per frame, Wav2Vec 2.0, CLIP text for the
+//! prompts) and the trainable parts in exactly four groups, which are what data-parallel ranks all-reduce:
+//! `tcn` (temporal model over CLIP frame embeddings), `adapter` (audio adapter and alignment), `fusion`
+//! (bi-directional cross-attention, pooling, classifier) and `prompt` (projection, logit scale, CoOp context).
+//!
+//! It runs from raw inputs (face frames + audio) or from precomputed encoder outputs (a feature cache):
+//! [`ExprModel::forward_raw_t`] is [`ExprModel::encode`] followed by [`ExprModel::forward_t`].
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use avexpr_data::NUM_CLASSES;
+use tch::{Device, Kind, Tensor, nn};
+
+use crate::EncoderOptions;
+use crate::adapter::{AudioAdapter, AudioTiming};
+use crate::clip::{ClipTextConfig, ClipTextEncoder, ClipVisionConfig, ClipVisionEncoder};
+use crate::config::{AudioLayers, ModelConfig, TargetFrame};
+use crate::error::{ModelError, Result};
+use crate::fusion::BiCrossAttention;
+use crate::head::Head;
+use crate::loss::{ExprLoss, LossTerms};
+use crate::prompt::PromptHead;
+use crate::tcn::Tcn;
+use crate::wav2vec2::{Wav2Vec2Config, Wav2Vec2Encoder};
+
+/// The trainable groups, in a fixed order (the order buckets are all-reduced in).
+pub const GROUPS: [&str; 4] = ["tcn", "adapter", "fusion", "prompt"];
+
+/// Training-label distribution of Aff-Wild2 EXPR reported by the paper (train ratio, %), the default class
+/// counts for class weights until the dataset's own histogram is given.
+pub const PAPER_TRAIN_RATIOS: [f64; NUM_CLASSES] = [27.10, 3.02, 2.04, 1.65, 15.87, 15.43, 5.36, 29.52];
+
+/// The frozen encoders.
+#[derive(Debug)]
+pub struct Encoders {
+    pub vision: ClipVisionEncoder,
+    pub text: Rc<ClipTextEncoder>,
+    pub audio: Wav2Vec2Encoder,
+}
+
+impl Encoders {
+    pub fn load(cfg: &ModelConfig, options: EncoderOptions) -> Result<Self> {
+        Ok(Self {
+            vision: ClipVisionEncoder::load(&cfg.clip.checkpoint, options)?,
+            text: Rc::new(ClipTextEncoder::load(&cfg.clip.checkpoint, options)?),
+            audio: Wav2Vec2Encoder::load(&cfg.wav2vec2.checkpoint, options)?,
+        })
+    }
+
+    pub fn dims(&self) -> EncoderDims {
+        EncoderDims::new(
+            &self.vision.config,
+            &self.text.config,
+            &self.audio.config,
+            self.audio.feature_extractor.sampling_rate,
+        )
+    }
+}
+
+/// The widths of the frozen encoders' outputs: all the trainable parts need to know about them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncoderDims {
+    pub image_dim: i64,
+    pub text_dim: i64,
+    pub text_hidden: i64,
+    pub audio_hidden: i64,
+    pub audio_layers: i64,
+    pub audio_timing: AudioTiming,
+}
+
+impl EncoderDims {
+    pub fn new(vision: &ClipVisionConfig, text: &ClipTextConfig, audio: &Wav2Vec2Config, sample_rate: u32) -> Self {
+        Self {
+            image_dim: vision.projection_dim,
+            text_dim: text.projection_dim,
+            text_hidden: text.hidden_size,
+            audio_hidden: audio.hidden_size,
+            audio_layers: audio.num_hidden_layers,
+            audio_timing: AudioTiming::from_conv(&audio.conv_kernel, &audio.conv_stride, sample_rate as f64),
+        }
+    }
+
+    /// The paper's encoders: CLIP ViT-B/32 and wav2vec2-base.
+    pub fn paper() -> Self {
+        Self::new(&ClipVisionConfig::vit_b32(), &ClipTextConfig::vit_b32(), &Wav2Vec2Config::base(), 16_000)
+    }
+}
+
+/// The trainable modules, built on the four groups under `root`.
+#[derive(Debug)]
+struct Trainable {
+    tcn: Tcn,
+    adapter: AudioAdapter,
+    fusion: BiCrossAttention,
+    head: Head,
+    prompt: PromptHead,
+}
+
+impl Trainable {
+    fn new(root: &nn::Path, cfg: &ModelConfig, dims: &EncoderDims, text: Option<Rc<ClipTextEncoder>>) -> Result<Self> {
+        let states = match cfg.adapter.layers {
+            AudioLayers::Last => 1,
+            AudioLayers::WeightedSum => dims.audio_layers + 1,
+        };
+        let video_dim = *cfg.tcn.channels.last().expect("validated: at least one level");
+        let fusion_vs = root / "fusion";
+        Ok(Self {
+            tcn: Tcn::new(&(root / "tcn"), dims.image_dim, &cfg.tcn),
+            adapter: AudioAdapter::new(
+                &(root / "adapter"),
+                dims.audio_hidden,
+                states,
+                cfg.fusion.dim,
+                &cfg.adapter,
+                dims.audio_timing,
+            ),
+            fusion: BiCrossAttention::new(&fusion_vs, video_dim, &cfg.fusion),
+            head: Head::new(&(&fusion_vs / "head"), cfg.fusion.dim, &cfg.head),
+            prompt: PromptHead::new(
+                &(root / "prompt"),
+                2 * cfg.fusion.dim,
+                (dims.text_dim, dims.text_hidden),
+                &cfg.prompt,
+                text,
+            )?,
+        })
+    }
+}
+
+/// Trainable parameters per group of a configuration, without loading any checkpoint.
+pub fn parameter_counts(cfg: &ModelConfig, dims: &EncoderDims) -> Result<Vec<(&'static str, i64)>> {
+    cfg.validate()?;
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _trainable = Trainable::new(&vs.root(), cfg, dims, None)?;
+    Ok(count_by_group(&vs))
+}
+
+fn count_by_group(vs: &nn::VarStore) -> Vec<(&'static str, i64)> {
+    let variables = vs.variables();
+    GROUPS
+        .iter()
+        .map(|g| {
+            let count =
+                variables.iter().filter(|(name, _)| group_of(name) == Some(*g)).map(|(_, t)| t.numel() as i64).sum();
+            (*g, count)
+        })
+        .collect()
+}
+
+fn group_of(name: &str) -> Option<&'static str> {
+    let first = name.split('.').next()?;
+    GROUPS.iter().copied().find(|g| *g == first)
+}
+
+/// Raw clips: what the streaming loader delivers.
+#[derive(Debug)]
+pub struct RawBatch {
+    /// `[batch, frames, 3, H, W]` uint8 face crops.
+    pub frames: Tensor,
+    /// `[batch, frames]` bool, false where the frame had no face crop.
+    pub face_mask: Tensor,
+    /// `[batch, samples]` f32, 16 kHz mono, the audio of the clip's frames.
+    pub audio: Tensor,
+    /// `[batch, samples]` bool, false on padding.
+    pub audio_mask: Tensor,
+    /// Each clip's video frame rate.
+    pub fps: Vec<f64>,
+}
+
+/// Frozen-encoder outputs of a batch: what a feature cache stores.
+#[derive(Debug)]
+pub struct FeatureBatch {
+    /// `[batch, frames, image_dim]` CLIP image embeddings.
+    pub image_embeds: Tensor,
+    pub face_mask: Tensor,
+    /// `[batch, S, audio_frames, hidden]`: S = 1 (last hidden state) or layers + 1 (all hidden states), as
+    /// `model.adapter.layers` asks.
+    pub audio_states: Tensor,
+    /// `[batch, audio_frames]` bool.
+    pub audio_mask: Tensor,
+    pub fps: Vec<f64>,
+}
+
+#[derive(Debug)]
+pub struct ExprOutput {
+    /// `[batch, 8]`, or `[batch, frames, 8]` with the per-frame head.
+    pub logits: Tensor,
+    /// `[batch, 8]` scaled cosine similarities to the class prompts.
+    pub prompt_logits: Tensor,
+    /// `[batch, 2 * fusion.dim]`.
+    pub pooled: Tensor,
+}
+
+#[derive(Debug)]
+pub struct ExprModel {
+    vs: nn::VarStore,
+    cfg: ModelConfig,
+    encoders: Encoders,
+    parts: Trainable,
+    loss: ExprLoss,
+}
+
+impl ExprModel {
+    /// Builds the trainable parts on `device` around loaded encoders. `class_counts` (training-set frames per
+    /// class) set the class weights; `None` uses the paper's reported ratios.
+    pub fn new(
+        cfg: &ModelConfig,
+        encoders: Encoders,
+        class_counts: Option<[f64; NUM_CLASSES]>,
+        device: Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let vs = nn::VarStore::new(device);
+        let parts = Trainable::new(&vs.root(), cfg, &encoders.dims(), Some(encoders.text.clone()))?;
+        let loss = ExprLoss::new(&cfg.loss, &class_counts.unwrap_or(PAPER_TRAIN_RATIOS), device);
+        let model = Self { vs, cfg: cfg.clone(), encoders, parts, loss };
+        for (group, count) in model.parameter_counts() {
+            tracing::info!(group, parameters = count, "trainable group");
+        }
+        Ok(model)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn encoders(&self) -> &Encoders {
+        &self.encoders
+    }
+
+    /// The trainable VarStore: every variable's path starts with one of [`GROUPS`].
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    pub fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+
+    pub fn receptive_field(&self) -> i64 {
+        self.parts.tcn.receptive_field()
+    }
+
+    /// Trainable variables by group, each sorted by name (a deterministic order for all-reduce buckets).
+    pub fn trainable_groups(&self) -> BTreeMap<&'static str, Vec<(String, Tensor)>> {
+        let mut groups: BTreeMap<&'static str, Vec<(String, Tensor)>> =
+            GROUPS.iter().map(|g| (*g, Vec::new())).collect();
+        for (name, var) in self.vs.variables() {
+            let group = group_of(&name).expect("every trainable variable lives in one of the four groups");
+            groups.get_mut(group).expect("group").push((name, var));
+        }
+        groups.values_mut().for_each(|vars| vars.sort_by(|a, b| a.0.cmp(&b.0)));
+        groups
+    }
+
+    /// Every trainable variable, group by group. Frozen encoder variables are never among them.
+    pub fn trainable_variables(&self) -> Vec<Tensor> {
+        self.trainable_groups().into_values().flatten().map(|(_, t)| t).collect()
+    }
+
+    pub fn parameter_counts(&self) -> Vec<(&'static str, i64)> {
+        count_by_group(&self.vs)
+    }
+
+    /// Runs the frozen encoders (under no_grad) on raw clips.
+    pub fn encode(&self, raw: &RawBatch) -> Result<FeatureBatch> {
+        let size = raw.frames.size();
+        let [batch, frames, channels, height, width] = size[..] else {
+            return Err(ModelError::InvalidInput(format!("frames must be [batch, frames, 3, H, W], got {size:?}")));
+        };
+        if channels != 3 || raw.fps.len() as i64 != batch || raw.audio.size()[0] != batch {
+            return Err(ModelError::InvalidInput(format!(
+                "batch of {batch} clips with {channels} channels, {} fps values and {} audio rows",
+                raw.fps.len(),
+                raw.audio.size()[0]
+            )));
+        }
+        let device = self.vs.device();
+        let flat = raw.frames.to_device(device).view([batch * frames, channels, height, width]);
+        let pixels = self.encoders.vision.processor.preprocess_tensor(&flat);
+        let image_embeds = self.encoders.vision.encode_pixels(&pixels).view([batch, frames, -1]);
+
+        let audio = &self.encoders.audio;
+        let mask = raw.audio_mask.to_device(device);
+        let values = audio.feature_extractor.normalize_tensor(&raw.audio.to_device(device), &mask);
+        let out = audio.encode(&values, Some(&mask.to_kind(Kind::Int64)));
+        let audio_states = match self.cfg.adapter.layers {
+            AudioLayers::Last => out.last_hidden_state.unsqueeze(1),
+            AudioLayers::WeightedSum => Tensor::stack(&out.hidden_states, 1),
+        };
+        let audio_frames = audio_states.size()[2];
+        let lengths = mask.sum_dim_intlist(1, false, Kind::Int64).to_device(Device::Cpu);
+        let valid: Vec<i64> = Vec::<i64>::try_from(&lengths)
+            .map_err(ModelError::from)?
+            .into_iter()
+            .map(|n| audio.config.output_frames(n))
+            .collect();
+        let audio_mask = Tensor::arange(audio_frames, (Kind::Int64, device))
+            .unsqueeze(0)
+            .lt_tensor(&Tensor::from_slice(&valid).to_device(device).unsqueeze(1));
+        Ok(FeatureBatch {
+            image_embeds,
+            face_mask: raw.face_mask.to_device(device).to_kind(Kind::Bool),
+            audio_states,
+            audio_mask,
+            fps: raw.fps.clone(),
+        })
+    }
+
+    /// The trainable part on encoder outputs.
+    pub fn forward_t(&self, feats: &FeatureBatch, train: bool) -> ExprOutput {
+        let frames = feats.image_embeds.size()[1];
+        let p = &self.parts;
+        // Masked frames (no face, or padding before the video starts) enter the causal TCN as zeros, as its own
+        // left padding does, so whatever values they hold cannot leak into later frames.
+        let image_embeds = &feats.image_embeds * feats.face_mask.to_kind(feats.image_embeds.kind()).unsqueeze(-1);
+        let video = p.tcn.forward_t(&image_embeds, train);
+        let (audio, audio_mask) =
+            p.adapter.forward_t(&feats.audio_states, &feats.audio_mask, &feats.fps, frames, train);
+        let (video, audio) = p.fusion.forward_t(&video, &audio, &feats.face_mask, &audio_mask, train);
+        let (logits, pooled) = p.head.forward_t(&video, &audio, &feats.face_mask, &audio_mask, train);
+        let prompt_logits = p.prompt.logits(&pooled);
+        ExprOutput { logits, prompt_logits, pooled }
+    }
+
+    pub fn forward_raw_t(&self, raw: &RawBatch, train: bool) -> Result<ExprOutput> {
+        Ok(self.forward_t(&self.encode(raw)?, train))
+    }
+
+    /// The clip targets from per-frame labels `[batch, frames]` (-1 = ignore): the last or centre frame.
+    pub fn clip_targets(&self, frame_labels: &Tensor) -> Tensor {
+        let frames = frame_labels.size()[1];
+        let index = match self.cfg.head.target {
+            TargetFrame::Last => frames - 1,
+            TargetFrame::Center => frames / 2,
+        };
+        frame_labels.select(1, index)
+    }
+
+    /// Loss terms from per-frame labels `[batch, frames]`: the pooled head learns the clip target, the
+    /// per-frame head every labelled frame; the prompt term always uses the clip target.
+    pub fn loss(&self, out: &ExprOutput, frame_labels: &Tensor) -> LossTerms {
+        let frame_labels = frame_labels.to_device(self.vs.device()).to_kind(Kind::Int64);
+        let clip_targets = self.clip_targets(&frame_labels);
+        if self.cfg.head.per_frame {
+            let logits = out.logits.reshape([-1, NUM_CLASSES as i64]);
+            self.loss.terms(&logits, &out.prompt_logits, &frame_labels.reshape([-1]), &clip_targets)
+        } else {
+            self.loss.terms(&out.logits, &out.prompt_logits, &clip_targets, &clip_targets)
+        }
+    }
+
+    pub fn class_weights(&self) -> Option<&Tensor> {
+        self.loss.class_weights()
+    }
+}

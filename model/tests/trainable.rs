@@ -1,0 +1,366 @@
+//! The trainable model: TCN (against a PyTorch reference block, causality, receptive field), losses (against
+//! torch.nn.functional), masks, gradients reaching exactly the four groups, raw vs feature inputs, learning
+//! sanity, configuration errors.
+
+mod common;
+
+use std::path::Path;
+
+use avexpr_model::checkpoint::{KeyMap, load_into};
+use avexpr_model::config::{
+    AudioLayers, ClassWeights, ClassificationLoss, LossConfig, ModelConfig, Pooling, TargetFrame, TcnConfig,
+};
+use avexpr_model::expr::{EncoderDims, GROUPS, parameter_counts};
+use avexpr_model::loss::{ExprLoss, class_weights, focal_loss};
+use avexpr_model::prompt::{LOGIT_SCALE_INIT, cosine_logits};
+use avexpr_model::tcn::{Tcn, TemporalBlock};
+use avexpr_model::{EncoderOptions, Encoders, ExprModel, FeatureBatch, RawBatch, fixtures};
+use common::{assert_close, expected, fixture};
+use tch::{Device, Kind, Tensor, nn};
+
+fn tiny_config() -> ModelConfig {
+    let mut cfg = ModelConfig::default();
+    cfg.clip.checkpoint = fixtures::clip_tiny_with_tokenizer().unwrap();
+    cfg.wav2vec2.checkpoint = fixture("wav2vec2-tiny-group");
+    cfg.tcn = TcnConfig { channels: vec![16, 24], kernel_size: 3, dropout: 0.0 };
+    cfg.adapter.bottleneck = 8;
+    cfg.adapter.dropout = 0.0;
+    cfg.fusion.dim = 16;
+    cfg.fusion.layers = 1;
+    cfg.fusion.heads = 2;
+    cfg.fusion.ff_dim = 32;
+    cfg.fusion.dropout = 0.0;
+    cfg.head.hidden = 16;
+    cfg.head.dropout = 0.0;
+    cfg
+}
+
+fn tiny_model(cfg: &ModelConfig) -> ExprModel {
+    tch::manual_seed(0);
+    let encoders = Encoders::load(cfg, EncoderOptions::default()).unwrap();
+    ExprModel::new(cfg, encoders, None, Device::Cpu).unwrap()
+}
+
+/// Random clips: `frames` video frames at 25 fps, the matching 16 kHz audio; the second clip has its first
+/// two frames without a face and its audio cut short (padded).
+fn raw_batch(batch: i64, frames: i64) -> RawBatch {
+    let samples = frames * 16_000 / 25;
+    let face_mask = Tensor::ones([batch, frames], (Kind::Bool, Device::Cpu));
+    let audio_mask = Tensor::ones([batch, samples], (Kind::Bool, Device::Cpu));
+    if batch > 1 {
+        let _ = face_mask.get(1).narrow(0, 0, 2).fill_(0);
+        let _ = audio_mask.get(1).narrow(0, samples * 3 / 4, samples - samples * 3 / 4).fill_(0);
+    }
+    RawBatch {
+        frames: Tensor::randint(256, [batch, frames, 3, 40, 48], (Kind::Uint8, Device::Cpu)),
+        face_mask,
+        audio: Tensor::randn([batch, samples], (Kind::Float, Device::Cpu)) * 0.1,
+        audio_mask,
+        fps: vec![25.0; batch as usize],
+    }
+}
+
+#[test]
+fn tcn_block_equals_the_pytorch_reference_block() {
+    let exp = expected();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let block = TemporalBlock::new(vs.root(), 6, 10, 3, 2, 0.0);
+    load_into(&vs, &fixture("tcn_block.safetensors"), &KeyMap::default()).unwrap();
+    let ours = tch::no_grad(|| block.forward_t(&exp["tcn.input"], false));
+    assert_close("TemporalBlock output", &ours, &exp["tcn.output"], 1e-5);
+}
+
+#[test]
+fn tcn_is_causal_and_its_receptive_field_matches_the_formula() {
+    let cfg = TcnConfig { channels: vec![8, 8, 8], kernel_size: 3, dropout: 0.0 };
+    assert_eq!(cfg.receptive_field(), 1 + 2 * 2 * 7);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let tcn = Tcn::new(&vs.root(), 6, &cfg);
+    assert_eq!(tcn.receptive_field(), 29);
+    // Larger weights than the N(0, 0.01) init, and large positive biases so that every ReLU is active: the
+    // network is then linear and every tap of every conv carries signal, so the receptive field is exact.
+    tch::no_grad(|| {
+        for (name, v) in vs.variables() {
+            let value = if name.ends_with("bias") { v.ones_like() * 50.0 } else { v.randn_like() * 0.5 };
+            v.shallow_clone().copy_(&value);
+        }
+    });
+    let xs = Tensor::randn([1, 64, 6], (Kind::Float, Device::Cpu));
+    let ys = tch::no_grad(|| tcn.forward_t(&xs, false));
+    let t = 40;
+    let changed = xs.copy();
+    let _ = changed.narrow(1, t + 1, 64 - t - 1).normal_(0.0, 3.0);
+    let ys2 = tch::no_grad(|| tcn.forward_t(&changed, false));
+    assert!(
+        ys.narrow(1, 0, t + 1).equal(&ys2.narrow(1, 0, t + 1)),
+        "a change after frame {t} leaked into frames <= {t}"
+    );
+    assert!(!ys.narrow(1, t + 1, 1).equal(&ys2.narrow(1, t + 1, 1)));
+    // Frame t sees frame t - 28 but not frame t - 29.
+    let at = |frame: i64| {
+        let xs2 = xs.copy();
+        let _ = xs2.narrow(1, frame, 1).fill_(5.0);
+        !tch::no_grad(|| tcn.forward_t(&xs2, false)).narrow(1, t, 1).equal(&ys.narrow(1, t, 1))
+    };
+    assert!(at(t - 28), "frame {} should reach frame {t}", t - 28);
+    assert!(!at(t - 29), "frame {} is outside the receptive field of frame {t}", t - 29);
+}
+
+#[test]
+fn losses_equal_torch_nn_functional() {
+    let exp = expected();
+    let (logits, targets) = (&exp["loss.logits"], &exp["loss.targets"]);
+    let weights = &exp["loss.weights"];
+    let ce =
+        |w: Option<&Tensor>, smoothing: f64| logits.cross_entropy_loss(targets, w, tch::Reduction::Mean, -1, smoothing);
+    // ExprLoss wiring: class weights from counts give ExprLoss's weighted CE; the formulas themselves:
+    assert_close("cross_entropy", &ce(None, 0.0), &exp["loss.ce"], 1e-6);
+    assert_close("weighted cross_entropy", &ce(Some(weights), 0.0), &exp["loss.ce_weighted"], 1e-6);
+    assert_close("smoothed", &ce(Some(weights), 0.1), &exp["loss.ce_weighted_smoothed"], 1e-6);
+    assert_close("focal gamma 2", &focal_loss(logits, targets, Some(weights), 2.0), &exp["loss.focal_gamma2"], 1e-6);
+    assert_close(
+        "focal gamma 0 = weighted CE",
+        &focal_loss(logits, targets, Some(weights), 0.0),
+        &exp["loss.ce_weighted"],
+        1e-6,
+    );
+
+    let scale = Tensor::from(LOGIT_SCALE_INIT);
+    let sims = cosine_logits(&exp["contrastive.features"], &exp["contrastive.classes"], &scale);
+    assert_close("contrastive logits", &sims, &exp["contrastive.logits"], 1e-5);
+    let loss = ExprLoss::new(&LossConfig::default(), &[1.0; 8], Device::Cpu);
+    assert_close(
+        "contrastive loss",
+        &loss.contrastive(&sims, &exp["contrastive.targets"]),
+        &exp["contrastive.loss"],
+        1e-6,
+    );
+    // The clamp: a scale above ln(100) acts as ln(100).
+    let big = cosine_logits(&exp["contrastive.features"], &exp["contrastive.classes"], &Tensor::from(9.0));
+    let hundred = cosine_logits(&exp["contrastive.features"], &exp["contrastive.classes"], &Tensor::from(100f64.ln()));
+    assert_close("clamped scale", &big, &hundred, 1e-4);
+}
+
+#[test]
+fn class_weights_inverse_frequency_and_effective_number() {
+    let counts = [100.0, 10.0, 0.0, 50.0, 100.0, 100.0, 100.0, 100.0];
+    let w = class_weights(ClassWeights::InverseFrequency, &counts, 0.0).unwrap();
+    assert_eq!(w[2], 0.0, "an absent class gets weight 0");
+    assert!((w.iter().sum::<f64>() - 7.0).abs() < 1e-9, "mean 1 over the 7 present classes");
+    assert!((w[1] / w[0] - 10.0).abs() < 1e-9 && (w[3] / w[0] - 2.0).abs() < 1e-9);
+    let beta: f64 = 0.99;
+    let w = class_weights(ClassWeights::EffectiveNumber, &counts, beta).unwrap();
+    let e = |n: f64| (1.0 - beta) / (1.0 - beta.powf(n));
+    assert!((w[1] / w[0] - e(10.0) / e(100.0)).abs() < 1e-9);
+    assert!(class_weights(ClassWeights::None, &counts, beta).is_none());
+    // Weighted CE through ExprLoss equals torch's with these weights.
+    let exp = expected();
+    let cfg = LossConfig { class_weights: ClassWeights::InverseFrequency, ..Default::default() };
+    let loss = ExprLoss::new(&cfg, &counts, Device::Cpu);
+    let w =
+        Tensor::from_slice(&class_weights(ClassWeights::InverseFrequency, &counts, 0.0).unwrap()).to_kind(Kind::Float);
+    let want = exp["loss.logits"].cross_entropy_loss(&exp["loss.targets"], Some(&w), tch::Reduction::Mean, -1, 0.0);
+    assert_close("ExprLoss weighted CE", &loss.classification(&exp["loss.logits"], &exp["loss.targets"]), &want, 1e-6);
+    let focal = LossConfig { classification: ClassificationLoss::Focal, focal_gamma: 0.0, ..cfg };
+    let loss = ExprLoss::new(&focal, &counts, Device::Cpu);
+    assert_close("ExprLoss focal(0)", &loss.classification(&exp["loss.logits"], &exp["loss.targets"]), &want, 1e-6);
+}
+
+#[test]
+fn trainable_variables_are_exactly_the_four_groups() {
+    let model = tiny_model(&tiny_config());
+    let groups = model.trainable_groups();
+    assert_eq!(groups.keys().copied().collect::<Vec<_>>(), {
+        let mut g = GROUPS.to_vec();
+        g.sort();
+        g
+    });
+    assert!(groups.values().all(|vars| !vars.is_empty()));
+    let total: usize = groups.values().map(Vec::len).sum();
+    assert_eq!(total, model.var_store().variables().len());
+    assert_eq!(model.trainable_variables().len(), total);
+    // No frozen encoder variable is among them (distinct storage), and they all require grad.
+    let frozen: Vec<Tensor> = model.encoders().vision.var_store().variables().into_values().collect();
+    for var in model.trainable_variables() {
+        assert!(var.requires_grad());
+        assert!(frozen.iter().all(|f| f.data_ptr() != var.data_ptr()));
+    }
+    let counts = model.parameter_counts();
+    assert_eq!(counts, parameter_counts(model.config(), &model.encoders().dims()).unwrap());
+}
+
+#[test]
+fn gradients_reach_every_group_and_no_frozen_variable() {
+    for context_vectors in [0, 4] {
+        let mut cfg = tiny_config();
+        cfg.prompt.context_vectors = context_vectors;
+        let model = tiny_model(&cfg);
+        let raw = raw_batch(2, 6);
+        let out = model.forward_raw_t(&raw, true).unwrap();
+        let labels = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 7]).view([2, 6]);
+        let loss = model.loss(&out, &labels);
+        loss.total.backward();
+        for (group, vars) in model.trainable_groups() {
+            let grad_norm: f64 = vars.iter().map(|(_, v)| v.grad().abs().sum(Kind::Double).double_value(&[])).sum();
+            assert!(grad_norm > 0.0, "group {group} got no gradient (context_vectors {context_vectors})");
+        }
+        if context_vectors > 0 {
+            let groups = model.trainable_groups();
+            let (_, ctx) = groups["prompt"].iter().find(|(n, _)| n == "prompt.context").unwrap();
+            assert!(ctx.grad().abs().sum(Kind::Double).double_value(&[]) > 0.0, "CoOp context vectors train");
+        }
+        let enc = model.encoders();
+        for vs in [enc.vision.var_store(), enc.text.var_store(), enc.audio.var_store()] {
+            for (name, var) in vs.variables() {
+                assert!(!var.grad().defined(), "frozen {name} has a gradient");
+            }
+        }
+    }
+}
+
+#[test]
+fn raw_inputs_and_precomputed_features_give_identical_outputs() {
+    let model = tiny_model(&tiny_config());
+    let raw = raw_batch(2, 5);
+    let from_raw = tch::no_grad(|| model.forward_raw_t(&raw, false)).unwrap();
+    let feats = model.encode(&raw).unwrap();
+    assert_eq!(feats.image_embeds.size(), [2, 5, 12]);
+    assert_eq!(feats.audio_states.size()[..2], [2, 3]); // weighted sum: every hidden state
+    let from_feats = tch::no_grad(|| model.forward_t(&feats, false));
+    assert!(from_raw.logits.equal(&from_feats.logits));
+    assert!(from_raw.prompt_logits.equal(&from_feats.prompt_logits));
+    assert_eq!(from_raw.logits.size(), [2, 8]);
+}
+
+#[test]
+fn values_under_masks_do_not_change_the_outputs() {
+    let model = tiny_model(&tiny_config());
+    let raw = raw_batch(2, 6);
+    let before = tch::no_grad(|| model.forward_raw_t(&raw, false)).unwrap();
+    // Scribble over the faceless frames and the padded audio of clip 1.
+    let frames = raw.frames.copy();
+    let _ = frames.get(1).narrow(0, 0, 2).fill_(7);
+    let audio = raw.audio.copy();
+    let samples = audio.size()[1];
+    let _ = audio.get(1).narrow(0, samples * 3 / 4, samples - samples * 3 / 4).fill_(0.9);
+    let changed = RawBatch { frames, audio, ..raw_batch_like(&raw) };
+    let after = tch::no_grad(|| model.forward_raw_t(&changed, false)).unwrap();
+    assert!(before.logits.allclose(&after.logits, 1e-6, 1e-6, false), "masked values changed the logits");
+    assert!(before.prompt_logits.allclose(&after.prompt_logits, 1e-6, 1e-6, false));
+    // And the same on features: audio frames past the valid length.
+    let feats = model.encode(&raw).unwrap();
+    let out = tch::no_grad(|| model.forward_t(&feats, false));
+    let states = feats.audio_states.copy();
+    let valid = feats.audio_mask.get(1).sum(Kind::Int64).int64_value(&[]);
+    let frames = states.size()[2];
+    let _ = states.get(1).narrow(1, valid, frames - valid).fill_(100.0);
+    let feats2 = FeatureBatch { audio_states: states, ..feature_batch_like(&feats) };
+    let out2 = tch::no_grad(|| model.forward_t(&feats2, false));
+    assert!(out.logits.allclose(&out2.logits, 1e-6, 1e-6, false));
+}
+
+fn raw_batch_like(raw: &RawBatch) -> RawBatch {
+    RawBatch {
+        frames: raw.frames.shallow_clone(),
+        face_mask: raw.face_mask.shallow_clone(),
+        audio: raw.audio.shallow_clone(),
+        audio_mask: raw.audio_mask.shallow_clone(),
+        fps: raw.fps.clone(),
+    }
+}
+
+fn feature_batch_like(f: &FeatureBatch) -> FeatureBatch {
+    FeatureBatch {
+        image_embeds: f.image_embeds.shallow_clone(),
+        face_mask: f.face_mask.shallow_clone(),
+        audio_states: f.audio_states.shallow_clone(),
+        audio_mask: f.audio_mask.shallow_clone(),
+        fps: f.fps.clone(),
+    }
+}
+
+#[test]
+fn options_per_frame_head_attention_pooling_centre_target_last_layer() {
+    let mut cfg = tiny_config();
+    cfg.head.per_frame = true;
+    cfg.head.pooling = Pooling::Attention;
+    cfg.head.target = TargetFrame::Center;
+    cfg.adapter.layers = AudioLayers::Last;
+    cfg.prompt.templates = vec!["A face expressing {}".into(), "a photo of a {} face".into()];
+    let model = tiny_model(&cfg);
+    let raw = raw_batch(2, 6);
+    let feats = model.encode(&raw).unwrap();
+    assert_eq!(feats.audio_states.size()[1], 1);
+    let out = model.forward_t(&feats, true);
+    assert_eq!(out.logits.size(), [2, 6, 8]);
+    let labels = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, -1, -1, 2, 3, 4, 7]).view([2, 6]);
+    assert_eq!(Vec::<i64>::try_from(model.clip_targets(&labels)).unwrap(), vec![4, 3]);
+    let loss = model.loss(&out, &labels);
+    assert!(loss.total.double_value(&[]).is_finite() && loss.classification.double_value(&[]) > 0.0);
+}
+
+/// 32 random clips (random frame and audio features) are learnable to 100% training accuracy.
+#[test]
+fn a_small_model_overfits_32_random_clips() {
+    let mut cfg = tiny_config();
+    cfg.loss.contrastive_weight = 0.1;
+    let model = tiny_model(&cfg);
+    tch::manual_seed(1);
+    let (batch, frames) = (32, 8);
+    let feats = FeatureBatch {
+        image_embeds: Tensor::randn([batch, frames, 12], (Kind::Float, Device::Cpu)),
+        face_mask: Tensor::ones([batch, frames], (Kind::Bool, Device::Cpu)),
+        audio_states: Tensor::randn([batch, 3, 40, 16], (Kind::Float, Device::Cpu)),
+        audio_mask: Tensor::ones([batch, 40], (Kind::Bool, Device::Cpu)),
+        fps: vec![25.0; batch as usize],
+    };
+    let targets = Tensor::arange(batch, (Kind::Int64, Device::Cpu)).remainder(8);
+    let labels = targets.unsqueeze(1).expand([batch, frames], false).contiguous();
+    let mut opt = nn::OptimizerConfig::build(nn::Adam::default(), model.var_store(), 3e-3).unwrap();
+    let mut accuracy = 0.0;
+    for step in 0..400 {
+        let out = model.forward_t(&feats, true);
+        let loss = model.loss(&out, &labels);
+        opt.backward_step(&loss.total);
+        if step % 20 == 19 {
+            let predicted = tch::no_grad(|| model.forward_t(&feats, false)).logits.argmax(-1, false);
+            accuracy = predicted.eq_tensor(&targets).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+            if accuracy == 1.0 {
+                break;
+            }
+        }
+    }
+    assert_eq!(accuracy, 1.0, "training accuracy after 400 steps");
+}
+
+#[test]
+fn bad_configs_name_the_field() {
+    let err = |yaml: &str| ModelConfig::from_yaml(yaml, Path::new("job.yaml")).unwrap_err().to_string();
+    let e = err("tcn: {channels: [64, -4]}");
+    assert!(e.contains("job.yaml") && e.contains("model.tcn.channels[1]") && e.contains("-4"), "{e}");
+    let e = err("tcn: {channels: []}");
+    assert!(e.contains("model.tcn.channels"), "{e}");
+    let e = err("fusion: {dim: 256, heads: 3}");
+    assert!(e.contains("model.fusion.heads") && e.contains("must divide model.fusion.dim (256)"), "{e}");
+    let e = err("head: {pooling: max}");
+    assert!(e.contains("model.head.pooling") && e.contains("unknown variant `max`"), "{e}");
+    let e = err("tcn: {dilations: [1, 2]}");
+    assert!(e.contains("model.tcn") && e.contains("unknown field `dilations`"), "{e}");
+    let e = err("loss: {classification: focal, label_smoothing: 0.1}");
+    assert!(e.contains("model.loss.label_smoothing"), "{e}");
+    let e = err("prompt: {templates: [\"a face\"]}");
+    assert!(e.contains("model.prompt.templates[0]"), "{e}");
+    let e = err("adapter: {dropout: 1.5}");
+    assert!(e.contains("model.adapter.dropout"), "{e}");
+}
+
+#[test]
+fn the_paper_config_parses_and_counts_parameters() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/paper.yaml");
+    let cfg = ModelConfig::from_job_file(&path).unwrap();
+    assert_eq!(cfg, ModelConfig::default(), "configs/paper.yaml and ModelConfig::default() describe the same model");
+    assert_eq!(cfg.tcn.receptive_field(), 61);
+    let counts = parameter_counts(&cfg, &EncoderDims::paper()).unwrap();
+    assert_eq!(counts.iter().map(|(g, _)| *g).collect::<Vec<_>>(), GROUPS.to_vec());
+    assert!(counts.iter().all(|(_, n)| *n > 0));
+}
