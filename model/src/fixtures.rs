@@ -38,21 +38,29 @@ pub fn clip_tokenizer_dir() -> Result<PathBuf, String> {
 }
 
 /// The tiny random CLIP checkpoint with the real tokenizer beside it, as a user's checkpoint directory holds
-/// them (`target/fixtures/clip-tiny`).
+/// them (`target/fixtures/clip-tiny`). Assembled once, atomically: tests read it concurrently.
 pub fn clip_tiny_with_tokenizer() -> Result<PathBuf, String> {
     let tokenizer = clip_tokenizer_dir()?;
     let out = tokenizer.with_file_name("clip-tiny");
     let _guard = GENERATE.lock().unwrap_or_else(|e| e.into_inner());
+    if out.join("tokenizer.json").is_file() {
+        return Ok(out);
+    }
+    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let copy = |from: PathBuf, name: &std::ffi::OsStr| {
-        std::fs::copy(&from, out.join(name)).map(|_| ()).map_err(|e| format!("{}: {e}", from.display()))
+        std::fs::copy(&from, tmp.join(name)).map(|_| ()).map_err(|e| format!("{}: {e}", from.display()))
     };
-    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     for entry in std::fs::read_dir(dir().join("clip-tiny")).map_err(|e| e.to_string())? {
         let entry = entry.map_err(|e| e.to_string())?;
         copy(entry.path(), &entry.file_name())?;
     }
     for name in ["tokenizer.json", "tokenizer_config.json"] {
         copy(tokenizer.join(name), std::ffi::OsStr::new(name))?;
+    }
+    // Another process may have won the race; its copy is as good as ours.
+    if std::fs::rename(&tmp, &out).is_err() && out.join("tokenizer.json").is_file() {
+        let _ = std::fs::remove_dir_all(&tmp);
     }
     Ok(out)
 }

@@ -20,25 +20,10 @@ fn write_tone(path: &Path, rate: u32, seconds: f64) {
     w.finalize().unwrap();
 }
 
-/// The tiny CLIP fixture plus the real tokenizer, as a user's checkpoint directory would hold them.
-fn clip_dir(tmp: &Path) -> std::path::PathBuf {
-    let dir = tmp.join("clip");
-    std::fs::create_dir(&dir).unwrap();
-    for entry in std::fs::read_dir(fixtures::dir().join("clip-tiny")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
-    let tok = fixtures::clip_tokenizer_dir().unwrap();
-    for name in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(tok.join(name), dir.join(name)).unwrap();
-    }
-    dir
-}
-
 #[test]
 fn embed_writes_image_prompt_and_audio_embeddings() {
     let tmp = tempfile::tempdir().unwrap();
-    let clip = clip_dir(tmp.path());
+    let clip = fixtures::clip_tiny_with_tokenizer().unwrap();
     let wav = tmp.path().join("speech.wav");
     write_tone(&wav, 16_000, 1.0);
     let out = tmp.path().join("out").join("emb.safetensors");
