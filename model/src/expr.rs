@@ -20,7 +20,7 @@ use crate::error::{ModelError, Result};
 use crate::fusion::BiCrossAttention;
 use crate::head::Head;
 use crate::loss::{ExprLoss, LossTerms};
-use crate::prompt::PromptHead;
+use crate::prompt::{ClassPrompts, PromptHead};
 use crate::tcn::Tcn;
 use crate::wav2vec2::{Wav2Vec2Config, Wav2Vec2Encoder};
 
@@ -87,28 +87,43 @@ impl EncoderDims {
     }
 }
 
-/// The trainable modules, built on the four groups under `root`.
+/// The trainable part of the model in the four groups under a VarStore path, with its loss: everything but
+/// the frozen encoders. [`ExprModel`] wraps it with the encoders; a trainer working from cached features (or a
+/// benchmark) can use it alone.
 #[derive(Debug)]
-struct Trainable {
+pub struct ExprHead {
+    cfg: ModelConfig,
     tcn: Tcn,
     adapter: AudioAdapter,
     fusion: BiCrossAttention,
     head: Head,
     prompt: PromptHead,
+    loss: ExprLoss,
 }
 
-impl Trainable {
-    fn new(root: &nn::Path, cfg: &ModelConfig, dims: &EncoderDims, text: Option<Rc<ClipTextEncoder>>) -> Result<Self> {
+impl ExprHead {
+    /// `class_counts` (training frames per class) set the class weights; `None` uses the paper's ratios.
+    pub fn new(
+        root: &nn::Path,
+        cfg: &ModelConfig,
+        dims: &EncoderDims,
+        classes: ClassPrompts,
+        class_counts: Option<[f64; NUM_CLASSES]>,
+    ) -> Result<Self> {
+        cfg.validate()?;
         let states = match cfg.adapter.layers {
             AudioLayers::Last => 1,
             AudioLayers::WeightedSum => dims.audio_layers + 1,
         };
         let video_dim = *cfg.tcn.channels.last().expect("validated: at least one level");
         let fusion_vs = root / "fusion";
+        let adapter_vs = root / "adapter";
+        let pooled_dim = 2 * cfg.fusion.dim;
         Ok(Self {
+            cfg: cfg.clone(),
             tcn: Tcn::new(&(root / "tcn"), dims.image_dim, &cfg.tcn),
             adapter: AudioAdapter::new(
-                &(root / "adapter"),
+                &adapter_vs,
                 dims.audio_hidden,
                 states,
                 cfg.fusion.dim,
@@ -119,12 +134,59 @@ impl Trainable {
             head: Head::new(&(&fusion_vs / "head"), cfg.fusion.dim, &cfg.head),
             prompt: PromptHead::new(
                 &(root / "prompt"),
-                2 * cfg.fusion.dim,
+                pooled_dim,
                 (dims.text_dim, dims.text_hidden),
                 &cfg.prompt,
-                text,
+                classes,
             )?,
+            loss: ExprLoss::new(&cfg.loss, &class_counts.unwrap_or(PAPER_TRAIN_RATIOS), root.device()),
         })
+    }
+
+    pub fn receptive_field(&self) -> i64 {
+        self.tcn.receptive_field()
+    }
+
+    /// The trainable part on encoder outputs.
+    pub fn forward_t(&self, feats: &FeatureBatch, train: bool) -> ExprOutput {
+        let frames = feats.image_embeds.size()[1];
+        // Masked frames (no face, or padding before the video starts) enter the causal TCN as zeros, as its own
+        // left padding does, so whatever values they hold cannot leak into later frames.
+        let image_embeds = &feats.image_embeds * feats.face_mask.to_kind(feats.image_embeds.kind()).unsqueeze(-1);
+        let video = self.tcn.forward_t(&image_embeds, train);
+        let (audio, audio_mask) =
+            self.adapter.forward_t(&feats.audio_states, &feats.audio_mask, &feats.fps, frames, train);
+        let (video, audio) = self.fusion.forward_t(&video, &audio, &feats.face_mask, &audio_mask, train);
+        let (logits, pooled) = self.head.forward_t(&video, &audio, &feats.face_mask, &audio_mask, train);
+        let prompt_logits = self.prompt.logits(&pooled);
+        ExprOutput { logits, prompt_logits, pooled }
+    }
+
+    /// The clip targets from per-frame labels `[batch, frames]` (-1 = ignore): the last or centre frame.
+    pub fn clip_targets(&self, frame_labels: &Tensor) -> Tensor {
+        let frames = frame_labels.size()[1];
+        let index = match self.cfg.head.target {
+            TargetFrame::Last => frames - 1,
+            TargetFrame::Center => frames / 2,
+        };
+        frame_labels.select(1, index)
+    }
+
+    /// Loss terms from per-frame labels `[batch, frames]`: the pooled head learns the clip target, the
+    /// per-frame head every labelled frame; the prompt term always uses the clip target.
+    pub fn loss(&self, out: &ExprOutput, frame_labels: &Tensor) -> LossTerms {
+        let frame_labels = frame_labels.to_device(out.logits.device()).to_kind(Kind::Int64);
+        let clip_targets = self.clip_targets(&frame_labels);
+        if self.cfg.head.per_frame {
+            let logits = out.logits.reshape([-1, NUM_CLASSES as i64]);
+            self.loss.terms(&logits, &out.prompt_logits, &frame_labels.reshape([-1]), &clip_targets)
+        } else {
+            self.loss.terms(&out.logits, &out.prompt_logits, &clip_targets, &clip_targets)
+        }
+    }
+
+    pub fn class_weights(&self) -> Option<&Tensor> {
+        self.loss.class_weights()
     }
 }
 
@@ -132,7 +194,7 @@ impl Trainable {
 pub fn parameter_counts(cfg: &ModelConfig, dims: &EncoderDims) -> Result<Vec<(&'static str, i64)>> {
     cfg.validate()?;
     let vs = nn::VarStore::new(Device::Cpu);
-    let _trainable = Trainable::new(&vs.root(), cfg, dims, None)?;
+    let _head = ExprHead::new(&vs.root(), cfg, dims, ClassPrompts::VariablesOnly, None)?;
     Ok(count_by_group(&vs))
 }
 
@@ -197,8 +259,7 @@ pub struct ExprModel {
     vs: nn::VarStore,
     cfg: ModelConfig,
     encoders: Encoders,
-    parts: Trainable,
-    loss: ExprLoss,
+    head: ExprHead,
 }
 
 impl ExprModel {
@@ -210,11 +271,10 @@ impl ExprModel {
         class_counts: Option<[f64; NUM_CLASSES]>,
         device: Device,
     ) -> Result<Self> {
-        cfg.validate()?;
         let vs = nn::VarStore::new(device);
-        let parts = Trainable::new(&vs.root(), cfg, &encoders.dims(), Some(encoders.text.clone()))?;
-        let loss = ExprLoss::new(&cfg.loss, &class_counts.unwrap_or(PAPER_TRAIN_RATIOS), device);
-        let model = Self { vs, cfg: cfg.clone(), encoders, parts, loss };
+        let classes = ClassPrompts::Encoder(encoders.text.clone());
+        let head = ExprHead::new(&vs.root(), cfg, &encoders.dims(), classes, class_counts)?;
+        let model = Self { vs, cfg: cfg.clone(), encoders, head };
         for (group, count) in model.parameter_counts() {
             tracing::info!(group, parameters = count, "trainable group");
         }
@@ -239,7 +299,11 @@ impl ExprModel {
     }
 
     pub fn receptive_field(&self) -> i64 {
-        self.parts.tcn.receptive_field()
+        self.head.receptive_field()
+    }
+
+    pub fn head(&self) -> &ExprHead {
+        &self.head
     }
 
     /// Trainable variables by group, each sorted by name (a deterministic order for all-reduce buckets).
@@ -310,48 +374,22 @@ impl ExprModel {
 
     /// The trainable part on encoder outputs.
     pub fn forward_t(&self, feats: &FeatureBatch, train: bool) -> ExprOutput {
-        let frames = feats.image_embeds.size()[1];
-        let p = &self.parts;
-        // Masked frames (no face, or padding before the video starts) enter the causal TCN as zeros, as its own
-        // left padding does, so whatever values they hold cannot leak into later frames.
-        let image_embeds = &feats.image_embeds * feats.face_mask.to_kind(feats.image_embeds.kind()).unsqueeze(-1);
-        let video = p.tcn.forward_t(&image_embeds, train);
-        let (audio, audio_mask) =
-            p.adapter.forward_t(&feats.audio_states, &feats.audio_mask, &feats.fps, frames, train);
-        let (video, audio) = p.fusion.forward_t(&video, &audio, &feats.face_mask, &audio_mask, train);
-        let (logits, pooled) = p.head.forward_t(&video, &audio, &feats.face_mask, &audio_mask, train);
-        let prompt_logits = p.prompt.logits(&pooled);
-        ExprOutput { logits, prompt_logits, pooled }
+        self.head.forward_t(feats, train)
     }
 
     pub fn forward_raw_t(&self, raw: &RawBatch, train: bool) -> Result<ExprOutput> {
         Ok(self.forward_t(&self.encode(raw)?, train))
     }
 
-    /// The clip targets from per-frame labels `[batch, frames]` (-1 = ignore): the last or centre frame.
     pub fn clip_targets(&self, frame_labels: &Tensor) -> Tensor {
-        let frames = frame_labels.size()[1];
-        let index = match self.cfg.head.target {
-            TargetFrame::Last => frames - 1,
-            TargetFrame::Center => frames / 2,
-        };
-        frame_labels.select(1, index)
+        self.head.clip_targets(frame_labels)
     }
 
-    /// Loss terms from per-frame labels `[batch, frames]`: the pooled head learns the clip target, the
-    /// per-frame head every labelled frame; the prompt term always uses the clip target.
     pub fn loss(&self, out: &ExprOutput, frame_labels: &Tensor) -> LossTerms {
-        let frame_labels = frame_labels.to_device(self.vs.device()).to_kind(Kind::Int64);
-        let clip_targets = self.clip_targets(&frame_labels);
-        if self.cfg.head.per_frame {
-            let logits = out.logits.reshape([-1, NUM_CLASSES as i64]);
-            self.loss.terms(&logits, &out.prompt_logits, &frame_labels.reshape([-1]), &clip_targets)
-        } else {
-            self.loss.terms(&out.logits, &out.prompt_logits, &clip_targets, &clip_targets)
-        }
+        self.head.loss(out, frame_labels)
     }
 
     pub fn class_weights(&self) -> Option<&Tensor> {
-        self.loss.class_weights()
+        self.head.class_weights()
     }
 }

@@ -27,4 +27,4 @@ pub mod weight_norm;
 pub use config::ModelConfig;
 pub use encoders::{EncoderOptions, Precision};
 pub use error::ModelError;
-pub use expr::{Encoders, ExprModel, ExprOutput, FeatureBatch, RawBatch};
+pub use expr::{Encoders, ExprHead, ExprModel, ExprOutput, FeatureBatch, RawBatch};

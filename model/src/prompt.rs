@@ -35,6 +35,17 @@ struct Coop {
     text: Rc<ClipTextEncoder>,
 }
 
+/// Where the class embeddings come from.
+#[derive(Debug)]
+pub enum ClassPrompts {
+    /// Encode the configured templates (or CoOp prompts) with the frozen CLIP text encoder.
+    Encoder(Rc<ClipTextEncoder>),
+    /// Precomputed class embeddings `[8, text_dim]` (e.g. cached with a feature cache); templates only.
+    Embeddings(Tensor),
+    /// Create the variables only (parameter counting); `logits` must not be called.
+    VariablesOnly,
+}
+
 #[derive(Debug)]
 pub struct PromptHead {
     projection: nn::Linear,
@@ -45,23 +56,41 @@ pub struct PromptHead {
 }
 
 impl PromptHead {
-    /// `vs` is the `prompt` group; `pooled_dim` the width of the pooled fused representation; `text` the
-    /// frozen text encoder, or `None` to create the variables only (parameter counting).
+    /// `vs` is the `prompt` group; `pooled_dim` the width of the pooled fused representation; `text_dims` the
+    /// text encoder's (projection, hidden) widths.
     pub fn new(
         vs: &nn::Path,
         pooled_dim: i64,
         text_dims: (i64, i64),
         cfg: &PromptConfig,
-        text: Option<Rc<ClipTextEncoder>>,
+        classes: ClassPrompts,
     ) -> Result<Self> {
         let (text_dim, text_hidden) = text_dims;
         let projection = nn::linear(vs / "projection", pooled_dim, text_dim, Default::default());
         let logit_scale = vs.var("logit_scale", &[], nn::Init::Const(LOGIT_SCALE_INIT));
-        let Some(text) = text else {
-            if cfg.context_vectors > 0 {
-                let _context = vs.var("context", &[cfg.context_vectors, text_hidden], nn::Init::Const(0.0));
+        let text = match classes {
+            ClassPrompts::Encoder(text) => text,
+            ClassPrompts::Embeddings(embeds) => {
+                if cfg.context_vectors > 0 {
+                    return Err(ModelError::InvalidInput(
+                        "model.prompt.context_vectors needs the CLIP text encoder, not fixed class embeddings".into(),
+                    ));
+                }
+                if embeds.size() != [Expression::ALL.len() as i64, text_dim] {
+                    return Err(ModelError::InvalidInput(format!(
+                        "class embeddings must be [8, {text_dim}], got {:?}",
+                        embeds.size()
+                    )));
+                }
+                let embeds = l2_normalize(&embeds.to_kind(Kind::Float).to_device(vs.device()));
+                return Ok(Self { projection, logit_scale, class_embeds: Some(embeds), coop: None });
             }
-            return Ok(Self { projection, logit_scale, class_embeds: None, coop: None });
+            ClassPrompts::VariablesOnly => {
+                if cfg.context_vectors > 0 {
+                    let _context = vs.var("context", &[cfg.context_vectors, text_hidden], nn::Init::Const(0.0));
+                }
+                return Ok(Self { projection, logit_scale, class_embeds: None, coop: None });
+            }
         };
         if cfg.context_vectors > 0 {
             let tokenizer = text.tokenizer.as_ref().ok_or_else(|| {

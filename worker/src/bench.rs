@@ -1,86 +1,55 @@
-//! `worker bench-encoders`: throughput of our frozen encoders against transformers + PyTorch eager on the same
-//! machine, in one run, with the same threads, batch, input sizes and iteration counts (random weights of the
-//! full-size configurations: CLIP ViT-B/32 vision tower, wav2vec2-base).
+//! Benchmarks against the reference implementation on the same machine, in one run, with the same threads,
+//! batch, input sizes and iteration counts; rounds alternate which side goes first (the machine's load
+//! drifts) and the medians are compared.
+//!
+//! - `bench-encoders`: the frozen encoders (CLIP ViT-B/32 vision tower, wav2vec2-base; random weights) against
+//!   transformers + PyTorch eager.
+//! - `bench-head`: forward + backward of the trainable part (`configs/paper.yaml`'s shape, paper encoders'
+//!   widths) against the same head written in PyTorch eager.
 
+use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use avexpr_model::clip::{ClipVisionConfig, ClipVisionEncoder};
+use avexpr_model::expr::{EncoderDims, ExprHead};
+use avexpr_model::prompt::ClassPrompts;
 use avexpr_model::wav2vec2::{Wav2Vec2Config, Wav2Vec2Encoder};
-use avexpr_model::{EncoderOptions, Precision};
-use serde::{Deserialize, Serialize};
-use tch::Tensor;
+use avexpr_model::{EncoderOptions, FeatureBatch, ModelConfig, Precision};
+use serde::Serialize;
+use tch::{Kind, Tensor, nn};
 
-const REFERENCE_SCRIPT: &str = include_str!("bench_reference.py");
+const ENCODERS_REFERENCE: &str = include_str!("bench_reference.py");
+const HEAD_REFERENCE: &str = include_str!("bench_head_reference.py");
 
-#[derive(Debug, Clone, Serialize)]
-pub struct BenchConfig {
-    pub threads: usize,
-    pub clip_batch: i64,
-    pub clip_iters: usize,
-    pub audio_batch: i64,
-    pub audio_seconds: f64,
-    pub audio_iters: usize,
-    pub device: String,
-    pub bf16: bool,
-}
+/// Named throughput figures of one run of one side.
+pub type Figures = BTreeMap<String, f64>;
 
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub struct Throughput {
-    pub clip_frames_per_s: Option<f64>,
-    pub audio_seconds_per_s: Option<f64>,
-}
-
-fn synchronize(options: &EncoderOptions) {
-    if let tch::Device::Cuda(n) = options.device {
+fn synchronize(device: tch::Device) {
+    if let tch::Device::Cuda(n) = device {
         tch::Cuda::synchronize(n as i64);
     }
 }
 
-fn timed(options: &EncoderOptions, iters: usize, mut step: impl FnMut()) -> f64 {
-    step(); // warm-up
-    synchronize(options);
+/// Seconds for `iters` calls of `step` after one warm-up call.
+fn timed(device: tch::Device, iters: usize, mut step: impl FnMut()) -> f64 {
+    step();
+    synchronize(device);
     let start = Instant::now();
     for _ in 0..iters {
         step();
     }
-    synchronize(options);
+    synchronize(device);
     start.elapsed().as_secs_f64()
 }
 
-/// Our side of the benchmark.
-pub fn ours(cfg: &BenchConfig, options: EncoderOptions) -> Result<Throughput> {
-    tch::set_num_threads(cfg.threads as i32);
-    tch::manual_seed(0);
-    let mut result = Throughput::default();
-    let kind = (options.kind(), options.device);
-    if cfg.clip_iters > 0 {
-        let clip = ClipVisionEncoder::from_config(&ClipVisionConfig::vit_b32(), options)?;
-        let pixels = Tensor::randn([cfg.clip_batch, 3, 224, 224], kind);
-        let seconds = timed(&options, cfg.clip_iters, || {
-            let _ = clip.encode_pixels(&pixels);
-        });
-        result.clip_frames_per_s = Some((cfg.clip_batch as usize * cfg.clip_iters) as f64 / seconds);
-    }
-    if cfg.audio_iters > 0 {
-        let w2v = Wav2Vec2Encoder::from_config(&Wav2Vec2Config::base(), options)?;
-        let waves = Tensor::randn([cfg.audio_batch, (cfg.audio_seconds * 16_000.0) as i64], kind);
-        let seconds = timed(&options, cfg.audio_iters, || {
-            let _ = w2v.encode(&waves, None);
-        });
-        result.audio_seconds_per_s =
-            Some(cfg.audio_batch as f64 * cfg.audio_seconds * cfg.audio_iters as f64 / seconds);
-    }
-    Ok(result)
-}
-
-/// The reference side, in a Python subprocess (`python` must have torch and transformers: the project venv).
-pub fn reference(cfg: &BenchConfig, python: &str) -> Result<(Throughput, String)> {
+/// Runs `script` with `args` as JSON; it prints one JSON line with a `figures` object.
+fn run_reference(python: &str, script: &str, args: &impl Serialize) -> Result<(Figures, serde_json::Value)> {
     let output = Command::new(python)
         .arg("-c")
-        .arg(REFERENCE_SCRIPT)
-        .arg(serde_json::to_string(cfg)?)
+        .arg(script)
+        .arg(serde_json::to_string(args)?)
         .env("TRANSFORMERS_VERBOSITY", "error")
         .output()
         .with_context(|| {
@@ -94,73 +63,227 @@ pub fn reference(cfg: &BenchConfig, python: &str) -> Result<(Throughput, String)
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = stdout.lines().last().context("reference benchmark printed nothing")?;
-    let parsed: Throughput = serde_json::from_str(line).with_context(|| format!("reference output: {line}"))?;
-    Ok((parsed, line.to_string()))
+    let value: serde_json::Value = serde_json::from_str(line).with_context(|| format!("reference output: {line}"))?;
+    let figures = value["figures"]
+        .as_object()
+        .context("reference output has no figures")?
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+        .collect();
+    Ok((figures, value))
 }
-
-/// Picks one figure out of a run.
-type Field = fn(&Throughput) -> Option<f64>;
 
 fn median(mut xs: Vec<f64>) -> Option<f64> {
     xs.sort_by(f64::total_cmp);
     (!xs.is_empty()).then(|| xs[xs.len() / 2])
 }
 
-/// Runs both sides for `rounds` rounds, alternating which goes first (the machine's load drifts), and renders
-/// the medians and their ratio.
-pub fn run(cfg: &BenchConfig, options: EncoderOptions, python: Option<&str>, rounds: usize) -> Result<String> {
-    anyhow::ensure!(
-        cfg.clip_batch > 0 && cfg.audio_batch > 0 && cfg.audio_seconds > 0.0 && rounds > 0,
-        "batch sizes, --audio-seconds and --rounds must be positive"
-    );
-    let mut our_runs = Vec::new();
-    let mut reference_runs = Vec::new();
-    let mut raw = String::new();
+/// Both sides for `rounds` rounds, alternating which goes first; the table of medians and their ratio.
+fn interleaved(
+    title: &str,
+    rows: &[(&str, String)],
+    rounds: usize,
+    mut ours: impl FnMut() -> Result<Figures>,
+    mut reference: Option<impl FnMut() -> Result<(Figures, serde_json::Value)>>,
+) -> Result<(String, Option<serde_json::Value>)> {
+    anyhow::ensure!(rounds > 0, "--rounds must be positive");
+    let (mut our_runs, mut reference_runs, mut last) = (Vec::new(), Vec::new(), None);
     for round in 0..rounds {
         let reference_first = round % 2 == 1;
-        if let (true, Some(py)) = (reference_first, python) {
-            let (r, line) = reference(cfg, py)?;
-            reference_runs.push(r);
-            raw = line;
+        let mut run_reference = |runs: &mut Vec<Figures>| -> Result<()> {
+            if let Some(reference) = reference.as_mut() {
+                let (figures, raw) = reference()?;
+                runs.push(figures);
+                last = Some(raw);
+            }
+            Ok(())
+        };
+        if reference_first {
+            run_reference(&mut reference_runs)?;
         }
-        our_runs.push(ours(cfg, options)?);
-        if let (false, Some(py)) = (reference_first, python) {
-            let (r, line) = reference(cfg, py)?;
-            reference_runs.push(r);
-            raw = line;
+        our_runs.push(ours()?);
+        if !reference_first {
+            run_reference(&mut reference_runs)?;
         }
         tracing::info!(round = round + 1, rounds, "benchmark round done");
     }
-    let pick = |runs: &[Throughput], f: Field| median(runs.iter().filter_map(f).collect());
+    let pick = |runs: &[Figures], key: &str| median(runs.iter().filter_map(|f| f.get(key).copied()).collect());
     let mut table = format!(
-        "encoder benchmark: device {:?}, {}, {} thread(s), random weights, median of {rounds} interleaved round(s)\n\
-         {:<44} {:>12} {:>12} {:>7}\n",
-        options.device,
-        if options.precision == Precision::Bf16 { "bf16" } else { "f32" },
-        cfg.threads,
-        "",
-        "avexpr",
-        "transformers",
-        "ratio"
+        "{title}, median of {rounds} interleaved round(s)\n{:<48} {:>12} {:>12} {:>7}\n",
+        "", "avexpr", "reference", "ratio"
     );
-    let rows: [(String, Field); 2] = [
-        (format!("CLIP ViT-B/32 vision, batch {} (frames/s)", cfg.clip_batch), |t| t.clip_frames_per_s),
-        (format!("wav2vec2-base, {} x {} s (audio-s/s)", cfg.audio_batch, cfg.audio_seconds), |t| {
-            t.audio_seconds_per_s
-        }),
-    ];
-    for (name, field) in rows {
-        let Some(o) = pick(&our_runs, field) else {
-            continue;
-        };
-        let (r_text, ratio) = match pick(&reference_runs, field) {
+    for (key, label) in rows {
+        let Some(o) = pick(&our_runs, key) else { continue };
+        let (r_text, ratio) = match pick(&reference_runs, key) {
             Some(r) => (format!("{r:.2}"), format!("{:.3}", o / r)),
             None => ("-".into(), "-".into()),
         };
-        table.push_str(&format!("{name:<44} {o:>12.2} {r_text:>12} {ratio:>7}\n"));
+        table.push_str(&format!("{label:<48} {o:>12.2} {r_text:>12} {ratio:>7}\n"));
     }
-    if !raw.is_empty() {
-        table.push_str(&format!("reference (last round): {raw}\n"));
+    Ok((table, last))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EncoderBench {
+    pub threads: usize,
+    pub clip_batch: i64,
+    pub clip_iters: usize,
+    pub audio_batch: i64,
+    pub audio_seconds: f64,
+    pub audio_iters: usize,
+    pub device: String,
+    pub bf16: bool,
+}
+
+/// Our side of the encoder benchmark.
+pub fn encoders_ours(cfg: &EncoderBench, options: EncoderOptions) -> Result<Figures> {
+    tch::set_num_threads(cfg.threads as i32);
+    tch::manual_seed(0);
+    let mut figures = Figures::new();
+    let kind = (options.kind(), options.device);
+    if cfg.clip_iters > 0 {
+        let clip = ClipVisionEncoder::from_config(&ClipVisionConfig::vit_b32(), options)?;
+        let pixels = Tensor::randn([cfg.clip_batch, 3, 224, 224], kind);
+        let seconds = timed(options.device, cfg.clip_iters, || {
+            let _ = clip.encode_pixels(&pixels);
+        });
+        figures.insert("clip_frames_per_s".into(), (cfg.clip_batch as usize * cfg.clip_iters) as f64 / seconds);
+    }
+    if cfg.audio_iters > 0 {
+        let w2v = Wav2Vec2Encoder::from_config(&Wav2Vec2Config::base(), options)?;
+        let waves = Tensor::randn([cfg.audio_batch, (cfg.audio_seconds * 16_000.0) as i64], kind);
+        let seconds = timed(options.device, cfg.audio_iters, || {
+            let _ = w2v.encode(&waves, None);
+        });
+        let audio_seconds = cfg.audio_batch as f64 * cfg.audio_seconds * cfg.audio_iters as f64;
+        figures.insert("audio_seconds_per_s".into(), audio_seconds / seconds);
+    }
+    Ok(figures)
+}
+
+pub fn encoders(cfg: &EncoderBench, options: EncoderOptions, python: Option<&str>, rounds: usize) -> Result<String> {
+    anyhow::ensure!(
+        cfg.clip_batch > 0 && cfg.audio_batch > 0 && cfg.audio_seconds > 0.0,
+        "batch sizes and --audio-seconds must be positive"
+    );
+    let title = format!(
+        "encoder benchmark: {:?}, {}, {} thread(s), random weights; reference: transformers + PyTorch eager",
+        options.device,
+        if options.precision == Precision::Bf16 { "bf16" } else { "f32" },
+        cfg.threads
+    );
+    let rows = [
+        ("clip_frames_per_s", format!("CLIP ViT-B/32 vision, batch {} (frames/s)", cfg.clip_batch)),
+        ("audio_seconds_per_s", format!("wav2vec2-base, {} x {} s (audio-s/s)", cfg.audio_batch, cfg.audio_seconds)),
+    ];
+    let reference = python.map(|py| move || run_reference(py, ENCODERS_REFERENCE, cfg));
+    let (table, raw) = interleaved(&title, &rows, rounds, || encoders_ours(cfg, options), reference)?;
+    Ok(match raw {
+        Some(raw) => format!("{table}reference (last round): {raw}\n"),
+        None => table,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HeadBench {
+    pub threads: usize,
+    pub batch: i64,
+    pub frames: i64,
+    pub iters: usize,
+    pub fps: f64,
+    pub image_dim: i64,
+    pub text_dim: i64,
+    pub audio_hidden: i64,
+    pub audio_states: i64,
+    pub audio_frames: i64,
+    pub audio_stride: i64,
+    pub audio_receptive_field: i64,
+    pub model: ModelConfig,
+}
+
+impl HeadBench {
+    /// Clips of `frames` frames at `fps` with the paper encoders' widths and the audio frames Wav2Vec 2.0
+    /// produces for them.
+    pub fn new(model: ModelConfig, threads: usize, batch: i64, frames: i64, iters: usize) -> Self {
+        let dims = EncoderDims::paper();
+        let fps = 25.0;
+        let samples = (frames as f64 / fps * dims.audio_timing.sample_rate) as i64;
+        let t = dims.audio_timing;
+        Self {
+            threads,
+            batch,
+            frames,
+            iters,
+            fps,
+            image_dim: dims.image_dim,
+            text_dim: dims.text_dim,
+            audio_hidden: dims.audio_hidden,
+            audio_states: dims.audio_layers + 1,
+            audio_frames: (samples - t.receptive_field) / t.stride + 1,
+            audio_stride: t.stride,
+            audio_receptive_field: t.receptive_field,
+            model,
+        }
+    }
+}
+
+/// Our side of the head benchmark: clips/s of forward + loss + backward, and the parameter count per group.
+pub fn head_ours(cfg: &HeadBench) -> Result<(Figures, Vec<(&'static str, i64)>)> {
+    tch::set_num_threads(cfg.threads as i32);
+    tch::manual_seed(0);
+    let dims = EncoderDims::paper();
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let classes = ClassPrompts::Embeddings(Tensor::randn([8, dims.text_dim], tch::kind::FLOAT_CPU));
+    let head = ExprHead::new(&vs.root(), &cfg.model, &dims, classes, None)?;
+    let cpu = tch::kind::FLOAT_CPU;
+    let feats = FeatureBatch {
+        image_embeds: Tensor::randn([cfg.batch, cfg.frames, cfg.image_dim], cpu),
+        face_mask: Tensor::ones([cfg.batch, cfg.frames], (Kind::Bool, tch::Device::Cpu)),
+        audio_states: Tensor::randn([cfg.batch, cfg.audio_states, cfg.audio_frames, cfg.audio_hidden], cpu),
+        audio_mask: Tensor::ones([cfg.batch, cfg.audio_frames], (Kind::Bool, tch::Device::Cpu)),
+        fps: vec![cfg.fps; cfg.batch as usize],
+    };
+    let targets = Tensor::arange(cfg.batch, (Kind::Int64, tch::Device::Cpu)).remainder(8);
+    let labels = targets.unsqueeze(1).expand([cfg.batch, cfg.frames], false).contiguous();
+    let variables = vs.trainable_variables();
+    let seconds = timed(tch::Device::Cpu, cfg.iters, || {
+        variables.iter().for_each(|v| {
+            let mut grad = v.grad();
+            if grad.defined() {
+                let _ = grad.zero_();
+            }
+        });
+        let out = head.forward_t(&feats, true);
+        head.loss(&out, &labels).total.backward();
+    });
+    let counts = avexpr_model::expr::parameter_counts(&cfg.model, &dims)?;
+    Ok((Figures::from([("clips_per_s".to_string(), (cfg.batch as usize * cfg.iters) as f64 / seconds)]), counts))
+}
+
+pub fn head(cfg: &HeadBench, python: Option<&str>, rounds: usize) -> Result<String> {
+    anyhow::ensure!(cfg.batch > 0 && cfg.frames > 0 && cfg.iters > 0, "--batch, --frames and --iters must be positive");
+    let title = format!(
+        "trainable head benchmark: CPU, {} thread(s), forward + backward, {} clips x {} frames; reference: the same \
+         head in PyTorch eager",
+        cfg.threads, cfg.batch, cfg.frames
+    );
+    let mut counts = Vec::new();
+    let ours = || -> Result<Figures> {
+        let (figures, c) = head_ours(cfg)?;
+        counts = c;
+        Ok(figures)
+    };
+    let reference = python.map(|py| move || run_reference(py, HEAD_REFERENCE, cfg));
+    let rows = [("clips_per_s", "clips/s (forward + backward)".to_string())];
+    let (mut table, raw) = interleaved(&title, &rows, rounds, ours, reference)?;
+    for (group, n) in &counts {
+        let theirs = raw.as_ref().and_then(|r| r["params"][*group].as_i64());
+        let check = match theirs {
+            Some(t) if t == *n => "same in the reference".to_string(),
+            Some(t) => format!("reference has {t}: the heads differ"),
+            None => String::new(),
+        };
+        table.push_str(&format!("parameters {group:<8} {n:>12}   {check}\n"));
     }
     Ok(table)
 }

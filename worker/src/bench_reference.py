@@ -27,17 +27,17 @@ def timed(model, inputs, iters):
         return time.perf_counter() - start
 
 
-result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "figures": {}}
 if args["clip_iters"] > 0:
     clip = CLIPVisionModelWithProjection(CLIPVisionConfig()).eval().to(device, dtype)
     pixels = torch.randn(args["clip_batch"], 3, 224, 224, device=device, dtype=dtype)
     seconds = timed(clip, pixels, args["clip_iters"])
-    result["clip_frames_per_s"] = args["clip_batch"] * args["clip_iters"] / seconds
+    result["figures"]["clip_frames_per_s"] = args["clip_batch"] * args["clip_iters"] / seconds
     result["attn_implementation"] = clip.config._attn_implementation
     del clip
 if args["audio_iters"] > 0:
     w2v = Wav2Vec2Model(Wav2Vec2Config()).eval().to(device, dtype)
     waves = torch.randn(args["audio_batch"], int(args["audio_seconds"] * 16000), device=device, dtype=dtype)
     seconds = timed(w2v, waves, args["audio_iters"])
-    result["audio_seconds_per_s"] = args["audio_batch"] * args["audio_seconds"] * args["audio_iters"] / seconds
+    result["figures"]["audio_seconds_per_s"] = args["audio_batch"] * args["audio_seconds"] * args["audio_iters"] / seconds
 print(json.dumps(result))

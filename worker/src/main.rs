@@ -72,6 +72,45 @@ enum Command {
         #[arg(long)]
         no_reference: bool,
     },
+    /// Forward + backward of the trainable part against the same head in PyTorch eager, same machine.
+    BenchHead {
+        /// Job config whose `model` section shapes the head (default: configs/paper.yaml's, built in).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value_t = 32)]
+        batch: i64,
+        #[arg(long, default_value_t = 16)]
+        frames: i64,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long)]
+        python: Option<String>,
+        #[arg(long)]
+        no_reference: bool,
+    },
+    /// Trainable parameters per group (tcn, adapter, fusion, prompt) of a job config's model.
+    Params {
+        #[arg(long)]
+        config: PathBuf,
+        /// Take the encoder widths from the config's checkpoint directories instead of the paper's encoders.
+        #[arg(long)]
+        from_checkpoints: bool,
+    },
+}
+
+fn all_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn model_config(config: Option<&std::path::Path>) -> Result<avexpr_model::ModelConfig> {
+    Ok(match config {
+        Some(path) => avexpr_model::ModelConfig::from_job_file(path)?,
+        None => avexpr_model::ModelConfig::default(),
+    })
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -105,8 +144,8 @@ fn run(cli: Cli) -> Result<()> {
             no_reference,
         } => {
             let options = encoder_options(&device, &precision)?;
-            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            let cfg = bench::BenchConfig {
+            let threads = threads.unwrap_or_else(all_cores);
+            let cfg = bench::EncoderBench {
                 threads,
                 clip_batch,
                 clip_iters,
@@ -120,7 +159,35 @@ fn run(cli: Cli) -> Result<()> {
                 bf16: options.precision == avexpr_model::Precision::Bf16,
             };
             let python = python.unwrap_or_else(avexpr_worker::default_python);
-            print!("{}", bench::run(&cfg, options, (!no_reference).then_some(python.as_str()), rounds)?);
+            print!("{}", bench::encoders(&cfg, options, (!no_reference).then_some(python.as_str()), rounds)?);
+        }
+        Command::BenchHead { config, threads, batch, frames, iters, rounds, python, no_reference } => {
+            let model = model_config(config.as_deref())?;
+            let cfg = bench::HeadBench::new(model, threads.unwrap_or_else(all_cores), batch, frames, iters);
+            let python = python.unwrap_or_else(avexpr_worker::default_python);
+            print!("{}", bench::head(&cfg, (!no_reference).then_some(python.as_str()), rounds)?);
+        }
+        Command::Params { config, from_checkpoints } => {
+            let model = model_config(Some(&config))?;
+            let dims = if from_checkpoints {
+                let encoders = avexpr_model::Encoders::load(&model, avexpr_model::EncoderOptions::default())?;
+                encoders.dims()
+            } else {
+                avexpr_model::expr::EncoderDims::paper()
+            };
+            let counts = avexpr_model::expr::parameter_counts(&model, &dims)?;
+            println!(
+                "trainable parameters of {} (image {}, audio {} x {} states):",
+                config.display(),
+                dims.image_dim,
+                dims.audio_hidden,
+                dims.audio_layers + 1
+            );
+            for (group, n) in &counts {
+                println!("  {group:<8} {n:>12}");
+            }
+            println!("  {:<8} {:>12}", "total", counts.iter().map(|(_, n)| n).sum::<i64>());
+            println!("TCN receptive field: {} frames", model.tcn.receptive_field());
         }
     }
     Ok(())
