@@ -135,3 +135,53 @@ impl AudioAdapter {
         (align.matmul(&xs), mask)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> AudioTiming {
+        AudioTiming::from_conv(&[10, 3, 3, 3, 3, 2, 2], &[5, 2, 2, 2, 2, 2, 2], 16_000.0)
+    }
+
+    #[test]
+    fn wav2vec2_base_frames_are_20_ms_apart_and_25_ms_wide() {
+        assert_eq!(base(), AudioTiming { stride: 320, receptive_field: 400, sample_rate: 16_000.0 });
+    }
+
+    fn row(weights: &[f32], audio_frames: i64, i: i64) -> Vec<f32> {
+        weights[(i * audio_frames) as usize..((i + 1) * audio_frames) as usize].to_vec()
+    }
+
+    #[test]
+    fn at_25_fps_each_video_frame_averages_the_two_audio_frames_centred_in_it() {
+        // Audio frame j is centred at 12.5 ms + 20 ms * j; video frame i spans [40 i, 40 (i + 1)) ms.
+        let (w, has) = base().alignment(4, 8, 8, 25.0);
+        assert!(has.iter().all(|&h| h));
+        for i in 0..4 {
+            let mut want = vec![0.0; 8];
+            want[(2 * i) as usize] = 0.5;
+            want[(2 * i + 1) as usize] = 0.5;
+            assert_eq!(row(&w, 8, i), want, "frame {i}");
+        }
+    }
+
+    #[test]
+    fn faster_video_takes_the_nearest_audio_frame_and_frames_past_the_audio_get_none() {
+        // 60 fps: frames are 16.7 ms long, shorter than the 20 ms audio stride, so some contain no centre.
+        let (w, has) = base().alignment(10, 6, 6, 60.0);
+        for i in 0..10 {
+            let r = row(&w, 6, i);
+            if has[i as usize] {
+                assert!((r.iter().sum::<f32>() - 1.0).abs() < 1e-6, "frame {i} weights sum to 1: {r:?}");
+            }
+        }
+        // Frame 1 spans [16.7, 33.3) ms and holds the centre 32.5 ms of audio frame 1.
+        assert_eq!(row(&w, 6, 1)[1], 1.0);
+        // Only 3 valid audio frames (they end at 2 * 20 + 25 = 65 ms): frame 5 (83-100 ms) has no audio.
+        let (_, has) = base().alignment(10, 6, 3, 60.0);
+        assert!(has[2] && !has[5]);
+        let (w, has) = base().alignment(3, 6, 0, 25.0);
+        assert!(has.iter().all(|&h| !h) && w.iter().all(|&x| x == 0.0));
+    }
+}

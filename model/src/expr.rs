@@ -4,7 +4,8 @@
 //! (bi-directional cross-attention, pooling, classifier) and `prompt` (projection, logit scale, CoOp context).
 //!
 //! It runs from raw inputs (face frames + audio) or from precomputed encoder outputs (a feature cache):
-//! [`ExprModel::forward_raw_t`] is [`ExprModel::encode`] followed by [`ExprModel::forward_t`].
+//! [`ExprModel::forward_raw_t`] is [`ExprModel::encode`] followed by [`ExprModel::forward_t`]. The trainable
+//! part alone, with its loss, is [`ExprHead`].
 
 use std::collections::BTreeMap;
 use std::rc::Rc;

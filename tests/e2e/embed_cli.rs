@@ -58,7 +58,7 @@ fn embed_writes_image_prompt_and_audio_embeddings() {
     }
     // Prompt embeddings equal the text encoder's on the 8 class prompts.
     let text = ClipTextEncoder::load(&clip, EncoderOptions::default()).unwrap();
-    let prompts = avexpr_worker::embed::class_prompts(avexpr_worker::embed::DEFAULT_TEMPLATE);
+    let prompts = avexpr_model::prompt::class_prompts(avexpr_worker::embed::DEFAULT_TEMPLATE);
     let want = text.encode_texts(&prompts.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
     assert_eq!(got["text_embeds"].size(), [8, 12]);
     assert!(got["text_embeds"].allclose(&want, 1e-6, 1e-6, false));

@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use avexpr_data::Expression;
 use avexpr_model::EncoderOptions;
 use avexpr_model::clip::{ClipConfig, ClipImageProcessor, ClipTextEncoder, ClipVisionEncoder};
+use avexpr_model::prompt::class_prompts;
 use avexpr_model::wav2vec2::Wav2Vec2Encoder;
 use tch::{Kind, Tensor};
 
@@ -28,11 +29,6 @@ pub struct EmbedRequest {
     pub template: String,
     pub options: EncoderOptions,
     pub out: PathBuf,
-}
-
-/// The class prompts made from a template.
-pub fn class_prompts(template: &str) -> Vec<String> {
-    Expression::ALL.iter().map(|e| template.replace("{}", &e.name().to_lowercase())).collect()
 }
 
 /// What was written, for the summary and for tests.
