@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 /// Number of expression classes (labels 0..=7; -1 marks an ignored frame).
 pub const NUM_CLASSES: usize = 8;
 
+/// Training-label distribution of Aff-Wild2 EXPR reported by the paper (train ratio, %): the default class
+/// frequencies until a dataset's own histogram is known, and the column of the class-wise table.
+pub const PAPER_TRAIN_RATIOS: [f64; NUM_CLASSES] = [27.10, 3.02, 2.04, 1.65, 15.87, 15.43, 5.36, 29.52];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Expression {
     Neutral = 0,

@@ -1,8 +1,14 @@
-//! avexpr's data layer: everything about Aff-Wild2 that does not need a model.
-//!
-//! For now this holds the expression classes of the ABAW EXPR challenge in their official order; the dataset
-//! parser, ingest into shards and the streaming loader build on it.
+//! avexpr's data layer: everything about Aff-Wild2 that does not need a model: the classes, a participant's
+//! copy of the dataset as the challenge ships it, the annotation files and the label/frame policy, the
+//! official metric and the submission format. Ingest into shards and the streaming loader build on it.
 
 pub mod affwild2;
+pub mod annotation;
+pub mod error;
+pub mod layout;
+pub mod logging;
+pub mod metric;
+pub mod predictions;
 
 pub use affwild2::{Expression, NUM_CLASSES};
+pub use error::DataError;

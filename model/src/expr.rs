@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use avexpr_data::NUM_CLASSES;
+use avexpr_data::affwild2::PAPER_TRAIN_RATIOS;
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::EncoderOptions;
@@ -27,10 +28,6 @@ use crate::wav2vec2::{Wav2Vec2Config, Wav2Vec2Encoder};
 
 /// The trainable groups, in a fixed order (the order buckets are all-reduced in).
 pub const GROUPS: [&str; 4] = ["tcn", "adapter", "fusion", "prompt"];
-
-/// Training-label distribution of Aff-Wild2 EXPR reported by the paper (train ratio, %), the default class
-/// counts for class weights until the dataset's own histogram is given.
-pub const PAPER_TRAIN_RATIOS: [f64; NUM_CLASSES] = [27.10, 3.02, 2.04, 1.65, 15.87, 15.43, 5.36, 29.52];
 
 /// The frozen encoders.
 #[derive(Debug)]

@@ -4,7 +4,7 @@
 pub mod allocator;
 pub mod bench;
 pub mod embed;
-pub mod logging;
+pub use avexpr_data::logging;
 
 use tch::Device;
 
