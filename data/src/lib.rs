@@ -4,6 +4,7 @@
 
 pub mod affwild2;
 pub mod annotation;
+pub mod decode;
 pub mod error;
 pub mod layout;
 pub mod logging;
