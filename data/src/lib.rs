@@ -10,6 +10,7 @@ pub mod layout;
 pub mod logging;
 pub mod metric;
 pub mod predictions;
+pub mod synth;
 
 pub use affwild2::{Expression, NUM_CLASSES};
 pub use error::DataError;

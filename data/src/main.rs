@@ -27,6 +27,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a small seeded look-alike of Aff-Wild2 in the real layout (videos, crops, annotations, test list).
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 24)]
+        videos: usize,
+        #[arg(long, default_value_t = 3.0)]
+        min_seconds: f64,
+        #[arg(long, default_value_t = 6.0)]
+        max_seconds: f64,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
     /// List what a participant's copy of Aff-Wild2 holds: videos per split, missing media or crops.
     Inspect {
         #[arg(long)]
@@ -51,6 +64,12 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 print!("{}", confusion.render(&PAPER_TRAIN_RATIOS));
             }
+        }
+        Command::Synth { out, videos, min_seconds, max_seconds, seed } => {
+            let cfg = avexpr_data::synth::SynthConfig { videos, min_seconds, max_seconds, seed, ..Default::default() };
+            let written = avexpr_data::synth::synth(&out, &cfg)?;
+            let frames: usize = written.iter().map(|v| v.frames).sum();
+            println!("wrote {} annotated/test entries ({frames} frames) under {}", written.len(), out.display());
         }
         Command::Inspect { root } => {
             let layout = avexpr_data::layout::Layout::discover(&root)?;
