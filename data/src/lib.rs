@@ -6,10 +6,13 @@ pub mod affwild2;
 pub mod annotation;
 pub mod decode;
 pub mod error;
+pub mod ingest;
 pub mod layout;
 pub mod logging;
 pub mod metric;
 pub mod predictions;
+pub mod shard;
+pub mod store;
 pub mod synth;
 
 pub use affwild2::{Expression, NUM_CLASSES};

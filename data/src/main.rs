@@ -40,6 +40,27 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// Decode every video once into tar shards of fixed-length segments on an object store, plus a manifest.
+    Ingest {
+        /// The dataset root (as the challenge ships it, or `data synth`'s output).
+        #[arg(long)]
+        root: PathBuf,
+        /// s3://bucket/prefix (AWS_* environment for endpoint and credentials), file:///dir or a path.
+        #[arg(long)]
+        out: String,
+        #[arg(long, default_value_t = 32)]
+        segment_frames: usize,
+        #[arg(long, default_value_t = 1024)]
+        shard_frames: usize,
+        /// crops (the aligned face crops) or full-frame.
+        #[arg(long, default_value = "crops")]
+        face: String,
+        #[arg(long, default_value_t = 112)]
+        face_size: u32,
+        /// Videos decoded in parallel (default: all cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+    },
     /// List what a participant's copy of Aff-Wild2 holds: videos per split, missing media or crops.
     Inspect {
         #[arg(long)]
@@ -70,6 +91,38 @@ fn run(cli: Cli) -> Result<()> {
             let written = avexpr_data::synth::synth(&out, &cfg)?;
             let frames: usize = written.iter().map(|v| v.frames).sum();
             println!("wrote {} annotated/test entries ({frames} frames) under {}", written.len(), out.display());
+        }
+        Command::Ingest { root, out, segment_frames, shard_frames, face, face_size, jobs } => {
+            use avexpr_data::ingest::{FaceSource, IngestConfig, ingest};
+            let face = match face.as_str() {
+                "crops" => FaceSource::Crops,
+                "full-frame" => FaceSource::FullFrame,
+                other => anyhow::bail!("--face: `{other}` is not one of crops, full-frame"),
+            };
+            let mut cfg = IngestConfig::new(root, out);
+            cfg.segment_frames = segment_frames;
+            cfg.shard_frames = shard_frames;
+            cfg.face = face;
+            cfg.face_size = face_size;
+            if let Some(jobs) = jobs {
+                cfg.jobs = jobs;
+            }
+            let report = ingest(&cfg)?;
+            for line in report.lines() {
+                println!("{line}");
+            }
+            let frames: usize = report.manifest.videos.iter().map(|v| v.frames).sum();
+            println!(
+                "{} videos ({} ingested, {} already there), {frames} frames, {} failed; manifest at {}/manifest.json",
+                report.manifest.videos.len(),
+                report.ingested.len(),
+                report.skipped.len(),
+                report.manifest.failures.len(),
+                cfg.out
+            );
+            if !report.manifest.failures.is_empty() {
+                anyhow::bail!("{} video(s) failed (listed above and in the manifest)", report.manifest.failures.len());
+            }
         }
         Command::Inspect { root } => {
             let layout = avexpr_data::layout::Layout::discover(&root)?;

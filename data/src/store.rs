@@ -1,0 +1,115 @@
+//! Object storage with one code path for `s3://bucket/prefix` (any S3-compatible server), `file:///dir` and
+//! plain paths, through `object_store`. S3 settings come from the standard environment: `AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION` / `AWS_REGION`, `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT`) for a
+//! non-AWS server (plain `http://` endpoints are allowed). Credentials are never logged: [`Store::uri`] is the
+//! location only. Requests are retried with `object_store`'s backoff.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{uri}: {reason}")]
+    Open { uri: String, reason: String },
+    #[error("{uri}/{key}: not found")]
+    NotFound { uri: String, key: String },
+    #[error("{uri}/{key}: {reason}")]
+    Request { uri: String, key: String, reason: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    prefix: String,
+    uri: String,
+}
+
+impl Store {
+    pub fn open(uri: &str) -> Result<Store, StoreError> {
+        Self::open_with(uri, &[])
+    }
+
+    /// Like [`Store::open`], with S3 settings (`object_store` config keys such as `aws_endpoint`,
+    /// `aws_access_key_id`) that take precedence over the environment's.
+    pub fn open_with(uri: &str, s3_options: &[(&str, &str)]) -> Result<Store, StoreError> {
+        let open_err = |reason: String| StoreError::Open { uri: uri.to_string(), reason };
+        if let Some(rest) = uri.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(open_err("no bucket name (s3://bucket/prefix)".into()));
+            }
+            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            let endpoint = std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT")).ok();
+            if let Some(endpoint) = endpoint {
+                builder = builder.with_allow_http(endpoint.starts_with("http://")).with_endpoint(endpoint);
+            }
+            if let Ok(region) = std::env::var("AWS_REGION") {
+                builder = builder.with_region(region);
+            }
+            for (key, value) in s3_options {
+                let key: object_store::aws::AmazonS3ConfigKey =
+                    key.parse().map_err(|e: object_store::Error| open_err(e.to_string()))?;
+                builder = builder.with_config(key, *value);
+            }
+            let s3 = builder.with_virtual_hosted_style_request(false).build().map_err(|e| open_err(e.to_string()))?;
+            return Ok(Store {
+                inner: Arc::new(s3),
+                prefix: prefix.trim_matches('/').to_string(),
+                uri: uri.to_string(),
+            });
+        }
+        let dir = uri.strip_prefix("file://").unwrap_or(uri);
+        if dir.is_empty() || uri.contains("://") && !uri.starts_with("file://") {
+            return Err(open_err("expected s3://bucket/prefix, file:///dir or a directory path".into()));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create the directory: {e}")))?;
+        let local = LocalFileSystem::new_with_prefix(dir).map_err(|e| open_err(e.to_string()))?;
+        Ok(Store { inner: Arc::new(local), prefix: String::new(), uri: uri.to_string() })
+    }
+
+    /// The location, without any credential.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    fn path(&self, key: &str) -> ObjectPath {
+        if self.prefix.is_empty() { ObjectPath::from(key) } else { ObjectPath::from(format!("{}/{key}", self.prefix)) }
+    }
+
+    fn request_err(&self, key: &str, e: object_store::Error) -> StoreError {
+        match e {
+            object_store::Error::NotFound { .. } => {
+                StoreError::NotFound { uri: self.uri.clone(), key: key.to_string() }
+            }
+            other => StoreError::Request { uri: self.uri.clone(), key: key.to_string(), reason: other.to_string() },
+        }
+    }
+
+    /// Writes an object whole (S3 PUT and the local store's write-then-rename are both atomic).
+    pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+        self.inner.put(&self.path(key), PutPayload::from(bytes)).await.map_err(|e| self.request_err(key, e))?;
+        Ok(())
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        let got = self.inner.get(&self.path(key)).await.map_err(|e| self.request_err(key, e))?;
+        got.bytes().await.map_err(|e| self.request_err(key, e))
+    }
+
+    pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        match self.inner.head(&self.path(key)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.request_err(key, e)),
+        }
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(&self.path(key)).await.map_err(|e| self.request_err(key, e))
+    }
+}

@@ -1,0 +1,100 @@
+//! A real S3-compatible server for tests: a single-node Garage (installed by scripts/setup) on free loopback
+//! ports in a temporary directory, with a default bucket and key, stopped when dropped.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BUCKET: &str = "avexpr-test";
+pub const ACCESS_KEY: &str = "GK31c2f218a2e44f485b94239e";
+pub const SECRET_KEY: &str = "b892c0665f0ada8a4755dae98baa3b133590e11dae3bcc1f9d769d67f16c3835";
+pub const REGION: &str = "us-east-1";
+
+pub struct Garage {
+    child: Child,
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Garage {
+    pub fn start() -> Garage {
+        let garage = std::env::var("HOME").map(|h| format!("{h}/.cargo/bin/garage")).unwrap();
+        assert!(std::path::Path::new(&garage).is_file(), "{garage} not found: run scripts/setup (it installs Garage)");
+        let dir = tempfile::tempdir().unwrap();
+        let (api, rpc) = (free_port(), free_port());
+        let config = format!(
+            "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\nreplication_factor = 1\n\
+             rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\n\
+             rpc_secret = \"{secret}\"\n[s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{api}\"\n\
+             root_domain = \".s3.garage.localhost\"\n",
+            d = dir.path().display(),
+            secret = "4425f5c26c5e11581d3223904324dcb5b5d5dfb14e5e7f35e38c595424f5f1e6",
+        );
+        let config_path = dir.path().join("garage.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("garage.log")).unwrap();
+        let child = Command::new(garage)
+            .arg("-c")
+            .arg(&config_path)
+            .args(["server", "--single-node", "--default-bucket"])
+            .env("GARAGE_DEFAULT_ACCESS_KEY", ACCESS_KEY)
+            .env("GARAGE_DEFAULT_SECRET_KEY", SECRET_KEY)
+            .env("GARAGE_DEFAULT_BUCKET", BUCKET)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let endpoint = format!("http://127.0.0.1:{api}");
+        let g = Garage { child, endpoint, _dir: dir };
+        g.wait_ready();
+        g
+    }
+
+    /// The `object_store` options for this server.
+    pub fn options(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("aws_endpoint", self.endpoint.clone()),
+            ("aws_access_key_id", ACCESS_KEY.into()),
+            ("aws_secret_access_key", SECRET_KEY.into()),
+            ("aws_region", REGION.into()),
+            ("aws_allow_http", "true".into()),
+        ]
+    }
+
+    /// The standard AWS_* environment a user would set for this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
+            ("AWS_DEFAULT_REGION", REGION.into()),
+        ]
+    }
+
+    fn wait_ready(&self) {
+        let opts = self.options();
+        let opts: Vec<(&str, &str)> = opts.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let store = avexpr_data::store::Store::open_with(&format!("s3://{BUCKET}/ready"), &opts).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let start = Instant::now();
+        loop {
+            if rt.block_on(store.put("probe", bytes::Bytes::from_static(b"ok"))).is_ok() {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "Garage did not become ready within 30 s");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
