@@ -184,20 +184,14 @@ impl ShardWriter {
     }
 }
 
-/// One video: its faces (crops or full frames), audio, labels -> shards, then its record.
-fn ingest_video(
-    entry: &VideoEntry,
-    cfg: &IngestConfig,
-    store: &Store,
-    rt: &tokio::runtime::Handle,
-) -> Result<VideoRecord, String> {
-    let media = entry.media.as_ref().ok_or_else(|| {
-        let stem = VideoEntry::media_stem(&entry.name);
-        format!("no media file for `{}` under {} (looked for {stem}.mp4 / {stem}.avi)", entry.name, cfg.root.display())
-    })?;
-    let raw_labels = entry.annotation.as_ref().map(|a| read_annotation(a)).transpose().map_err(|e| e.to_string())?;
+/// A media file decoded once: frame count and rate, audio, and (full-frame source) each frame as JPEG.
+struct Decoded {
+    info: crate::decode::VideoInfo,
+    audio: Vec<f32>,
+    full_frames: Vec<Vec<u8>>,
+}
 
-    // Faces: JPEG bytes per frame, from the crops or from the decoded frames.
+fn decode_media(media: &std::path::Path, cfg: &IngestConfig) -> Result<Decoded, String> {
     let mut full_frames: Vec<Vec<u8>> = Vec::new();
     let size = cfg.face_size;
     let info = match cfg.face {
@@ -206,13 +200,34 @@ fn ingest_video(
             let img = image::RgbImage::from_raw(f.width, f.height, f.data).expect("decoder output matches its size");
             let mut jpeg = Vec::new();
             image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90).encode_image(&img).map_err(|e| {
-                crate::decode::DecodeError::Media { path: media.clone(), reason: format!("JPEG encoding: {e}") }
+                crate::decode::DecodeError::Media { path: media.to_path_buf(), reason: format!("JPEG encoding: {e}") }
             })?;
             full_frames.push(jpeg);
             Ok(())
         }),
     }
     .map_err(|e| e.to_string())?;
+    let audio = decode_audio(media, audio_samples(info.frames, info.fps)).map_err(|e| e.to_string())?;
+    Ok(Decoded { info, audio, full_frames })
+}
+
+fn no_media(entry: &VideoEntry, cfg: &IngestConfig) -> String {
+    let stem = VideoEntry::media_stem(&entry.name);
+    format!("no media file for `{}` under {} (looked for {stem}.mp4 / {stem}.avi)", entry.name, cfg.root.display())
+}
+
+/// One annotated person (or test video) of a decoded media file: faces, audio, labels -> shards, then its
+/// record.
+fn write_entry(
+    entry: &VideoEntry,
+    decoded: &Decoded,
+    cfg: &IngestConfig,
+    store: &Store,
+    rt: &tokio::runtime::Handle,
+) -> Result<VideoRecord, String> {
+    let media = entry.media.as_ref().ok_or_else(|| no_media(entry, cfg))?;
+    let raw_labels = entry.annotation.as_ref().map(|a| read_annotation(a)).transpose().map_err(|e| e.to_string())?;
+    let (info, audio, full_frames) = (&decoded.info, &decoded.audio, &decoded.full_frames);
     let crops: Option<(PathBuf, BTreeSet<u32>)> = match cfg.face {
         FaceSource::FullFrame => None,
         FaceSource::Crops => {
@@ -226,8 +241,7 @@ fn ingest_video(
         }
     };
     let frames = info.frames;
-    let samples = audio_samples(frames, info.fps);
-    let audio = decode_audio(media, samples).map_err(|e| e.to_string())?;
+    let samples = audio.len();
     let (labels, alignment) = match &raw_labels {
         Some(raw) => {
             let (aligned, report) = align_labels(raw, frames);
@@ -333,6 +347,9 @@ fn ingest_video(
     Ok(record)
 }
 
+/// A video's record or error, and whether it was already ingested by an earlier run.
+type Outcome = (Result<VideoRecord, String>, bool);
+
 fn split_dir(split: Split) -> &'static str {
     match split {
         Split::Train => "train",
@@ -357,30 +374,63 @@ pub fn ingest(cfg: &IngestConfig) -> Result<IngestReport, IngestError> {
         .build()
         .map_err(|e| IngestError::Other(e.to_string()))?;
     let handle = rt.handle().clone();
+    // One job per media file (a `_left` / `_right` pair shares one), so each video is decoded once.
+    let mut jobs: Vec<Vec<usize>> = Vec::new();
+    let mut by_media: std::collections::HashMap<&std::path::Path, usize> = std::collections::HashMap::new();
+    for (i, entry) in layout.videos.iter().enumerate() {
+        match &entry.media {
+            Some(media) => match by_media.get(media.as_path()) {
+                Some(&job) => jobs[job].push(i),
+                None => {
+                    by_media.insert(media, jobs.len());
+                    jobs.push(vec![i]);
+                }
+            },
+            None => jobs.push(vec![i]),
+        }
+    }
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<(Result<VideoRecord, String>, bool)>>> = Mutex::new(vec![None; layout.videos.len()]);
+    let results: Mutex<Vec<Option<Outcome>>> = Mutex::new(vec![None; layout.videos.len()]);
+    let run_job = |job: &[usize]| {
+        let mut pending = Vec::new();
+        for &i in job {
+            let entry = &layout.videos[i];
+            let previous = handle.block_on(async {
+                match store.get(&record_key(&entry.name)).await {
+                    Ok(bytes) => serde_json::from_slice::<VideoRecord>(&bytes).ok(),
+                    Err(_) => None,
+                }
+            });
+            match previous {
+                Some(record) => results.lock().expect("no panic holding the lock")[i] = Some((Ok(record), true)),
+                None => pending.push(i),
+            }
+        }
+        if pending.is_empty() {
+            return;
+        }
+        let decoded = match &layout.videos[pending[0]].media {
+            Some(media) => decode_media(media, cfg),
+            None => Err(no_media(&layout.videos[pending[0]], cfg)),
+        };
+        for i in pending {
+            let entry = &layout.videos[i];
+            let result = match &decoded {
+                Ok(decoded) => write_entry(entry, decoded, cfg, &store, &handle),
+                Err(e) => Err(e.clone()),
+            };
+            match &result {
+                Ok(r) => tracing::info!(video = %r.name, frames = r.frames, shards = r.shards.len(), "video ingested"),
+                Err(e) => tracing::error!(video = %entry.name, "{e}"),
+            }
+            results.lock().expect("no panic holding the lock")[i] = Some((result, false));
+        }
+    };
     std::thread::scope(|scope| {
-        for _ in 0..cfg.jobs.max(1).min(layout.videos.len().max(1)) {
+        for _ in 0..cfg.jobs.max(1).min(jobs.len().max(1)) {
             scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(entry) = layout.videos.get(i) else { break };
-                    let key = record_key(&entry.name);
-                    let previous = handle.block_on(async {
-                        match store.get(&key).await {
-                            Ok(bytes) => serde_json::from_slice::<VideoRecord>(&bytes).ok(),
-                            Err(_) => None,
-                        }
-                    });
-                    let result = match previous {
-                        Some(record) => (Ok(record), true),
-                        None => (ingest_video(entry, cfg, &store, &handle), false),
-                    };
-                    match &result.0 {
-                        Ok(r) => tracing::info!(video = %r.name, frames = r.frames, shards = r.shards.len(), skipped = result.1, "video done"),
-                        Err(e) => tracing::error!(video = %entry.name, "{e}"),
-                    }
-                    results.lock().expect("no panic while holding the lock")[i] = Some(result);
+                while let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    run_job(job);
                 }
             });
         }

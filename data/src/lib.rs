@@ -4,6 +4,7 @@
 
 pub mod affwild2;
 pub mod annotation;
+pub mod bench;
 pub mod decode;
 pub mod error;
 pub mod ingest;

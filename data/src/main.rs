@@ -39,6 +39,20 @@ enum Command {
         max_seconds: f64,
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        #[arg(long, default_value_t = 160)]
+        width: u32,
+        #[arg(long, default_value_t = 120)]
+        height: u32,
+    },
+    /// Ingest throughput (frames per CPU-second) against the ffmpeg CLI decoding the same files, and peak memory.
+    BenchIngest {
+        #[arg(long)]
+        root: PathBuf,
+        /// crops or full-frame.
+        #[arg(long, default_value = "crops")]
+        face: String,
+        #[arg(long)]
+        jobs: Option<usize>,
     },
     /// Decode every video once into tar shards of fixed-length segments on an object store, plus a manifest.
     Ingest {
@@ -86,19 +100,26 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", confusion.render(&PAPER_TRAIN_RATIOS));
             }
         }
-        Command::Synth { out, videos, min_seconds, max_seconds, seed } => {
-            let cfg = avexpr_data::synth::SynthConfig { videos, min_seconds, max_seconds, seed, ..Default::default() };
+        Command::Synth { out, videos, min_seconds, max_seconds, seed, width, height } => {
+            let cfg = avexpr_data::synth::SynthConfig { videos, min_seconds, max_seconds, seed, width, height };
             let written = avexpr_data::synth::synth(&out, &cfg)?;
             let frames: usize = written.iter().map(|v| v.frames).sum();
             println!("wrote {} annotated/test entries ({frames} frames) under {}", written.len(), out.display());
         }
+        Command::BenchIngest { root, face, jobs } => {
+            let out = std::env::temp_dir().join(format!("avexpr-bench-ingest-{}", std::process::id()));
+            let mut cfg = avexpr_data::ingest::IngestConfig::new(root, out.display().to_string());
+            cfg.face = face_source(&face)?;
+            if let Some(jobs) = jobs {
+                cfg.jobs = jobs;
+            }
+            let result = avexpr_data::bench::ingest_vs_cli(&cfg);
+            let _ = std::fs::remove_dir_all(&out);
+            print!("{}", result?);
+        }
         Command::Ingest { root, out, segment_frames, shard_frames, face, face_size, jobs } => {
-            use avexpr_data::ingest::{FaceSource, IngestConfig, ingest};
-            let face = match face.as_str() {
-                "crops" => FaceSource::Crops,
-                "full-frame" => FaceSource::FullFrame,
-                other => anyhow::bail!("--face: `{other}` is not one of crops, full-frame"),
-            };
+            use avexpr_data::ingest::{IngestConfig, ingest};
+            let face = face_source(&face)?;
             let mut cfg = IngestConfig::new(root, out);
             cfg.segment_frames = segment_frames;
             cfg.shard_frames = shard_frames;
@@ -142,6 +163,14 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn face_source(name: &str) -> Result<avexpr_data::ingest::FaceSource> {
+    Ok(match name {
+        "crops" => avexpr_data::ingest::FaceSource::Crops,
+        "full-frame" => avexpr_data::ingest::FaceSource::FullFrame,
+        other => anyhow::bail!("--face: `{other}` is not one of crops, full-frame"),
+    })
 }
 
 fn main() -> ExitCode {
