@@ -55,6 +55,14 @@ pub struct IngestConfig {
 }
 
 impl IngestConfig {
+    /// What a video's shards depend on; a record written under other settings is redone, not reused.
+    pub fn settings(&self) -> String {
+        format!(
+            "{FORMAT}; segment_frames {}; shard_frames {}; face {:?} {}",
+            self.segment_frames, self.shard_frames, self.face, self.face_size
+        )
+    }
+
     pub fn new(root: PathBuf, out: String) -> Self {
         let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self { root, out, segment_frames: 32, shard_frames: 1024, face: FaceSource::Crops, face_size: 112, jobs }
@@ -74,6 +82,8 @@ pub struct ShardRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VideoRecord {
     pub name: String,
+    /// [`IngestConfig::settings`] of the run that wrote it.
+    pub settings: String,
     pub split: Split,
     /// Relative to the dataset root.
     pub media: String,
@@ -330,6 +340,7 @@ fn write_entry(
     }
     let record = VideoRecord {
         name: entry.name.clone(),
+        settings: cfg.settings(),
         split: entry.split,
         media: media.strip_prefix(&cfg.root).unwrap_or(media).display().to_string(),
         frames,
@@ -401,6 +412,7 @@ pub fn ingest(cfg: &IngestConfig) -> Result<IngestReport, IngestError> {
                     Err(_) => None,
                 }
             });
+            let previous = previous.filter(|r| r.settings == cfg.settings());
             match previous {
                 Some(record) => results.lock().expect("no panic holding the lock")[i] = Some((Ok(record), true)),
                 None => pending.push(i),

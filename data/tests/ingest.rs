@@ -102,6 +102,14 @@ fn local_round_trip_idempotent_rerun_and_interrupted_video() {
     let redo = ingest(&config(&root, &out)).unwrap();
     assert_eq!(redo.ingested, vec![victim.name.clone()]);
     assert_eq!(check_round_trip(&store, &written), manifest);
+
+    // Other settings: nothing of the earlier run is reused.
+    let mut longer = config(&root, &out);
+    longer.segment_frames = 8;
+    let rerun = ingest(&longer).unwrap();
+    assert_eq!((rerun.ingested.len(), rerun.skipped.len()), (written.len(), 0));
+    assert!(rerun.manifest.videos.iter().all(|v| v.shards.iter().all(|s| s.segments == s.frames.div_ceil(8))));
+    check_round_trip(&store, &written);
 }
 
 #[test]
