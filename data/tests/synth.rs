@@ -79,3 +79,70 @@ fn bad_settings_are_refused() {
     let e = synth(tmp.path(), &SynthConfig { videos: 2, ..Default::default() }).unwrap_err().to_string();
     assert!(e.contains("need >= 3 videos"), "{e}");
 }
+
+/// The rendered content carries each class in the intended modality: from the written files (JPEG crops, the
+/// mp4's decoded audio), class centroids of face pixels and of audio spectra are far apart except for the
+/// pairs designed to share a modality (Anger/Disgust look alike; Fear/Surprise and Happiness/Other sound alike).
+#[test]
+fn classes_need_both_modalities() {
+    use avexpr_data::Expression::{Anger, Disgust, Fear, Happiness, Other, Surprise};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("affwild2");
+    let written = synth(&root, &SynthConfig { videos: 40, seed: 3, ..Default::default() }).unwrap();
+    let layout = Layout::discover(&root).unwrap();
+    let (mut visual, mut audio): (Vec<Vec<Vec<f64>>>, Vec<Vec<Vec<f64>>>) = (vec![Vec::new(); 8], vec![Vec::new(); 8]);
+    for v in written.iter().filter(|v| !v.labels.is_empty()) {
+        let entry = layout.videos.iter().find(|e| e.name == v.name).unwrap();
+        let info = decode_video(entry.media.as_ref().unwrap(), None, |_| Ok(())).unwrap();
+        let samples = avexpr_data::decode::audio_samples(info.frames, info.fps);
+        let pcm = avexpr_data::decode::decode_audio(entry.media.as_ref().unwrap(), samples).unwrap();
+        for (f, &label) in v.labels.iter().enumerate().take(v.frames).step_by(2) {
+            // Skip ignored frames, missing crops and the frames right after a class change.
+            if label < 0 || v.missing_crops.contains(&(f as u32 + 1)) || f < 6 || v.labels[f - 6] != label {
+                continue;
+            }
+            let crop = image::open(entry.crops.as_ref().unwrap().join(format!("{:05}.jpg", f + 1))).unwrap().to_luma8();
+            // Standardised per crop: skin tone and lighting (per video) drop out, the drawn features stay.
+            let small = image::imageops::resize(&crop, 24, 24, image::imageops::FilterType::Triangle);
+            let px: Vec<f64> = small.pixels().map(|p| p.0[0] as f64).collect();
+            let mean = px.iter().sum::<f64>() / px.len() as f64;
+            let std = (px.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / px.len() as f64).sqrt().max(1e-9);
+            visual[label as usize].push(px.iter().map(|x| (x - mean) / std).collect());
+            if v.name.ends_with("_right") {
+                continue; // the voice is the left person's
+            }
+            // Magnitude spectrum (20 Hz bins up to 1.6 kHz) of 4096 samples around the frame, energy-normalised.
+            let centre = ((f as f64 + 0.5) / info.fps * 16_000.0) as usize;
+            let start = centre.saturating_sub(2048).min(pcm.len().saturating_sub(4096));
+            let window = &pcm[start..(start + 4096).min(pcm.len())];
+            let spectrum: Vec<f64> = (1..80)
+                .map(|k| {
+                    let w = std::f64::consts::TAU * (k as f64 * 20.0) / 16_000.0;
+                    let (re, im) = window.iter().enumerate().fold((0.0, 0.0), |(re, im), (n, &x)| {
+                        (re + x as f64 * (w * n as f64).cos(), im + x as f64 * (w * n as f64).sin())
+                    });
+                    (re * re + im * im).sqrt()
+                })
+                .collect();
+            let total: f64 = spectrum.iter().sum::<f64>().max(1e-9);
+            audio[label as usize].push(spectrum.iter().map(|s| s / total).collect());
+        }
+    }
+    let centroid = |xs: &[Vec<f64>]| -> Vec<f64> {
+        assert!(xs.len() >= 5, "too few frames for a class");
+        (0..xs[0].len()).map(|d| xs.iter().map(|x| x[d]).sum::<f64>() / xs.len() as f64).collect()
+    };
+    let distance = |features: &[Vec<Vec<f64>>], a: avexpr_data::Expression, b: avexpr_data::Expression| {
+        let (ca, cb) = (centroid(&features[a.index()]), centroid(&features[b.index()]));
+        ca.iter().zip(&cb).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt()
+    };
+    // Each shared-modality pair is much closer there than in the other modality, relative to a pair that
+    // differs in both (Anger vs Happiness).
+    let (v_ref, a_ref) = (distance(&visual, Anger, Happiness), distance(&audio, Anger, Happiness));
+    for (a, b, same_in_video) in [(Anger, Disgust, true), (Fear, Surprise, false), (Happiness, Other, false)] {
+        let (v, s) = (distance(&visual, a, b) / v_ref, distance(&audio, a, b) / a_ref);
+        let (alike, apart) = if same_in_video { (v, s) } else { (s, v) };
+        eprintln!("{a} vs {b}: video {v:.3}, audio {s:.3} (relative to Anger vs Happiness)");
+        assert!(alike < 0.25 && apart > 0.5, "{a} vs {b}: video {v:.3}, audio {s:.3} (relative to Anger vs Happiness)");
+    }
+}
