@@ -90,7 +90,9 @@ fn classes_need_both_modalities() {
     let root = tmp.path().join("affwild2");
     let written = synth(&root, &SynthConfig { videos: 40, seed: 3, ..Default::default() }).unwrap();
     let layout = Layout::discover(&root).unwrap();
-    let (mut visual, mut audio): (Vec<Vec<Vec<f64>>>, Vec<Vec<Vec<f64>>>) = (vec![Vec::new(); 8], vec![Vec::new(); 8]);
+    // Per class, one feature vector per sampled frame.
+    let mut visual: Vec<Vec<Vec<f64>>> = vec![Vec::new(); 8];
+    let mut audio: Vec<Vec<Vec<f64>>> = vec![Vec::new(); 8];
     for v in written.iter().filter(|v| !v.labels.is_empty()) {
         let entry = layout.videos.iter().find(|e| e.name == v.name).unwrap();
         let info = decode_video(entry.media.as_ref().unwrap(), None, |_| Ok(())).unwrap();
