@@ -29,7 +29,7 @@ use crate::layout::{Layout, Split, VideoEntry, crop_frames};
 use crate::store::{Store, StoreError};
 
 pub const MANIFEST: &str = "manifest.json";
-pub const FORMAT: &str = "avexpr-shards-1";
+pub const FORMAT: &str = "avexpr-shards-2";
 pub const LABEL_POLICY: &str = "label line i belongs to decoded frame i; labels beyond the last frame are dropped; \
                                 frames beyond the last label are labelled -1 (ignored)";
 
@@ -94,6 +94,9 @@ pub struct VideoRecord {
     /// `None` for test videos (no annotation).
     pub labels: Option<LabelAlignment>,
     pub label_histogram: [u64; NUM_CLASSES],
+    /// The per-frame labels after the mismatch policy, run-length encoded as (label, run length): what the
+    /// loader plans clips from without reading shards.
+    pub label_runs: Vec<(i8, u32)>,
     pub ignored_frames: u64,
     pub face_missing: u64,
     pub shards: Vec<ShardRecord>,
@@ -349,6 +352,7 @@ fn write_entry(
         has_audio: info.has_audio,
         labels: alignment,
         ignored_frames: labels.iter().filter(|&&l| l < 0).count() as u64,
+        label_runs: run_length(&labels),
         label_histogram: histogram,
         face_missing,
         shards,
@@ -356,6 +360,24 @@ fn write_entry(
     let json = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
     rt.block_on(store.put(&record_key(&entry.name), Bytes::from(json))).map_err(|e| e.to_string())?;
     Ok(record)
+}
+
+fn run_length(labels: &[i8]) -> Vec<(i8, u32)> {
+    let mut runs: Vec<(i8, u32)> = Vec::new();
+    for &l in labels {
+        match runs.last_mut() {
+            Some((label, n)) if *label == l => *n += 1,
+            _ => runs.push((l, 1)),
+        }
+    }
+    runs
+}
+
+impl VideoRecord {
+    /// The per-frame labels (after the mismatch policy), expanded from `label_runs`.
+    pub fn labels(&self) -> Vec<i8> {
+        self.label_runs.iter().flat_map(|&(l, n)| std::iter::repeat_n(l, n as usize)).collect()
+    }
 }
 
 /// A video's record or error, and whether it was already ingested by an earlier run.

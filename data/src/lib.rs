@@ -12,6 +12,7 @@ pub mod layout;
 pub mod logging;
 pub mod metric;
 pub mod predictions;
+pub mod sampler;
 pub mod shard;
 pub mod store;
 pub mod synth;

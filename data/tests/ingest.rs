@@ -65,6 +65,7 @@ fn check_round_trip(store: &Store, written: &[SynthVideo]) -> Manifest {
             }
         }
         assert_eq!(labels, want_labels, "{}: labels after the mismatch policy", v.name);
+        assert_eq!(v.labels(), want_labels, "{}: the manifest's label runs", v.name);
         assert_eq!((faces, audio), (v.frames, audio_samples(v.frames, v.fps)), "{}", v.name);
         assert_eq!(audio, v.audio_samples);
         assert_eq!(missing, source.missing_crops.len() as u64, "{}: frames standing in for missing crops", v.name);

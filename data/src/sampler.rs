@@ -1,0 +1,321 @@
+//! What each rank reads, in which order: the deterministic planning half of the streaming loader.
+//!
+//! - Plan: videos of a split assigned to ranks, balanced by labelled frames (largest first to the least loaded
+//!   rank, ties by rank), identical on every rank; or an explicit plan (video -> rank) that is honoured.
+//! - Clips: windows of `frames_per_clip` frames every `stride` frames whose target frame (last or centre) is
+//!   labelled; where that leaves a labelled frame outside every window (its neighbours' targets are -1), a
+//!   window is added around it with the labelled target reaching furthest ahead. So the clips of an epoch cover
+//!   every labelled frame. Windows may reach past the video's start or end: those frames are padding, masked.
+//!   Dense evaluation instead gives one window ending at every frame, left-padded at the start.
+//! - Order: the rank's clips shuffled from (seed, epoch, rank), or, class-balanced, drawn with replacement with
+//!   weights 1 / (class frequency of the target in the manifest).
+//! - Cursor: (epoch, position in the order). The order is a pure function of the plan and (seed, epoch, rank),
+//!   so restarting from a cursor yields exactly the clips the original would have yielded next.
+
+use std::collections::BTreeMap;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::affwild2::NUM_CLASSES;
+use crate::ingest::{Manifest, VideoRecord};
+use crate::layout::Split;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// The clip's last frame (causal).
+    Last,
+    Center,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplerConfig {
+    pub frames_per_clip: usize,
+    pub stride: usize,
+    pub target: Target,
+    pub class_balanced: bool,
+    /// One window ending at every frame (evaluation), instead of strided training windows.
+    pub dense: bool,
+    pub seed: u64,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        Self { frames_per_clip: 16, stride: 8, target: Target::Last, class_balanced: false, dense: false, seed: 0 }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SamplerError {
+    #[error("{field}: {reason}")]
+    Config { field: &'static str, reason: String },
+    #[error("plan: {0}")]
+    Plan(String),
+}
+
+/// One clip: `frames` frames of `video` from `start`; positions before frame 0 or past the video's end are
+/// padding.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Clip {
+    pub video: String,
+    pub start: i64,
+    pub frames: usize,
+    /// The video's length.
+    pub video_frames: usize,
+    /// The target frame's label (-1 only in dense mode).
+    pub target: i8,
+}
+
+impl Clip {
+    /// The video frames the clip covers (padding excluded).
+    pub fn frame_range(&self) -> std::ops::Range<usize> {
+        let end = (self.start + self.frames as i64).clamp(0, self.video_frames as i64) as usize;
+        (self.start.max(0) as usize).min(end)..end
+    }
+}
+
+/// Where a rank's stream is: restart from it to continue exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub position: usize,
+}
+
+impl SamplerConfig {
+    pub fn validate(&self) -> Result<(), SamplerError> {
+        if self.frames_per_clip == 0 {
+            return Err(SamplerError::Config { field: "data.frames_per_clip", reason: "must be positive".into() });
+        }
+        if self.stride == 0 || self.stride > self.frames_per_clip {
+            return Err(SamplerError::Config {
+                field: "data.stride",
+                reason: format!(
+                    "{} must be in 1..=frames_per_clip ({}) so that no frame is skipped",
+                    self.stride, self.frames_per_clip
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn target_offset(&self) -> usize {
+        match self.target {
+            Target::Last => self.frames_per_clip - 1,
+            Target::Center => self.frames_per_clip / 2,
+        }
+    }
+
+    /// The clips of one video.
+    pub fn clips(&self, video: &VideoRecord) -> Vec<Clip> {
+        let labels = video.labels();
+        let n = labels.len();
+        let (span, offset) = (self.frames_per_clip, self.target_offset());
+        let clip = |target: usize| Clip {
+            video: video.name.clone(),
+            start: target as i64 - offset as i64,
+            frames: span,
+            video_frames: n,
+            target: labels[target],
+        };
+        if self.dense {
+            // One window ending at every frame.
+            return (0..n).map(|f| Clip { start: f as i64 + 1 - span as i64, ..clip(f) }).collect();
+        }
+        if n == 0 {
+            return Vec::new();
+        }
+        // Strided windows inside the video, the last one ending at its last frame; keep labelled targets.
+        let last_start = n.saturating_sub(span);
+        let mut starts: Vec<usize> = (0..=last_start).step_by(self.stride).collect();
+        if starts.last() != Some(&last_start) {
+            starts.push(last_start);
+        }
+        let mut targets: Vec<usize> =
+            starts.into_iter().map(|s| (s + offset).min(n - 1)).filter(|&t| labels[t] >= 0).collect();
+        targets.dedup();
+        // Cover what the skipped windows left out: a labelled frame f lies in the window of target t when
+        // t - offset <= f <= t - offset + span - 1; take the furthest labelled t (f itself qualifies).
+        let mut covered = vec![false; n];
+        let cover = |t: usize, covered: &mut Vec<bool>| {
+            let first = t.saturating_sub(offset);
+            for c in covered.iter_mut().take((t + span - offset).min(n)).skip(first) {
+                *c = true;
+            }
+        };
+        for &t in &targets {
+            cover(t, &mut covered);
+        }
+        for f in 0..n {
+            if labels[f] >= 0 && !covered[f] {
+                let t = (f..=(f + offset).min(n - 1)).rev().find(|&t| labels[t] >= 0).expect("f itself is labelled");
+                cover(t, &mut covered);
+                targets.push(t);
+            }
+        }
+        targets.sort_unstable();
+        targets.into_iter().map(clip).collect()
+    }
+}
+
+/// Video -> rank.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub world_size: usize,
+    pub ranks: BTreeMap<String, usize>,
+}
+
+impl Plan {
+    /// Largest videos first (by labelled frames, then name), each to the least loaded rank (then the lowest).
+    pub fn balanced(videos: &[&VideoRecord], world_size: usize) -> Plan {
+        let mut order: Vec<&VideoRecord> = videos.to_vec();
+        let labelled = |v: &VideoRecord| v.frames as u64 - v.ignored_frames;
+        order.sort_by(|a, b| labelled(b).cmp(&labelled(a)).then_with(|| a.name.cmp(&b.name)));
+        let mut load = vec![0u64; world_size.max(1)];
+        let mut ranks = BTreeMap::new();
+        for v in order {
+            let rank = (0..load.len()).min_by_key(|&r| (load[r], r)).expect("at least one rank");
+            load[rank] += labelled(v);
+            ranks.insert(v.name.clone(), rank);
+        }
+        Plan { world_size: world_size.max(1), ranks }
+    }
+
+    /// Labelled frames per rank.
+    pub fn loads(&self, videos: &[&VideoRecord]) -> Vec<u64> {
+        let mut load = vec![0u64; self.world_size];
+        for v in videos {
+            load[self.ranks[&v.name]] += v.frames as u64 - v.ignored_frames;
+        }
+        load
+    }
+
+    fn check(&self, videos: &[&VideoRecord], world_size: usize) -> Result<(), SamplerError> {
+        if self.world_size != world_size {
+            return Err(SamplerError::Plan(format!("made for {} ranks, the job has {world_size}", self.world_size)));
+        }
+        for v in videos {
+            match self.ranks.get(&v.name) {
+                None => return Err(SamplerError::Plan(format!("video `{}` is not assigned to any rank", v.name))),
+                Some(&r) if r >= world_size => {
+                    return Err(SamplerError::Plan(format!(
+                        "video `{}` is assigned to rank {r} of {world_size}",
+                        v.name
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One rank's view of a split: its clips, in a per-epoch order.
+#[derive(Debug, Clone)]
+pub struct RankSampler {
+    cfg: SamplerConfig,
+    rank: usize,
+    clips: Vec<Clip>,
+    class_weights: [f64; NUM_CLASSES],
+}
+
+impl RankSampler {
+    /// `plan`: `None` for the balanced plan every rank computes identically.
+    pub fn new(
+        manifest: &Manifest,
+        split: Split,
+        rank: usize,
+        world_size: usize,
+        cfg: &SamplerConfig,
+        plan: Option<&Plan>,
+    ) -> Result<Self, SamplerError> {
+        cfg.validate()?;
+        if rank >= world_size {
+            return Err(SamplerError::Plan(format!("rank {rank} of a world of {world_size}")));
+        }
+        let videos: Vec<&VideoRecord> = manifest.videos.iter().filter(|v| v.split == split).collect();
+        let plan = match plan {
+            Some(plan) => {
+                plan.check(&videos, world_size)?;
+                plan.clone()
+            }
+            None => Plan::balanced(&videos, world_size),
+        };
+        let clips: Vec<Clip> =
+            videos.iter().filter(|v| plan.ranks[&v.name] == rank).flat_map(|v| cfg.clips(v)).collect();
+        let mut counts = [0u64; NUM_CLASSES];
+        for v in &videos {
+            for (c, n) in counts.iter_mut().zip(v.label_histogram) {
+                *c += n;
+            }
+        }
+        let class_weights = counts.map(|n| if n > 0 { 1.0 / n as f64 } else { 0.0 });
+        Ok(Self { cfg: cfg.clone(), rank, clips, class_weights })
+    }
+
+    /// Clips per epoch on this rank.
+    pub fn len(&self) -> usize {
+        self.clips.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.clips.is_empty()
+    }
+
+    fn rng(&self, epoch: u64) -> ChaCha8Rng {
+        // Distinct, reproducible streams per (seed, epoch, rank).
+        let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed);
+        rng.set_stream(epoch.wrapping_mul(1 << 20).wrapping_add(self.rank as u64));
+        rng
+    }
+
+    /// The epoch's order: shuffled, or drawn class-balanced; dense evaluation keeps video order.
+    pub fn epoch(&self, epoch: u64) -> Vec<Clip> {
+        if self.cfg.dense {
+            return self.clips.clone();
+        }
+        let mut rng = self.rng(epoch);
+        if self.cfg.class_balanced {
+            let weights: Vec<f64> = self.clips.iter().map(|c| self.class_weights[c.target as usize]).collect();
+            let total: f64 = weights.iter().sum();
+            if total <= 0.0 {
+                return Vec::new();
+            }
+            return (0..self.clips.len())
+                .map(|_| {
+                    let mut x = rng.random::<f64>() * total;
+                    let i = weights.iter().position(|w| {
+                        x -= w;
+                        x < 0.0
+                    });
+                    self.clips[i.unwrap_or(self.clips.len() - 1)].clone()
+                })
+                .collect();
+        }
+        let mut order = self.clips.clone();
+        order.shuffle(&mut rng);
+        order
+    }
+
+    /// The clips from `cursor` on, each with the cursor that follows it, across epochs.
+    pub fn stream(&self, cursor: Cursor) -> impl Iterator<Item = (Clip, Cursor)> + '_ {
+        let mut epoch = cursor.epoch;
+        let mut position = cursor.position;
+        let mut order = self.epoch(epoch);
+        std::iter::from_fn(move || {
+            if order.is_empty() {
+                return None;
+            }
+            while position >= order.len() {
+                (epoch, position) = (epoch + 1, 0);
+                order = self.epoch(epoch);
+            }
+            let clip = order[position].clone();
+            position += 1;
+            Some((clip, Cursor { epoch, position }))
+        })
+    }
+}
