@@ -7,6 +7,7 @@ pub mod annotation;
 pub mod bench;
 pub mod decode;
 pub mod error;
+pub mod fetch;
 pub mod ingest;
 pub mod layout;
 pub mod logging;

@@ -13,7 +13,7 @@ pub const REGION: &str = "us-east-1";
 pub struct Garage {
     child: Child,
     pub endpoint: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn free_port() -> u16 {
@@ -34,12 +34,20 @@ impl Garage {
             d = dir.path().display(),
             secret = "4425f5c26c5e11581d3223904324dcb5b5d5dfb14e5e7f35e38c595424f5f1e6",
         );
-        let config_path = dir.path().join("garage.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let log = std::fs::File::create(dir.path().join("garage.log")).unwrap();
-        let child = Command::new(garage)
+        std::fs::write(dir.path().join("garage.toml"), config).unwrap();
+        let child = Self::spawn(dir.path());
+        let endpoint = format!("http://127.0.0.1:{api}");
+        let g = Garage { child, endpoint, dir };
+        g.wait_ready();
+        g
+    }
+
+    fn spawn(dir: &std::path::Path) -> Child {
+        let garage = std::env::var("HOME").map(|h| format!("{h}/.cargo/bin/garage")).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("garage.log")).unwrap();
+        Command::new(garage)
             .arg("-c")
-            .arg(&config_path)
+            .arg(dir.join("garage.toml"))
             .args(["server", "--single-node", "--default-bucket"])
             .env("GARAGE_DEFAULT_ACCESS_KEY", ACCESS_KEY)
             .env("GARAGE_DEFAULT_SECRET_KEY", SECRET_KEY)
@@ -48,11 +56,17 @@ impl Garage {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap();
-        let endpoint = format!("http://127.0.0.1:{api}");
-        let g = Garage { child, endpoint, _dir: dir };
-        g.wait_ready();
-        g
+            .unwrap()
+    }
+
+    /// Stops the server (its data stays); `restart` brings it back on the same address.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(self.dir.path());
     }
 
     /// The `object_store` options for this server.
