@@ -1,5 +1,6 @@
 //! A real S3-compatible server for tests: a single-node Garage (installed by scripts/setup) on free loopback
 //! ports in a temporary directory, with a default bucket and key, stopped when dropped.
+#![allow(dead_code)] // each test binary uses a different part
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
