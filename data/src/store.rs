@@ -2,7 +2,9 @@
 //! plain paths, through `object_store`. S3 settings come from the standard environment: `AWS_ACCESS_KEY_ID`,
 //! `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION` / `AWS_REGION`, `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT`) for a
 //! non-AWS server (plain `http://` endpoints are allowed). Credentials are never logged: [`Store::uri`] is the
-//! location only. Requests are retried with `object_store`'s backoff.
+//! location only. Failed requests are retried for up to [`RETRY_FOR`], backing off up to 5 s between tries:
+//! `object_store`'s default (10 tries with jittered backoff from 100 ms) can give up after under 2 s of
+//! outage (seen in a test), too little for a training job to ride out a storage restart.
 
 use std::sync::Arc;
 
@@ -10,7 +12,23 @@ use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+
+/// How long a request is retried before the error surfaces.
+pub const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: std::time::Duration::from_millis(100),
+            max_backoff: std::time::Duration::from_secs(5),
+            base: 2.0,
+        },
+        // Bounded by time, not count.
+        max_retries: usize::MAX,
+        retry_timeout: RETRY_FOR,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -56,7 +74,11 @@ impl Store {
                     key.parse().map_err(|e: object_store::Error| open_err(e.to_string()))?;
                 builder = builder.with_config(key, *value);
             }
-            let s3 = builder.with_virtual_hosted_style_request(false).build().map_err(|e| open_err(e.to_string()))?;
+            let s3 = builder
+                .with_virtual_hosted_style_request(false)
+                .with_retry(retry_config())
+                .build()
+                .map_err(|e| open_err(e.to_string()))?;
             return Ok(Store {
                 inner: Arc::new(s3),
                 prefix: prefix.trim_matches('/').to_string(),
