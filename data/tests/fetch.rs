@@ -83,17 +83,9 @@ fn a_storage_outage_mid_read_is_retried_with_identical_results() {
     let root = tmp.path().join("affwild2");
     dataset(&root);
     let uri = format!("s3://{}/outage", garage::BUCKET);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_data"))
-        .args(["ingest", "--segment-frames", "16", "--shard-frames", "32", "--root"])
-        .arg(&root)
-        .args(["--out", &uri])
-        .envs(garage.env())
-        .output()
-        .unwrap();
+    let out = garage.ingest_with_cli(&root, &uri);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let opts = garage.options();
-    let opts: Vec<(&str, &str)> = opts.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let store = Store::open_with(&uri, &opts).unwrap();
+    let store = garage.store(&uri);
     let manifest = read_manifest(&store).unwrap();
     let shards: Vec<ShardRecord> = manifest.videos.iter().flat_map(|v| v.shards.clone()).collect();
     let rt = rt();

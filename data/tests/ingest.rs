@@ -185,22 +185,14 @@ fn s3_round_trip_through_the_cli_with_aws_environment() {
     let root = tmp.path().join("affwild2");
     let written = small_dataset(&root);
     let uri = format!("s3://{}/runs/synth", garage::BUCKET);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_data"))
-        .args(["ingest", "--segment-frames", "16", "--shard-frames", "32", "--root"])
-        .arg(&root)
-        .args(["--out", &uri])
-        .envs(garage.env())
-        .output()
-        .unwrap();
+    let out = garage.ingest_with_cli(&root, &uri);
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(
         !stdout.contains(garage::SECRET_KEY) && !stderr.contains(garage::SECRET_KEY),
         "the secret is never printed"
     );
-    let opts = garage.options();
-    let opts: Vec<(&str, &str)> = opts.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let store = Store::open_with(&uri, &opts).unwrap();
+    let store = garage.store(&uri);
     check_round_trip(&store, &written);
     // A missing object is an error naming its key.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

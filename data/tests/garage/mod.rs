@@ -70,15 +70,28 @@ impl Garage {
         self.child = Self::spawn(self.dir.path());
     }
 
-    /// The `object_store` options for this server.
-    pub fn options(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("aws_endpoint", self.endpoint.clone()),
-            ("aws_access_key_id", ACCESS_KEY.into()),
-            ("aws_secret_access_key", SECRET_KEY.into()),
-            ("aws_region", REGION.into()),
-            ("aws_allow_http", "true".into()),
-        ]
+    /// A store on this server, configured with explicit options (not the process environment).
+    pub fn store(&self, uri: &str) -> avexpr_data::store::Store {
+        let options = [
+            ("aws_endpoint", self.endpoint.as_str()),
+            ("aws_access_key_id", ACCESS_KEY),
+            ("aws_secret_access_key", SECRET_KEY),
+            ("aws_region", REGION),
+            ("aws_allow_http", "true"),
+        ];
+        avexpr_data::store::Store::open_with(uri, &options).unwrap()
+    }
+
+    /// `data ingest --root root --out uri` (16-frame segments, 32-frame shards) as a user runs it, with only
+    /// the standard AWS_* environment pointing at this server.
+    pub fn ingest_with_cli(&self, root: &std::path::Path, uri: &str) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_data"))
+            .args(["ingest", "--segment-frames", "16", "--shard-frames", "32", "--root"])
+            .arg(root)
+            .args(["--out", uri])
+            .envs(self.env())
+            .output()
+            .unwrap()
     }
 
     /// The standard AWS_* environment a user would set for this server.
@@ -92,9 +105,7 @@ impl Garage {
     }
 
     fn wait_ready(&self) {
-        let opts = self.options();
-        let opts: Vec<(&str, &str)> = opts.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let store = avexpr_data::store::Store::open_with(&format!("s3://{BUCKET}/ready"), &opts).unwrap();
+        let store = self.store(&format!("s3://{BUCKET}/ready"));
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let start = Instant::now();
         loop {
