@@ -10,6 +10,7 @@ pub mod error;
 pub mod fetch;
 pub mod ingest;
 pub mod layout;
+pub mod loader;
 pub mod logging;
 pub mod metric;
 pub mod predictions;

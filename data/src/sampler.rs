@@ -7,15 +7,20 @@
 //!   window is added around it with the labelled target reaching furthest ahead. So the clips of an epoch cover
 //!   every labelled frame. Windows may reach past the video's start or end: those frames are padding, masked.
 //!   Dense evaluation instead gives one window ending at every frame, left-padded at the start.
-//! - Order: the rank's clips shuffled from (seed, epoch, rank), or, class-balanced, drawn with replacement with
-//!   weights 1 / (class frequency of the target in the manifest).
+//! - Order: shards are what storage serves, so the order is shuffled in two levels, as WebDataset does, but
+//!   reproducibly: each clip belongs to the shard holding its target frame; the rank's shards are shuffled
+//!   from (seed, epoch, rank) and taken in windows of `shuffle_shards`; the clips of a window are shuffled
+//!   together (or, class-balanced, drawn with replacement with weights 1 / (class frequency of the target in
+//!   the manifest)). A loader then holds one window's shards at a time, whatever the dataset size.
 //! - Cursor: (epoch, position in the order). The order is a pure function of the plan and (seed, epoch, rank),
 //!   so restarting from a cursor yields exactly the clips the original would have yielded next.
 
 use std::collections::BTreeMap;
 
+use rand::SeedableRng;
+use rand::distr::Distribution;
+use rand::distr::weighted::WeightedIndex;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -40,12 +45,22 @@ pub struct SamplerConfig {
     pub class_balanced: bool,
     /// One window ending at every frame (evaluation), instead of strided training windows.
     pub dense: bool,
+    /// Shards whose clips are shuffled together: more mixes better and needs more prefetch memory.
+    pub shuffle_shards: usize,
     pub seed: u64,
 }
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        Self { frames_per_clip: 16, stride: 8, target: Target::Last, class_balanced: false, dense: false, seed: 0 }
+        Self {
+            frames_per_clip: 16,
+            stride: 8,
+            target: Target::Last,
+            class_balanced: false,
+            dense: false,
+            shuffle_shards: 16,
+            seed: 0,
+        }
     }
 }
 
@@ -79,7 +94,7 @@ impl Clip {
 }
 
 /// Where a rank's stream is: restart from it to continue exactly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
     pub epoch: u64,
     pub position: usize,
@@ -98,6 +113,9 @@ impl SamplerConfig {
                     self.stride, self.frames_per_clip
                 ),
             });
+        }
+        if self.shuffle_shards == 0 {
+            return Err(SamplerError::Config { field: "data.shuffle_shards", reason: "must be positive".into() });
         }
         Ok(())
     }
@@ -213,13 +231,31 @@ impl Plan {
     }
 }
 
-/// One rank's view of a split: its clips, in a per-epoch order.
+/// One rank's view of a split: its clips grouped by shard, in a per-epoch order.
 #[derive(Debug, Clone)]
 pub struct RankSampler {
     cfg: SamplerConfig,
     rank: usize,
-    clips: Vec<Clip>,
+    /// Per shard (a video without shard records is one unit), its clips in frame order.
+    units: Vec<Vec<Clip>>,
+    len: usize,
     class_weights: [f64; NUM_CLASSES],
+}
+
+/// A video's clips split by the shard that holds each one's target frame (last frame of a dense window).
+fn units_of(cfg: &SamplerConfig, video: &VideoRecord) -> Vec<Vec<Clip>> {
+    let clips = cfg.clips(video);
+    if video.shards.is_empty() {
+        return vec![clips];
+    }
+    let offset = if cfg.dense { cfg.frames_per_clip - 1 } else { cfg.target_offset() };
+    let mut units = vec![Vec::new(); video.shards.len()];
+    for clip in clips {
+        let target = (clip.start + offset as i64) as usize;
+        let shard = video.shards.partition_point(|s| s.first_frame + s.frames <= target).min(units.len() - 1);
+        units[shard].push(clip);
+    }
+    units
 }
 
 impl RankSampler {
@@ -244,8 +280,13 @@ impl RankSampler {
             }
             None => Plan::balanced(&videos, world_size),
         };
-        let clips: Vec<Clip> =
-            videos.iter().filter(|v| plan.ranks[&v.name] == rank).flat_map(|v| cfg.clips(v)).collect();
+        let units: Vec<Vec<Clip>> = videos
+            .iter()
+            .filter(|v| plan.ranks[&v.name] == rank)
+            .flat_map(|v| units_of(cfg, v))
+            .filter(|u| !u.is_empty())
+            .collect();
+        let len = units.iter().map(Vec::len).sum();
         let mut counts = [0u64; NUM_CLASSES];
         for v in &videos {
             for (c, n) in counts.iter_mut().zip(v.label_histogram) {
@@ -253,16 +294,24 @@ impl RankSampler {
             }
         }
         let class_weights = counts.map(|n| if n > 0 { 1.0 / n as f64 } else { 0.0 });
-        Ok(Self { cfg: cfg.clone(), rank, clips, class_weights })
+        Ok(Self { cfg: cfg.clone(), rank, units, len, class_weights })
+    }
+
+    pub fn config(&self) -> &SamplerConfig {
+        &self.cfg
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
     }
 
     /// Clips per epoch on this rank.
     pub fn len(&self) -> usize {
-        self.clips.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.clips.is_empty()
+        self.len == 0
     }
 
     fn rng(&self, epoch: u64) -> ChaCha8Rng {
@@ -274,30 +323,32 @@ impl RankSampler {
 
     /// The epoch's order: shuffled, or drawn class-balanced; dense evaluation keeps video order.
     pub fn epoch(&self, epoch: u64) -> Vec<Clip> {
+        self.windows(epoch).into_iter().flatten().collect()
+    }
+
+    /// The epoch's order window by window: the clips of `shuffle_shards` shards each. Dense evaluation keeps
+    /// video and frame order.
+    pub fn windows(&self, epoch: u64) -> Vec<Vec<Clip>> {
+        let chunk = self.cfg.shuffle_shards;
         if self.cfg.dense {
-            return self.clips.clone();
+            return self.units.chunks(chunk).map(|c| c.concat()).collect();
         }
         let mut rng = self.rng(epoch);
-        if self.cfg.class_balanced {
-            let weights: Vec<f64> = self.clips.iter().map(|c| self.class_weights[c.target as usize]).collect();
-            let total: f64 = weights.iter().sum();
-            if total <= 0.0 {
-                return Vec::new();
-            }
-            return (0..self.clips.len())
-                .map(|_| {
-                    let mut x = rng.random::<f64>() * total;
-                    let i = weights.iter().position(|w| {
-                        x -= w;
-                        x < 0.0
-                    });
-                    self.clips[i.unwrap_or(self.clips.len() - 1)].clone()
-                })
-                .collect();
-        }
-        let mut order = self.clips.clone();
+        let mut order: Vec<&Vec<Clip>> = self.units.iter().collect();
         order.shuffle(&mut rng);
         order
+            .chunks(chunk)
+            .map(|units| {
+                let mut clips: Vec<Clip> = units.iter().flat_map(|u| u.iter().cloned()).collect();
+                if !self.cfg.class_balanced {
+                    clips.shuffle(&mut rng);
+                    return clips;
+                }
+                let weights = clips.iter().map(|c| self.class_weights[c.target as usize]);
+                let Ok(draw) = WeightedIndex::new(weights) else { return Vec::new() };
+                (0..clips.len()).map(|_| clips[draw.sample(&mut rng)].clone()).collect()
+            })
+            .collect()
     }
 
     /// The clips from `cursor` on, each with the cursor that follows it, across epochs.

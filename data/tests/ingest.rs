@@ -52,14 +52,14 @@ fn check_round_trip(store: &Store, written: &[SynthVideo]) -> Manifest {
                 assert_eq!(sample.meta["first_frame"].as_u64().unwrap() as usize, next_frame);
                 assert_eq!(sample.meta["video"], v.name.as_str());
                 let n = sample.labels.len();
-                assert_eq!(sample.audio.len(), audio_samples(next_frame + n, v.fps) - audio_samples(next_frame, v.fps));
+                assert_eq!(sample.audio_len(), audio_samples(next_frame + n, v.fps) - audio_samples(next_frame, v.fps));
                 for jpeg in &sample.faces {
                     let img = image::load_from_memory(jpeg).unwrap();
                     assert_eq!((img.width(), img.height()), (112, 112));
                 }
                 faces += sample.faces.len();
                 missing += sample.face_missing.iter().map(|&m| m as u64).sum::<u64>();
-                audio += sample.audio.len();
+                audio += sample.audio_len();
                 labels.extend(sample.labels);
                 next_frame += n;
             }

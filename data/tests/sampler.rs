@@ -252,3 +252,31 @@ fn bad_settings_name_the_field() {
         Err(SamplerError::Config { .. })
     ));
 }
+
+/// Clips are shuffled within windows of `shuffle_shards` shards (by target frame), which a loader can hold.
+#[test]
+fn windows_hold_the_clips_of_a_few_shards() {
+    let mut m = manifest(12, 9);
+    for v in &mut m.videos {
+        v.shards = (0..v.frames.div_ceil(32))
+            .map(|i| avexpr_data::ingest::ShardRecord {
+                key: format!("{}-{i}", v.name),
+                bytes: 1,
+                sha256: String::new(),
+                first_frame: 32 * i,
+                frames: (v.frames - 32 * i).min(32),
+                segments: 1,
+            })
+            .collect();
+    }
+    let cfg = SamplerConfig { shuffle_shards: 3, seed: 4, ..Default::default() };
+    let sampler = RankSampler::new(&m, Split::Train, 0, 1, &cfg, None).unwrap();
+    let windows = sampler.windows(0);
+    assert!(windows.len() > 5);
+    for w in &windows {
+        let shards: BTreeSet<(String, i64)> = w.iter().map(|c| (c.video.clone(), (c.start + 15) / 32)).collect();
+        assert!(shards.len() <= 3, "{shards:?}");
+    }
+    assert_eq!(windows.concat(), sampler.epoch(0));
+    assert_ne!(sampler.windows(1), windows, "reshuffled per epoch");
+}
