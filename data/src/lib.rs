@@ -4,10 +4,12 @@
 
 pub mod affwild2;
 pub mod annotation;
+pub mod augment;
 pub mod bench;
 pub mod decode;
 pub mod error;
 pub mod fetch;
+pub mod garage;
 pub mod ingest;
 pub mod layout;
 pub mod loader;

@@ -26,40 +26,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
+use fast_image_resize::Resizer;
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+pub use crate::augment::AugmentConfig;
+use crate::augment::{Augmentation, bilinear, to_chw};
 use crate::decode::{AUDIO_RATE, audio_samples};
 use crate::fetch::{FetchError, fetch_shard};
 use crate::ingest::{Manifest, VideoRecord};
 use crate::sampler::{Clip, Cursor, RankSampler, SamplerError};
 use crate::shard::Sample;
 use crate::store::Store;
-
-/// Train-time augmentation, drawn once per clip and applied to all its frames alike.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AugmentConfig {
-    /// Random resized crop: share of the face's area kept, range.
-    pub scale: [f32; 2],
-    /// Random resized crop: aspect ratio (width / height) range.
-    pub ratio: [f32; 2],
-    /// Probability of a horizontal flip.
-    pub flip: f32,
-    /// Colour jitter: factors drawn from [1 - x, 1 + x].
-    pub brightness: f32,
-    pub contrast: f32,
-    pub saturation: f32,
-}
-
-impl Default for AugmentConfig {
-    fn default() -> Self {
-        Self { scale: [0.8, 1.0], ratio: [0.75, 4.0 / 3.0], flip: 0.5, brightness: 0.3, contrast: 0.3, saturation: 0.3 }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -587,9 +568,10 @@ impl Shared {
     }
 
     fn decode_loop(&self, jobs: crossbeam_channel::Receiver<Job>, done: crossbeam_channel::Sender<Done>) {
+        let mut resizer = Resizer::new();
         while let Ok(job) = jobs.recv() {
             let result = match job.work {
-                Ok(Some((work, seed))) => match self.decode(work, seed) {
+                Ok(Some((work, seed))) => match self.decode(work, seed, &mut resizer) {
                     Ok(clip) => Ok(Some(clip)),
                     Err(e) if self.cfg.skip_bad => {
                         tracing::warn!("{e}; the clip is skipped (data.skip_bad)");
@@ -610,7 +592,7 @@ impl Shared {
         }
     }
 
-    fn decode(&self, work: ClipWork, seed: u64) -> Result<DecodedClip, LoaderError> {
+    fn decode(&self, work: ClipWork, seed: u64, resizer: &mut Resizer) -> Result<DecodedClip, LoaderError> {
         let size = self.image_size;
         let plane = 3 * size * size;
         let mut faces = vec![0u8; work.jpegs.len() * plane];
@@ -631,11 +613,16 @@ impl Shared {
             let image = image::load_from_memory_with_format(jpeg, image::ImageFormat::Jpeg)
                 .map_err(|e| bad(e.to_string()))?
                 .into_rgb8();
-            let image = match &aug {
-                Some(aug) => aug.apply(image, size as u32),
-                None => resize(image, size as u32),
-            };
-            to_chw(&image, &mut faces[p * plane..(p + 1) * plane]);
+            let out = &mut faces[p * plane..(p + 1) * plane];
+            match &aug {
+                Some(aug) => aug.apply(&image, size as u32, resizer, out),
+                None if image.dimensions() == (size as u32, size as u32) => to_chw(&image, false, None, out),
+                None => {
+                    let mut resized = RgbImage::new(size as u32, size as u32);
+                    resizer.resize(&image, &mut resized, &bilinear()).expect("same pixel type");
+                    to_chw(&resized, false, None, out)
+                }
+            }
         }
         self.counters.clips.fetch_add(1, Ordering::Relaxed);
         Ok(DecodedClip {
@@ -718,91 +705,6 @@ struct Done {
     cursor: Cursor,
     epoch_end: bool,
     result: Result<Option<DecodedClip>, LoaderError>,
-}
-
-/// One clip's augmentation: a crop (as fractions of the face), a flip and colour factors.
-#[derive(Debug, Clone, Copy)]
-struct Augmentation {
-    crop: [f32; 4],
-    flip: bool,
-    brightness: f32,
-    contrast: f32,
-    saturation: f32,
-}
-
-impl Augmentation {
-    /// As torchvision's RandomResizedCrop (10 tries, then the whole face) and ColorJitter, on a unit square.
-    fn draw(cfg: &AugmentConfig, rng: &mut ChaCha8Rng) -> Augmentation {
-        let mut crop = [0.0, 0.0, 1.0, 1.0];
-        let (lr0, lr1) = (cfg.ratio[0].ln(), cfg.ratio[1].ln());
-        for _ in 0..10 {
-            let area = rng.random_range(cfg.scale[0]..=cfg.scale[1]);
-            let ratio = rng.random_range(lr0..=lr1).exp();
-            let (w, h) = ((area * ratio).sqrt(), (area / ratio).sqrt());
-            if w <= 1.0 && h <= 1.0 {
-                crop = [rng.random_range(0.0..=1.0 - w), rng.random_range(0.0..=1.0 - h), w, h];
-                break;
-            }
-        }
-        let mut factor = |x: f32| if x > 0.0 { rng.random_range(1.0 - x..=1.0 + x) } else { 1.0 };
-        let (brightness, contrast, saturation) = (factor(cfg.brightness), factor(cfg.contrast), factor(cfg.saturation));
-        Augmentation { crop, flip: rng.random::<f32>() < cfg.flip, brightness, contrast, saturation }
-    }
-
-    fn apply(&self, image: RgbImage, size: u32) -> RgbImage {
-        let (w, h) = (image.width() as f32, image.height() as f32);
-        let [x, y, cw, ch] = self.crop;
-        let (x0, y0) = ((x * w).floor() as u32, (y * h).floor() as u32);
-        let (cw, ch) = (
-            ((cw * w).round() as u32).clamp(1, image.width() - x0),
-            ((ch * h).round() as u32).clamp(1, image.height() - y0),
-        );
-        let cropped = image::imageops::crop_imm(&image, x0, y0, cw, ch).to_image();
-        let mut out = image::imageops::resize(&cropped, size, size, image::imageops::FilterType::Triangle);
-        if self.flip {
-            image::imageops::flip_horizontal_in_place(&mut out);
-        }
-        jitter(&mut out, self.brightness, self.contrast, self.saturation);
-        out
-    }
-}
-
-fn gray(p: &[f32; 3]) -> f32 {
-    0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2]
-}
-
-/// ColorJitter's brightness, contrast (around the mean grey) and saturation (around each pixel's grey), in
-/// that order, with values clamped to 0..=255 after each step as torchvision does.
-fn jitter(image: &mut RgbImage, brightness: f32, contrast: f32, saturation: f32) {
-    let mut px: Vec<[f32; 3]> =
-        image.pixels().map(|p| p.0.map(|c| (c as f32 * brightness).clamp(0.0, 255.0))).collect();
-    let mean = px.iter().map(gray).sum::<f32>() / px.len().max(1) as f32;
-    for p in &mut px {
-        *p = p.map(|c| ((c - mean) * contrast + mean).clamp(0.0, 255.0));
-        let g = gray(p);
-        *p = p.map(|c| ((c - g) * saturation + g).clamp(0.0, 255.0));
-    }
-    for (dst, src) in image.pixels_mut().zip(px) {
-        dst.0 = src.map(|c| c.round() as u8);
-    }
-}
-
-fn resize(image: RgbImage, size: u32) -> RgbImage {
-    if image.dimensions() == (size, size) {
-        image
-    } else {
-        image::imageops::resize(&image, size, size, image::imageops::FilterType::Triangle)
-    }
-}
-
-/// HWC -> CHW.
-fn to_chw(image: &RgbImage, out: &mut [u8]) {
-    let plane = (image.width() * image.height()) as usize;
-    for (i, p) in image.pixels().enumerate() {
-        out[i] = p.0[0];
-        out[plane + i] = p.0[1];
-        out[2 * plane + i] = p.0[2];
-    }
 }
 
 /// A running loader: an iterator of batches.

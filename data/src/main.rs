@@ -54,6 +54,32 @@ enum Command {
         #[arg(long)]
         jobs: Option<usize>,
     },
+    /// Loader throughput (clips/s) from S3 (a local Garage, or --s3 with the AWS_* environment), from local
+    /// files and from memory (the decode-only limit), with 1 and 2 decode threads; consumer waiting; peak RSS.
+    BenchLoader {
+        #[arg(long, default_value_t = 16)]
+        videos: usize,
+        /// Mean video length.
+        #[arg(long, default_value_t = 40.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 256)]
+        shard_frames: usize,
+        #[arg(long, default_value_t = 4)]
+        shuffle_shards: usize,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Consumer step times in ms (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "100,25")]
+        step_ms: Vec<f64>,
+        /// An existing S3 prefix (s3://bucket/prefix) instead of starting Garage.
+        #[arg(long)]
+        s3: Option<String>,
+        /// Deliver un-augmented faces (evaluation).
+        #[arg(long)]
+        no_augment: bool,
+    },
     /// Decode every video once into tar shards of fixed-length segments on an object store, plus a manifest.
     Ingest {
         /// The dataset root (as the challenge ships it, or `data synth`'s output).
@@ -116,6 +142,26 @@ fn run(cli: Cli) -> Result<()> {
             let result = avexpr_data::bench::ingest_vs_cli(&cfg);
             let _ = std::fs::remove_dir_all(&out);
             print!("{}", result?);
+        }
+        Command::BenchLoader {
+            videos,
+            seconds,
+            shard_frames,
+            shuffle_shards,
+            batch_size,
+            rounds,
+            step_ms,
+            s3,
+            no_augment,
+        } => {
+            let mut loader = avexpr_data::loader::LoaderConfig { batch_size, ..Default::default() };
+            if no_augment {
+                loader.augment = None;
+            }
+            let sampler = avexpr_data::sampler::SamplerConfig { shuffle_shards, seed: 1, ..Default::default() };
+            let bench =
+                avexpr_data::bench::LoaderBench { videos, seconds, shard_frames, loader, sampler, rounds, step_ms, s3 };
+            print!("{}", avexpr_data::bench::loader(&bench)?);
         }
         Command::Ingest { root, out, segment_frames, shard_frames, face, face_size, jobs } => {
             use avexpr_data::ingest::{IngestConfig, ingest};

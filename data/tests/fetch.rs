@@ -83,7 +83,7 @@ fn a_storage_outage_mid_read_is_retried_with_identical_results() {
     let root = tmp.path().join("affwild2");
     dataset(&root);
     let uri = format!("s3://{}/outage", garage::BUCKET);
-    let out = garage.ingest_with_cli(&root, &uri);
+    let out = garage::ingest_with_cli(&garage, &root, &uri);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let store = garage.store(&uri);
     let manifest = read_manifest(&store).unwrap();

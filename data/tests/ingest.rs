@@ -185,7 +185,7 @@ fn s3_round_trip_through_the_cli_with_aws_environment() {
     let root = tmp.path().join("affwild2");
     let written = small_dataset(&root);
     let uri = format!("s3://{}/runs/synth", garage::BUCKET);
-    let out = garage.ingest_with_cli(&root, &uri);
+    let out = garage::ingest_with_cli(&garage, &root, &uri);
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(

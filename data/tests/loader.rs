@@ -372,7 +372,7 @@ fn a_storage_outage_mid_epoch_leaves_every_batch_identical() {
     synth(&root, &SynthConfig { videos: 5, min_seconds: 2.0, max_seconds: 3.0, seed: 36, ..Default::default() })
         .unwrap();
     let uri = format!("s3://{}/loader-outage", garage::BUCKET);
-    let out = garage.ingest_with_cli(&root, &uri);
+    let out = garage::ingest_with_cli(&garage, &root, &uri);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let store = garage.store(&uri);
     let manifest = Arc::new(read_manifest(&store).unwrap());

@@ -1,126 +1,16 @@
-//! A real S3-compatible server for tests: a single-node Garage (installed by scripts/setup) on free loopback
-//! ports in a temporary directory, with a default bucket and key, stopped when dropped.
-#![allow(dead_code)] // each test binary uses a different part
+//! The library's Garage server, plus the CLI ingest the S3 tests run as a user would.
+#![allow(dead_code, unused_imports)] // each test binary uses a different part
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+pub use avexpr_data::garage::{BUCKET, Garage, SECRET_KEY};
 
-pub const BUCKET: &str = "avexpr-test";
-pub const ACCESS_KEY: &str = "GK31c2f218a2e44f485b94239e";
-pub const SECRET_KEY: &str = "b892c0665f0ada8a4755dae98baa3b133590e11dae3bcc1f9d769d67f16c3835";
-pub const REGION: &str = "us-east-1";
-
-pub struct Garage {
-    child: Child,
-    pub endpoint: String,
-    dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Garage {
-    pub fn start() -> Garage {
-        let garage = std::env::var("HOME").map(|h| format!("{h}/.cargo/bin/garage")).unwrap();
-        assert!(std::path::Path::new(&garage).is_file(), "{garage} not found: run scripts/setup (it installs Garage)");
-        let dir = tempfile::tempdir().unwrap();
-        let (api, rpc) = (free_port(), free_port());
-        let config = format!(
-            "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\nreplication_factor = 1\n\
-             rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\n\
-             rpc_secret = \"{secret}\"\n[s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{api}\"\n\
-             root_domain = \".s3.garage.localhost\"\n",
-            d = dir.path().display(),
-            secret = "4425f5c26c5e11581d3223904324dcb5b5d5dfb14e5e7f35e38c595424f5f1e6",
-        );
-        std::fs::write(dir.path().join("garage.toml"), config).unwrap();
-        let child = Self::spawn(dir.path());
-        let endpoint = format!("http://127.0.0.1:{api}");
-        let g = Garage { child, endpoint, dir };
-        g.wait_ready();
-        g
-    }
-
-    fn spawn(dir: &std::path::Path) -> Child {
-        let garage = std::env::var("HOME").map(|h| format!("{h}/.cargo/bin/garage")).unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("garage.log")).unwrap();
-        Command::new(garage)
-            .arg("-c")
-            .arg(dir.join("garage.toml"))
-            .args(["server", "--single-node", "--default-bucket"])
-            .env("GARAGE_DEFAULT_ACCESS_KEY", ACCESS_KEY)
-            .env("GARAGE_DEFAULT_SECRET_KEY", SECRET_KEY)
-            .env("GARAGE_DEFAULT_BUCKET", BUCKET)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
-    }
-
-    /// Stops the server (its data stays); `restart` brings it back on the same address.
-    pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    pub fn restart(&mut self) {
-        self.child = Self::spawn(self.dir.path());
-    }
-
-    /// A store on this server, configured with explicit options (not the process environment).
-    pub fn store(&self, uri: &str) -> avexpr_data::store::Store {
-        let options = [
-            ("aws_endpoint", self.endpoint.as_str()),
-            ("aws_access_key_id", ACCESS_KEY),
-            ("aws_secret_access_key", SECRET_KEY),
-            ("aws_region", REGION),
-            ("aws_allow_http", "true"),
-        ];
-        avexpr_data::store::Store::open_with(uri, &options).unwrap()
-    }
-
-    /// `data ingest --root root --out uri` (16-frame segments, 32-frame shards) as a user runs it, with only
-    /// the standard AWS_* environment pointing at this server.
-    pub fn ingest_with_cli(&self, root: &std::path::Path, uri: &str) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_data"))
-            .args(["ingest", "--segment-frames", "16", "--shard-frames", "32", "--root"])
-            .arg(root)
-            .args(["--out", uri])
-            .envs(self.env())
-            .output()
-            .unwrap()
-    }
-
-    /// The standard AWS_* environment a user would set for this server.
-    pub fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
-            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
-            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
-            ("AWS_DEFAULT_REGION", REGION.into()),
-        ]
-    }
-
-    fn wait_ready(&self) {
-        let store = self.store(&format!("s3://{BUCKET}/ready"));
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let start = Instant::now();
-        loop {
-            if rt.block_on(store.put("probe", bytes::Bytes::from_static(b"ok"))).is_ok() {
-                return;
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "Garage did not become ready within 30 s");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Garage {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `data ingest --root root --out uri` (16-frame segments, 32-frame shards) as a user runs it, with only the
+/// standard AWS_* environment pointing at the server.
+pub fn ingest_with_cli(garage: &Garage, root: &std::path::Path, uri: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_data"))
+        .args(["ingest", "--segment-frames", "16", "--shard-frames", "32", "--root"])
+        .arg(root)
+        .args(["--out", uri])
+        .envs(garage.env())
+        .output()
+        .unwrap()
 }
