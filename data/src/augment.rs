@@ -82,16 +82,10 @@ fn luma(r: u8, g: u8, b: u8) -> u8 {
     ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
 }
 
-/// PIL's `Image.blend(degenerate, image, factor)` on one 8-bit value: computed in f32, clipped, truncated.
+/// PIL's `Image.blend(degenerate, image, factor)` on one 8-bit value: computed in f32, clipped to 0..=255,
+/// truncated (which is what Rust's saturating float-to-int cast does).
 fn blend(degenerate: f32, value: f32, factor: f32) -> u8 {
-    let x = degenerate + factor * (value - degenerate);
-    if x <= 0.0 {
-        0
-    } else if x >= 255.0 {
-        255
-    } else {
-        x as u8
-    }
+    (degenerate + factor * (value - degenerate)) as u8
 }
 
 /// Brightness then contrast: each acts on a channel value alone, so together they are one table.
