@@ -18,3 +18,16 @@ pub fn binary(name: &str) -> Command {
     cmd.env_remove("LD_LIBRARY_PATH");
     cmd
 }
+
+/// `mpirun -np <ranks> <workspace binary> ...`, allowed to run as root (CI containers) and on more ranks than
+/// cores.
+pub fn mpirun(ranks: usize, name: &str) -> Command {
+    let program = binary(name).get_program().to_owned();
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--oversubscribe", "-np", &ranks.to_string()])
+        .arg(program)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env_remove("LD_LIBRARY_PATH");
+    cmd
+}

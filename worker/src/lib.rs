@@ -3,6 +3,7 @@
 
 pub mod allocator;
 pub mod bench;
+pub mod dist;
 pub mod embed;
 pub use avexpr_data::logging;
 

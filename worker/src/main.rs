@@ -43,6 +43,19 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Bandwidth of the bucketed gradient all-reduce against one plain MPI all-reduce of the same bytes, with
+    /// every result checked against the exact mean. Run under mpirun (`mpirun -np 2 worker bench-allreduce`).
+    BenchAllreduce {
+        /// Bytes of gradients reduced per step (default: the paper model's trainable variables in f32).
+        #[arg(long, default_value_t = 4 * 4_672_662)]
+        bytes: usize,
+        #[arg(long, default_value_t = 4 << 20)]
+        bucket_bytes: usize,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Throughput of our encoders against transformers + PyTorch eager, same machine, same settings.
     BenchEncoders {
         /// Torch threads for both sides (default: all cores).
@@ -160,6 +173,25 @@ fn run(cli: Cli) -> Result<()> {
             };
             let python = python.unwrap_or_else(avexpr_worker::default_python);
             print!("{}", bench::encoders(&cfg, options, (!no_reference).then_some(python.as_str()), rounds)?);
+        }
+        Command::BenchAllreduce { bytes, bucket_bytes, iters, rounds } => {
+            let dist = avexpr_worker::dist::Dist::init()?;
+            let f = avexpr_worker::dist::bench_all_reduce(&dist, bytes, bucket_bytes, iters, rounds)?;
+            if dist.rank == 0 {
+                println!(
+                    "all-reduce of {} bytes over {} ranks ({} buckets of <= {bucket_bytes} bytes)\n\
+                     bucketed (gradients as bucket views, reduced in place, averaged): {:.3} GB/s\nplain MPI all-reduce of the same bytes: \
+                     {:.3} GB/s\nratio: {:.3}\nlargest error against the exact mean: {:e}",
+                    f.bytes,
+                    dist.world_size,
+                    f.buckets,
+                    f.ours,
+                    f.plain,
+                    f.ours / f.plain,
+                    f.max_error
+                );
+            }
+            anyhow::ensure!(f.max_error < 1e-3, "the reduced values are wrong (error {})", f.max_error);
         }
         Command::BenchHead { config, threads, batch, frames, iters, rounds, python, no_reference } => {
             let model = model_config(config.as_deref())?;
