@@ -131,6 +131,17 @@ impl Store {
         }
     }
 
+    /// The immediate "sub-directories" under `dir` ("" for the store's root): their names, sorted.
+    pub async fn list_dirs(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        let base = if dir.is_empty() { self.path("") } else { self.path(dir) };
+        let base = if base.as_ref().is_empty() { None } else { Some(base) };
+        let listed = self.inner.list_with_delimiter(base.as_ref()).await.map_err(|e| self.request_err(dir, e))?;
+        let mut names: Vec<String> =
+            listed.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect();
+        names.sort();
+        Ok(names)
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.inner.delete(&self.path(key)).await.map_err(|e| self.request_err(key, e))
     }

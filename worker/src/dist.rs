@@ -66,6 +66,13 @@ impl Dist {
         }
     }
 
+    /// Every rank's `values` (the same length everywhere), concatenated in rank order.
+    pub fn all_gather_u64(&self, values: &[u64]) -> Vec<u64> {
+        let mut all = vec![0u64; values.len() * self.world_size];
+        self.world.all_gather_into(values, &mut all[..]);
+        all
+    }
+
     /// One f32 all-reduce (sum) of a contiguous buffer: the plain MPI call the buckets are measured against.
     pub fn all_reduce_sum_f32(&self, send: &[f32], recv: &mut [f32]) {
         self.world.all_reduce_into(send, recv, SystemOperation::sum());
@@ -200,6 +207,11 @@ impl Buckets {
         }
         self.zero_grads();
         Ok(())
+    }
+
+    /// The buckets themselves (every attached gradient), e.g. for clipping by global norm.
+    pub fn buffers_mut(&mut self) -> &mut [Tensor] {
+        &mut self.buffers
     }
 
     pub fn zero_grads(&mut self) {

@@ -3,8 +3,12 @@
 
 pub mod allocator;
 pub mod bench;
+pub mod checkpoint;
 pub mod dist;
 pub mod embed;
+pub mod job;
+pub mod optim;
+pub mod train;
 pub use avexpr_data::logging;
 
 use tch::Device;

@@ -43,6 +43,14 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Train on the job's config as one rank (start N ranks with `mpirun -np N worker train ...`).
+    Train {
+        #[arg(long)]
+        config: PathBuf,
+        /// `auto`: continue from the newest valid checkpoint if there is one; `none`: start afresh.
+        #[arg(long, default_value = "auto")]
+        resume: String,
+    },
     /// Bandwidth of the bucketed gradient all-reduce against one plain MPI all-reduce of the same bytes, with
     /// every result checked against the exact mean. Run under mpirun (`mpirun -np 2 worker bench-allreduce`).
     BenchAllreduce {
@@ -173,6 +181,17 @@ fn run(cli: Cli) -> Result<()> {
             };
             let python = python.unwrap_or_else(avexpr_worker::default_python);
             print!("{}", bench::encoders(&cfg, options, (!no_reference).then_some(python.as_str()), rounds)?);
+        }
+        Command::Train { config, resume } => {
+            let resume = match resume.as_str() {
+                "auto" => true,
+                "none" => false,
+                other => anyhow::bail!("--resume: `{other}` is not one of auto, none"),
+            };
+            // The config is checked before MPI starts: a bad one fails every rank at once, with its message.
+            let job = avexpr_worker::job::JobConfig::from_file(&config)?;
+            let dist = avexpr_worker::dist::Dist::init()?;
+            avexpr_worker::train::train(&job, &dist, &avexpr_worker::train::TrainOptions { resume })?;
         }
         Command::BenchAllreduce { bytes, bucket_bytes, iters, rounds } => {
             let dist = avexpr_worker::dist::Dist::init()?;

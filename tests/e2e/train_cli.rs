@@ -1,0 +1,190 @@
+//! `worker train` as a user runs it, on a synthetic dataset and the tiny random encoders: 2 ranks agree with
+//! 1 rank; a run killed with SIGKILL resumes to exactly the uninterrupted result; a corrupt newest checkpoint
+//! is skipped for the previous one; bad configs and stores fail before training with the field named.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use avexpr_tests::{binary, mpirun};
+use tch::Tensor;
+
+struct Dataset {
+    _tmp: tempfile::TempDir,
+    shards: PathBuf,
+    root: PathBuf,
+}
+
+fn dataset() -> Dataset {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, shards) = (tmp.path().join("affwild2"), tmp.path().join("shards"));
+    let out = binary("data")
+        .args(["synth", "--videos", "6", "--min-seconds", "2", "--max-seconds", "3", "--seed", "4", "--out"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = binary("data")
+        .args(["ingest", "--segment-frames", "16", "--shard-frames", "32", "--root"])
+        .arg(&root)
+        .arg("--out")
+        .arg(&shards)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Dataset { root: tmp.path().to_path_buf(), _tmp: tmp, shards }
+}
+
+/// A job on the tiny encoders: 2-frame micro-batches, global batch 4, checkpoints every 2 steps.
+fn job(d: &Dataset, name: &str, steps: u64, extra: &str) -> PathBuf {
+    let clip = avexpr_model::fixtures::clip_tiny_with_tokenizer().unwrap();
+    let wav2vec2 = avexpr_model::fixtures::dir().join("wav2vec2-tiny-group");
+    let run = d.root.join(name);
+    let yaml = format!(
+        "run_dir: {run}\n\
+         data: {{shards: {shards}, frames_per_clip: 8, stride: 4, shuffle_shards: 2, image_size: 32, \
+         prefetch_bytes: 8388608, decode_threads: 1}}\n\
+         model:\n  clip: {{checkpoint: {clip}}}\n  wav2vec2: {{checkpoint: {wav2vec2}}}\n\
+         \x20 tcn: {{channels: [16, 16], kernel_size: 3, dropout: 0.1}}\n\
+         \x20 adapter: {{layers: weighted_sum, bottleneck: 16, dropout: 0.1}}\n\
+         \x20 fusion: {{dim: 16, layers: 1, heads: 2, ff_dim: 32, dropout: 0.1}}\n\
+         \x20 head: {{hidden: 16, dropout: 0.1}}\n\
+         train: {{global_batch: 4, micro_batch: 2, steps: {steps}, warmup_steps: 1, log_every: 1, threads: 1}}\n\
+         checkpoint: {{every: 2, keep_last_k: 3}}\n{extra}",
+        run = run.display(),
+        shards = d.shards.display(),
+        clip = clip.display(),
+        wav2vec2 = wav2vec2.display(),
+    );
+    let path = d.root.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn run_dir(config: &Path) -> PathBuf {
+    config.with_extension("")
+}
+
+fn checkpoint(config: &Path, step: u64) -> PathBuf {
+    run_dir(config).join("checkpoints").join(format!("step-{step:08}"))
+}
+
+fn variables(config: &Path, step: u64) -> BTreeMap<String, Tensor> {
+    Tensor::read_safetensors(checkpoint(config, step).join("variables.safetensors")).unwrap().into_iter().collect()
+}
+
+fn max_diff(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> f64 {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter().map(|(k, t)| (t - &b[k]).abs().max().double_value(&[])).fold(0.0, f64::max)
+}
+
+fn ok(out: std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{}\n{stderr}", String::from_utf8_lossy(&out.stdout));
+    stderr
+}
+
+#[test]
+fn two_ranks_train_exactly_what_one_rank_accumulating_trains() {
+    let d = dataset();
+    let one = job(&d, "one", 4, "");
+    let two = job(&d, "two", 4, "");
+    ok(binary("worker").args(["train", "--config"]).arg(&one).output().unwrap());
+    let log = ok(mpirun(2, "worker").args(["train", "--config"]).arg(&two).output().unwrap());
+    assert!(log.contains("[rank 1/2]") && log.contains("step 4/4"), "{log}");
+    let (a, b) = (variables(&one, 4), variables(&two, 4));
+    let diff = max_diff(&a, &b);
+    assert!(diff < 1e-5, "1 rank x 2 micro-batches vs 2 ranks: variables differ by {diff}");
+    assert!(max_diff(&a, &variables(&one, 2)) > 1e-4, "training moved the variables");
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_uninterrupted_result() {
+    let d = dataset();
+    let steps = 8;
+    let reference = job(&d, "reference", steps, "");
+    ok(mpirun(2, "worker").args(["train", "--config"]).arg(&reference).output().unwrap());
+
+    let killed = job(&d, "killed", steps, "");
+    let mut child = mpirun(2, "worker")
+        .args(["train", "--config"])
+        .arg(&killed)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !checkpoint(&killed, 4).join("COMMIT.json").is_file() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint at step 4");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SIGKILL to mpirun and both ranks at once: the process group mpirun leads.
+    let group = child.id() as libc::pid_t;
+    assert!(group > 1);
+    // SAFETY: kill(2) on a process group this test created.
+    assert_eq!(unsafe { libc::kill(-group, libc::SIGKILL) }, 0);
+    child.wait().unwrap();
+    assert!(
+        !checkpoint(&killed, steps).join("COMMIT.json").is_file(),
+        "killed too late to test anything: the run had finished"
+    );
+    let log = ok(mpirun(2, "worker").args(["train", "--config"]).arg(&killed).output().unwrap());
+    assert!(log.contains("resumed"), "{log}");
+    let diff = max_diff(&variables(&reference, steps), &variables(&killed, steps));
+    assert_eq!(diff, 0.0, "resumed run's final variables differ from the uninterrupted run's");
+    let metrics = |c: &Path| std::fs::read_to_string(run_dir(c).join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics(&killed), metrics(&reference), "metrics: a step repeated, skipped or differing");
+    assert_eq!(metrics(&reference).lines().count(), steps as usize);
+}
+
+#[test]
+fn a_corrupt_newest_checkpoint_is_reported_and_the_previous_one_used() {
+    let d = dataset();
+    let reference = job(&d, "reference", 6, "");
+    ok(binary("worker").args(["train", "--config"]).arg(&reference).output().unwrap());
+    let broken = job(&d, "broken", 4, "");
+    ok(binary("worker").args(["train", "--config"]).arg(&broken).output().unwrap());
+    let file = checkpoint(&broken, 4).join("variables.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+    // The same job, now to 6 steps: resumes from step 2, not from the corrupt step 4.
+    let longer = std::fs::read_to_string(&broken).unwrap().replace("steps: 4", "steps: 6");
+    std::fs::write(&broken, longer).unwrap();
+    let log = ok(binary("worker").args(["train", "--config"]).arg(&broken).output().unwrap());
+    assert!(log.contains("step-00000004 is unusable") && log.contains("SHA-256"), "{log}");
+    assert!(log.contains("checkpoint=step-00000002"), "{log}");
+    assert_eq!(max_diff(&variables(&reference, 6), &variables(&broken, 6)), 0.0);
+}
+
+#[test]
+fn bad_configs_and_stores_fail_before_training_naming_the_field() {
+    let d = dataset();
+    let cases =
+        [("train:\n  global_batch: 5\n", "train.global_batch"), ("data:\n  strid: 3\n", "unknown field `strid`")];
+    for (i, (extra, want)) in cases.iter().enumerate() {
+        let config = job(&d, &format!("bad{i}"), 2, "");
+        // Replace the section by a broken one.
+        let text = std::fs::read_to_string(&config).unwrap();
+        let section = extra.split(':').next().unwrap();
+        let kept: String =
+            text.lines().filter(|l| !l.starts_with(&format!("{section}:"))).map(|l| format!("{l}\n")).collect();
+        std::fs::write(&config, format!("{kept}{extra}")).unwrap();
+        let out = binary("worker").args(["train", "--config"]).arg(&config).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(want), "{want}: {stderr}");
+        assert!(!stderr.contains("step 1/"), "{stderr}");
+    }
+    // A store without a manifest.
+    let config = job(&d, "nostore", 2, "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&d.shards.display().to_string(), &d.root.join("empty").display().to_string());
+    std::fs::write(&config, text).unwrap();
+    let out = binary("worker").args(["train", "--config"]).arg(&config).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("data.shards") && stderr.contains("manifest.json"), "{stderr}");
+}

@@ -1,0 +1,199 @@
+//! Training checkpoints in an object store (`s3://...`, `file:///...` or a path), atomic by a commit manifest.
+//!
+//! A checkpoint is the folder `step-<NNNNNNNN>/`: `variables.safetensors` (the trainable variables under
+//! their model paths), `optimizer.safetensors` (AdamW moments), `state.json` (step, every data slot's loader
+//! cursor, the resolved config, the metrics so far), written first, then `COMMIT.json` listing each object's
+//! size and SHA-256: the commit point. Readers ignore folders without a commit; a committed checkpoint whose
+//! objects do not match (truncated, corrupt, missing) is reported and the previous one is used. After a
+//! commit, checkpoints beyond the newest `keep_last_k` are deleted (commit first, so a half-deleted one is
+//! never taken for valid).
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use avexpr_data::sampler::Cursor;
+use avexpr_data::store::Store;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::Tensor;
+
+use crate::job::JobConfig;
+use crate::train::StepMetrics;
+
+pub const COMMIT: &str = "COMMIT.json";
+const OBJECTS: [&str; 3] = ["variables.safetensors", "optimizer.safetensors", "state.json"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    pub step: u64,
+    /// Per data slot (rank x accumulation + micro-step).
+    pub cursors: Vec<Cursor>,
+    pub config: JobConfig,
+    pub metrics: Vec<StepMetrics>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct CommitEntry {
+    key: String,
+    bytes: u64,
+    sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Commit {
+    step: u64,
+    objects: Vec<CommitEntry>,
+}
+
+/// A checkpoint read back (or about to be written).
+pub struct Checkpoint {
+    pub name: String,
+    pub state: CheckpointState,
+    pub variables: BTreeMap<String, Tensor>,
+    pub optimizer: BTreeMap<String, Tensor>,
+}
+
+impl Checkpoint {
+    /// Copies the saved variables into the model's, checking that every one is there with its shape.
+    pub fn restore_variables(&self, named: &[(String, Tensor)]) -> Result<()> {
+        tch::no_grad(|| {
+            for (name, var) in named {
+                let saved = self
+                    .variables
+                    .get(name)
+                    .with_context(|| format!("checkpoint {}: variable `{name}` is missing", self.name))?;
+                anyhow::ensure!(
+                    saved.size() == var.size(),
+                    "checkpoint {}: `{name}` has shape {:?}, the model's is {:?}",
+                    self.name,
+                    saved.size(),
+                    var.size()
+                );
+                var.shallow_clone().copy_(saved);
+            }
+            Ok(())
+        })
+    }
+}
+
+fn name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn safetensors_bytes(tensors: Vec<(String, Tensor)>) -> Result<Bytes> {
+    let tmp = tempfile::NamedTempFile::new()?;
+    let cpu: Vec<(String, Tensor)> = tensors.into_iter().map(|(n, t)| (n, t.to_device(tch::Device::Cpu))).collect();
+    Tensor::write_safetensors(&cpu, tmp.path())?;
+    Ok(Bytes::from(std::fs::read(tmp.path())?))
+}
+
+fn read_safetensors(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
+    let tmp = tempfile::NamedTempFile::new()?;
+    std::fs::write(tmp.path(), bytes)?;
+    Ok(Tensor::read_safetensors(tmp.path())?.into_iter().collect())
+}
+
+pub struct CheckpointStore {
+    store: Store,
+    keep_last_k: usize,
+    rt: tokio::runtime::Runtime,
+}
+
+impl CheckpointStore {
+    pub fn open(uri: &str, keep_last_k: usize) -> Result<Self> {
+        let store = Store::open(uri).with_context(|| format!("checkpoint.uri {uri}"))?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        Ok(Self { store, keep_last_k, rt })
+    }
+
+    /// Writes the objects, then the commit; then prunes old checkpoints.
+    pub fn save(
+        &self,
+        state: &CheckpointState,
+        variables: &[(String, Tensor)],
+        optimizer: &BTreeMap<String, Tensor>,
+    ) -> Result<()> {
+        let dir = name(state.step);
+        let objects = [
+            safetensors_bytes(variables.iter().map(|(n, t)| (n.clone(), t.detach())).collect())?,
+            safetensors_bytes(optimizer.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect())?,
+            Bytes::from(serde_json::to_vec_pretty(state)?),
+        ];
+        let mut entries = Vec::new();
+        for (file, bytes) in OBJECTS.iter().zip(objects) {
+            let key = format!("{dir}/{file}");
+            entries.push(CommitEntry {
+                key: key.clone(),
+                bytes: bytes.len() as u64,
+                sha256: hex::encode(Sha256::digest(&bytes)),
+            });
+            self.rt.block_on(self.store.put(&key, bytes))?;
+        }
+        let commit = Commit { step: state.step, objects: entries };
+        self.rt
+            .block_on(self.store.put(&format!("{dir}/{COMMIT}"), Bytes::from(serde_json::to_vec_pretty(&commit)?)))?;
+        self.prune()
+    }
+
+    fn committed(&self) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for dir in self.rt.block_on(self.store.list_dirs(""))? {
+            if dir.starts_with("step-") && self.rt.block_on(self.store.exists(&format!("{dir}/{COMMIT}")))? {
+                names.push(dir);
+            }
+        }
+        Ok(names)
+    }
+
+    fn prune(&self) -> Result<()> {
+        let committed = self.committed()?;
+        for dir in committed.iter().take(committed.len().saturating_sub(self.keep_last_k)) {
+            self.rt.block_on(self.store.delete(&format!("{dir}/{COMMIT}")))?;
+            for file in OBJECTS {
+                self.rt.block_on(self.store.delete(&format!("{dir}/{file}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and verifies one committed checkpoint.
+    fn load(&self, dir: &str) -> Result<Checkpoint> {
+        let commit: Commit = serde_json::from_slice(&self.rt.block_on(self.store.get(&format!("{dir}/{COMMIT}")))?)
+            .with_context(|| format!("{dir}/{COMMIT} is malformed"))?;
+        let mut objects = BTreeMap::new();
+        for e in &commit.objects {
+            let bytes = self.rt.block_on(self.store.get(&e.key))?;
+            anyhow::ensure!(
+                bytes.len() as u64 == e.bytes,
+                "{} has {} bytes, the commit says {}",
+                e.key,
+                bytes.len(),
+                e.bytes
+            );
+            let sha = hex::encode(Sha256::digest(&bytes));
+            anyhow::ensure!(sha == e.sha256, "{}: SHA-256 {sha}, the commit says {}", e.key, e.sha256);
+            objects.insert(e.key.rsplit('/').next().unwrap_or_default().to_string(), bytes);
+        }
+        let get = |file: &str| objects.get(file).with_context(|| format!("{dir}/{file} is not in the commit"));
+        Ok(Checkpoint {
+            name: dir.to_string(),
+            state: serde_json::from_slice(get("state.json")?).with_context(|| format!("{dir}/state.json"))?,
+            variables: read_safetensors(get("variables.safetensors")?)?,
+            optimizer: read_safetensors(get("optimizer.safetensors")?)?,
+        })
+    }
+
+    /// The newest committed checkpoint that verifies; broken ones are reported and skipped.
+    pub fn latest_valid(&self) -> Result<Option<Checkpoint>> {
+        for dir in self.committed()?.iter().rev() {
+            match self.load(dir) {
+                Ok(ckpt) => return Ok(Some(ckpt)),
+                Err(e) => {
+                    tracing::warn!("checkpoint {}/{dir} is unusable ({e:#}); trying the previous one", self.store.uri())
+                }
+            }
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,264 @@
+//! A training job's YAML config: the `data`, `model`, `train` and `checkpoint` sections and the run folder.
+//! Unknown fields are rejected; every error names the file and the field (`train.global_batch: ...`).
+
+use std::path::{Path, PathBuf};
+
+use avexpr_data::loader::{AugmentConfig, LoaderConfig};
+use avexpr_data::sampler::{SamplerConfig, Target};
+use avexpr_model::ModelConfig;
+use avexpr_model::config::TargetFrame;
+use serde::{Deserialize, Serialize};
+
+use crate::optim::AdamWConfig;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {field}: {reason}")]
+pub struct JobError {
+    pub path: PathBuf,
+    pub field: String,
+    pub reason: String,
+}
+
+/// `data`: where the ingested shards are and how clips are cut, read and augmented.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// The ingest output: `s3://bucket/prefix` (AWS_* environment), `file:///dir` or a path.
+    pub shards: String,
+    pub frames_per_clip: usize,
+    pub stride: usize,
+    pub class_balanced: bool,
+    pub shuffle_shards: usize,
+    pub image_size: u32,
+    pub augment: Option<AugmentConfig>,
+    pub prefetch_bytes: u64,
+    pub fetch_concurrency: usize,
+    pub decode_threads: usize,
+    pub ready_batches: usize,
+    pub skip_bad: bool,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        let (s, l) = (SamplerConfig::default(), LoaderConfig::default());
+        Self {
+            shards: String::new(),
+            frames_per_clip: s.frames_per_clip,
+            stride: s.stride,
+            class_balanced: s.class_balanced,
+            shuffle_shards: s.shuffle_shards,
+            image_size: l.image_size,
+            augment: l.augment,
+            prefetch_bytes: l.prefetch_bytes,
+            fetch_concurrency: l.fetch_concurrency,
+            decode_threads: l.decode_threads,
+            ready_batches: l.ready_batches,
+            skip_bad: l.skip_bad,
+        }
+    }
+}
+
+/// `train`: batch arithmetic, optimizer, schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Clips per optimizer step over all ranks: micro_batch x ranks x accumulation steps.
+    pub global_batch: usize,
+    /// Clips per forward pass on one rank.
+    pub micro_batch: usize,
+    /// Optimizer steps.
+    pub steps: u64,
+    pub optimizer: AdamWConfig,
+    pub warmup_steps: u64,
+    /// The cosine ends at this fraction of the peak learning rate.
+    pub min_lr_ratio: f64,
+    /// Gradient-norm clipping (0: off).
+    pub clip_grad_norm: f64,
+    pub seed: u64,
+    /// Torch threads per rank (0: the host's cores divided among its ranks).
+    pub threads: usize,
+    /// Size of the gradient all-reduce buckets.
+    pub bucket_bytes: usize,
+    pub log_every: u64,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            global_batch: 32,
+            micro_batch: 32,
+            steps: 1000,
+            optimizer: AdamWConfig::default(),
+            warmup_steps: 50,
+            min_lr_ratio: 0.0,
+            clip_grad_norm: 1.0,
+            seed: 0,
+            threads: 0,
+            bucket_bytes: 4 << 20,
+            log_every: 10,
+        }
+    }
+}
+
+/// `checkpoint`: where and how often.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Store URI (default: `<run_dir>/checkpoints`).
+    pub uri: String,
+    /// Every this many optimizer steps, and at the end.
+    pub every: u64,
+    pub keep_last_k: usize,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        Self { uri: String::new(), every: 100, keep_last_k: 3 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobFile {
+    #[serde(default)]
+    run_dir: Option<PathBuf>,
+    #[serde(default)]
+    data: DataSection,
+    model: serde_yaml::Value,
+    #[serde(default)]
+    train: TrainSection,
+    #[serde(default)]
+    checkpoint: CheckpointSection,
+}
+
+/// A validated job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobConfig {
+    /// Local folder for metrics and plots.
+    pub run_dir: PathBuf,
+    pub data: DataSection,
+    pub model: ModelConfig,
+    pub train: TrainSection,
+    pub checkpoint: CheckpointSection,
+}
+
+impl JobConfig {
+    pub fn from_file(path: &Path) -> Result<JobConfig, JobError> {
+        let err = |field: &str, reason: String| JobError { path: path.to_path_buf(), field: field.into(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| err("<file>", format!("cannot read: {e}")))?;
+        let file: JobFile = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text))
+            .map_err(|e| err(&e.path().to_string(), e.into_inner().to_string()))?;
+        let model_yaml = serde_yaml::to_string(&file.model).map_err(|e| err("model", e.to_string()))?;
+        let model = ModelConfig::from_yaml(&model_yaml, path).map_err(|e| match e {
+            avexpr_model::ModelError::BadConfig { field, reason, .. } => err(&field, reason),
+            other => err("model", other.to_string()),
+        })?;
+        let run_dir = file.run_dir.unwrap_or_else(|| {
+            PathBuf::from("runs").join(path.file_stem().map_or("job".into(), |s| s.to_string_lossy().into_owned()))
+        });
+        let mut checkpoint = file.checkpoint;
+        if checkpoint.uri.is_empty() {
+            checkpoint.uri = run_dir.join("checkpoints").display().to_string();
+        }
+        let job = JobConfig { run_dir, data: file.data, model, train: file.train, checkpoint };
+        job.validate().map_err(|(field, reason)| err(field, reason))?;
+        Ok(job)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.data.shards.is_empty() {
+            return Err((
+                "data.shards",
+                "missing: the ingest output (s3://bucket/prefix, file:///dir or a path)".into(),
+            ));
+        }
+        self.sampler().validate().map_err(|e| match e {
+            avexpr_data::sampler::SamplerError::Config { field, reason } => (field, reason),
+            other => ("data", other.to_string()),
+        })?;
+        self.loader().validate().map_err(|e| match e {
+            avexpr_data::loader::LoaderError::Config { field, reason } => (field, reason),
+            other => ("data", other.to_string()),
+        })?;
+        let t = &self.train;
+        if t.micro_batch == 0 {
+            return Err(("train.micro_batch", "must be positive".into()));
+        }
+        if t.global_batch == 0 || !t.global_batch.is_multiple_of(t.micro_batch) {
+            return Err((
+                "train.global_batch",
+                format!("{} must be a positive multiple of train.micro_batch ({})", t.global_batch, t.micro_batch),
+            ));
+        }
+        if t.steps == 0 {
+            return Err(("train.steps", "must be positive".into()));
+        }
+        if t.optimizer.lr.is_nan() || t.optimizer.lr <= 0.0 {
+            return Err(("train.optimizer.lr", "must be positive".into()));
+        }
+        if !(0.0..1.0).contains(&t.optimizer.betas[0]) || !(0.0..1.0).contains(&t.optimizer.betas[1]) {
+            return Err(("train.optimizer.betas", "each must be in [0, 1)".into()));
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            return Err(("train.min_lr_ratio", "must be in [0, 1]".into()));
+        }
+        if t.clip_grad_norm < 0.0 {
+            return Err(("train.clip_grad_norm", "must be >= 0 (0: off)".into()));
+        }
+        if t.log_every == 0 {
+            return Err(("train.log_every", "must be positive".into()));
+        }
+        if self.checkpoint.every == 0 {
+            return Err(("checkpoint.every", "must be positive".into()));
+        }
+        if self.checkpoint.keep_last_k == 0 {
+            return Err(("checkpoint.keep_last_k", "must be at least 1 (resuming needs one)".into()));
+        }
+        Ok(())
+    }
+
+    /// Micro-batches per optimizer step on each of `world_size` ranks.
+    pub fn accumulation(&self, world_size: usize) -> Result<usize, JobError> {
+        let per_step = self.train.micro_batch * world_size;
+        if !self.train.global_batch.is_multiple_of(per_step) {
+            return Err(JobError {
+                path: PathBuf::from("<config>"),
+                field: "train.global_batch".into(),
+                reason: format!(
+                    "{} is not a multiple of train.micro_batch ({}) x ranks ({world_size})",
+                    self.train.global_batch, self.train.micro_batch
+                ),
+            });
+        }
+        Ok(self.train.global_batch / per_step)
+    }
+
+    pub fn sampler(&self) -> SamplerConfig {
+        SamplerConfig {
+            frames_per_clip: self.data.frames_per_clip,
+            stride: self.data.stride,
+            target: match self.model.head.target {
+                TargetFrame::Last => Target::Last,
+                TargetFrame::Center => Target::Center,
+            },
+            class_balanced: self.data.class_balanced,
+            dense: false,
+            shuffle_shards: self.data.shuffle_shards,
+            seed: self.train.seed,
+        }
+    }
+
+    pub fn loader(&self) -> LoaderConfig {
+        let d = &self.data;
+        LoaderConfig {
+            batch_size: self.train.micro_batch,
+            image_size: d.image_size,
+            augment: d.augment.clone(),
+            prefetch_bytes: d.prefetch_bytes,
+            fetch_concurrency: d.fetch_concurrency,
+            decode_threads: d.decode_threads,
+            ready_batches: d.ready_batches,
+            skip_bad: d.skip_bad,
+        }
+    }
+}

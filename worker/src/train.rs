@@ -1,0 +1,238 @@
+//! `worker train`: one rank of a data-parallel training job.
+//!
+//! - Data: the global batch is `micro_batch x ranks x accumulation` clips from `ranks x accumulation` data
+//!   slots (slot = rank x accumulation + micro-step), each a [`RankSampler`] of the same plan. So a global batch
+//!   holds the same clips however the job is split: 1 rank accumulating 2 micro-batches sees exactly what 2
+//!   ranks see, and the results agree.
+//! - Step: for each micro-batch, encoders (frozen, no grad) -> trainable head -> loss / accumulation ->
+//!   backward into the gradient buckets; the buckets are averaged over ranks in place, clipped by global norm,
+//!   and AdamW steps with the warm-up + cosine learning rate. Dropout draws from a generator reseeded from
+//!   (seed, step, slot), so a resumed run draws what the original would have.
+//! - Checkpoints ([`crate::checkpoint`]) hold the variables, the optimizer state, the step, every slot's loader
+//!   cursor, the resolved config and the metrics so far; `--resume auto` continues from the newest valid one.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use avexpr_data::ingest::{Manifest, read_manifest};
+use avexpr_data::layout::Split;
+use avexpr_data::loader::{Batch, Loader, Source};
+use avexpr_data::sampler::{Cursor, RankSampler};
+use avexpr_data::store::Store;
+use avexpr_model::{EncoderOptions, Encoders, ExprModel, RawBatch};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{CheckpointState, CheckpointStore};
+use crate::dist::{Buckets, Dist};
+use crate::job::JobConfig;
+use crate::optim::{AdamW, clip_grad_norm, learning_rate};
+
+/// One logged step (a line of `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub loss: f64,
+    pub classification: f64,
+    pub contrastive: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+}
+
+/// A loader batch as the model's input tensors, and the per-frame labels.
+pub fn raw_batch(b: &Batch) -> (RawBatch, Tensor) {
+    let (n, f, s) = (b.len() as i64, b.frames as i64, b.image_size as i64);
+    let frames = Tensor::from_slice(&b.faces).view([n, f, 3, s, s]);
+    let face_mask = Tensor::from_slice(&b.face_mask).view([n, f]).to_kind(Kind::Bool);
+    let audio = Tensor::from_slice(&b.audio).view([n, b.samples as i64]);
+    let audio_mask = Tensor::from_slice(&b.audio_mask).view([n, b.samples as i64]).to_kind(Kind::Bool);
+    let labels = Tensor::from_slice(&b.labels).view([n, f]).to_kind(Kind::Int64);
+    let fps = b.clips.iter().map(|c| c.fps).collect();
+    (RawBatch { frames, face_mask, audio, audio_mask, fps }, labels)
+}
+
+/// Training-set frames per class, from the manifest (for the class weights).
+fn class_counts(manifest: &Manifest) -> [f64; avexpr_data::NUM_CLASSES] {
+    let mut counts = [0.0; avexpr_data::NUM_CLASSES];
+    for v in manifest.videos.iter().filter(|v| v.split == Split::Train) {
+        for (c, n) in counts.iter_mut().zip(v.label_histogram) {
+            *c += n as f64;
+        }
+    }
+    counts
+}
+
+fn device_for(dist: &Dist) -> Device {
+    if tch::Cuda::is_available() {
+        Device::Cuda(dist.local_rank % tch::Cuda::device_count().max(1) as usize)
+    } else {
+        Device::Cpu
+    }
+}
+
+pub struct TrainOptions {
+    pub resume: bool,
+}
+
+pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec<StepMetrics>> {
+    let accumulation = job.accumulation(dist.world_size)?;
+    let slots = dist.world_size * accumulation;
+    let threads = if job.train.threads > 0 {
+        job.train.threads
+    } else {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Ranks of one host share its cores.
+        let local = std::env::var("OMPI_COMM_WORLD_LOCAL_SIZE").ok().and_then(|s| s.parse().ok()).unwrap_or(1usize);
+        (cores / local.max(1)).max(1)
+    };
+    tch::set_num_threads(threads as i32);
+    let device = device_for(dist);
+
+    let store = Store::open(&job.data.shards).with_context(|| format!("data.shards: {}", job.data.shards))?;
+    let manifest =
+        std::sync::Arc::new(read_manifest(&store).with_context(|| format!("data.shards: {}", job.data.shards))?);
+    let checkpoints = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?;
+
+    let precision = if device.is_cuda() { avexpr_model::Precision::Bf16 } else { avexpr_model::Precision::F32 };
+    let encoders = Encoders::load(&job.model, EncoderOptions { device, precision })?;
+    // The initial variables come from the seed (and are rank 0's everywhere after the broadcast).
+    tch::manual_seed(job.train.seed as i64);
+    let model = ExprModel::new(&job.model, encoders, Some(class_counts(&manifest)), device)?;
+    let named: Vec<(String, Tensor)> = model.trainable_groups().into_values().flatten().collect();
+    let mut vars: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+    let mut buckets = Buckets::new(&vars, job.train.bucket_bytes);
+    buckets.broadcast_from_root(dist, &mut vars)?;
+    buckets.attach_grads(&vars)?;
+    let mut opt = AdamW::new(job.train.optimizer, &named);
+
+    let mut cursors = vec![Cursor::default(); slots];
+    let mut history: Vec<StepMetrics> = Vec::new();
+    let mut step = 0u64;
+    if options.resume
+        && let Some(ckpt) = checkpoints.latest_valid()?
+    {
+        anyhow::ensure!(
+            ckpt.state.cursors.len() == slots,
+            "checkpoint {}: made with {} data slots (ranks x accumulation), this job has {slots}",
+            ckpt.name,
+            ckpt.state.cursors.len()
+        );
+        ckpt.restore_variables(&named)?;
+        opt.load_state(&ckpt.optimizer, ckpt.state.step)?;
+        cursors = ckpt.state.cursors.clone();
+        history = ckpt.state.metrics.clone();
+        step = ckpt.state.step;
+        if dist.rank == 0 {
+            tracing::info!(checkpoint = %ckpt.name, step, "resumed");
+        }
+    }
+
+    let sampler_cfg = job.sampler();
+    let loader_cfg = job.loader();
+    let mut loaders = Vec::with_capacity(accumulation);
+    for a in 0..accumulation {
+        let slot = dist.rank * accumulation + a;
+        let sampler = RankSampler::new(&manifest, Split::Train, slot, slots, &sampler_cfg, None)?;
+        anyhow::ensure!(!sampler.is_empty(), "data slot {slot} of {slots} has no training clips: too few videos");
+        loaders.push(Loader::start(
+            Source::Store(store.clone()),
+            manifest.clone(),
+            sampler,
+            &loader_cfg,
+            cursors[slot],
+            None,
+        )?);
+    }
+
+    std::fs::create_dir_all(&job.run_dir).with_context(|| format!("run_dir {}", job.run_dir.display()))?;
+    let metrics_path = job.run_dir.join("metrics.jsonl");
+    if dist.rank == 0 {
+        // The file says what the checkpoint says: a resumed run continues it without repeats.
+        let mut file = std::fs::File::create(&metrics_path)?;
+        for m in &history {
+            writeln!(file, "{}", serde_json::to_string(m)?)?;
+        }
+    }
+
+    let (mut clips, mut waited, started) = (0usize, 0.0f64, Instant::now());
+    let first_step = step;
+    while step < job.train.steps {
+        buckets.zero_grads();
+        let mut sums = [0.0f64; 3];
+        for (a, loader) in loaders.iter_mut().enumerate() {
+            let slot = dist.rank * accumulation + a;
+            let t = Instant::now();
+            let batch = loader.next().context("the training loader ended")??;
+            waited += t.elapsed().as_secs_f64();
+            clips += batch.len();
+            cursors[slot] = batch.cursor;
+            tch::manual_seed((job.train.seed ^ (step << 20) ^ slot as u64) as i64);
+            let (raw, labels) = raw_batch(&batch);
+            let out = model.forward_raw_t(&raw, true)?;
+            let terms = model.loss(&out, &labels.to_device(device));
+            (&terms.total / accumulation as f64).backward();
+            for (s, t) in sums.iter_mut().zip([&terms.total, &terms.classification, &terms.contrastive]) {
+                *s += t.double_value(&[]) / accumulation as f64;
+            }
+        }
+        buckets.all_reduce_mean(dist);
+        let grad_norm = if job.train.clip_grad_norm > 0.0 {
+            clip_grad_norm(buckets.buffers_mut(), job.train.clip_grad_norm)
+        } else {
+            clip_grad_norm(buckets.buffers_mut(), f64::INFINITY)
+        };
+        let t = &job.train;
+        let lr = learning_rate(step, t.optimizer.lr, t.warmup_steps, t.steps, t.min_lr_ratio);
+        opt.step(lr);
+        step += 1;
+
+        dist.all_reduce_sum_f64(&mut sums);
+        let world = dist.world_size as f64;
+        let m = StepMetrics {
+            step,
+            loss: sums[0] / world,
+            classification: sums[1] / world,
+            contrastive: sums[2] / world,
+            lr,
+            grad_norm,
+        };
+        if step.is_multiple_of(t.log_every) || step == t.steps {
+            history.push(m.clone());
+            if dist.rank == 0 {
+                let elapsed = started.elapsed().as_secs_f64();
+                let rate = clips as f64 * world / elapsed;
+                let eta = elapsed / (step - first_step) as f64 * (t.steps - step) as f64;
+                tracing::info!(
+                    "step {step}/{} loss {:.4} (cls {:.4}, prompt {:.4}) lr {lr:.2e} |g| {grad_norm:.3} \
+                     {rate:.1} clips/s data-wait {:.1}% ETA {eta:.0} s",
+                    t.steps,
+                    m.loss,
+                    m.classification,
+                    m.contrastive,
+                    100.0 * waited / elapsed,
+                );
+                let mut file = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
+                writeln!(file, "{}", serde_json::to_string(&m)?)?;
+            }
+        }
+        if step.is_multiple_of(job.checkpoint.every) || step == t.steps {
+            let all = gather_cursors(dist, &cursors, accumulation);
+            if dist.rank == 0 {
+                let state = CheckpointState { step, cursors: all, config: job.clone(), metrics: history.clone() };
+                checkpoints.save(&state, &named, &opt.state())?;
+                tracing::info!(step, uri = %job.checkpoint.uri, "checkpoint committed");
+            }
+            dist.barrier();
+        }
+    }
+    Ok(history)
+}
+
+/// Every slot's cursor on every rank (each rank knows its own slots').
+fn gather_cursors(dist: &Dist, mine: &[Cursor], accumulation: usize) -> Vec<Cursor> {
+    let lo = dist.rank * accumulation;
+    let send: Vec<u64> = mine[lo..lo + accumulation].iter().flat_map(|c| [c.epoch, c.position as u64]).collect();
+    let all = dist.all_gather_u64(&send);
+    all.chunks_exact(2).map(|c| Cursor { epoch: c[0], position: c[1] as usize }).collect()
+}
