@@ -6,7 +6,8 @@
 //!   labelled; where that leaves a labelled frame outside every window (its neighbours' targets are -1), a
 //!   window is added around it with the labelled target reaching furthest ahead. So the clips of an epoch cover
 //!   every labelled frame. Windows may reach past the video's start or end: those frames are padding, masked.
-//!   Dense evaluation instead gives one window ending at every frame, left-padded at the start.
+//!   Dense evaluation instead gives one window per frame with that frame at the target position (so, for the
+//!   last-frame target, one window ending at every frame, left-padded at the start).
 //! - Order: shards are what storage serves, so the order is shuffled in two levels, as WebDataset does, but
 //!   reproducibly: each clip belongs to the shard holding its target frame; the rank's shards are shuffled
 //!   from (seed, epoch, rank) and taken in windows of `shuffle_shards`; the clips of a window are shuffled
@@ -120,7 +121,8 @@ impl SamplerConfig {
         Ok(())
     }
 
-    fn target_offset(&self) -> usize {
+    /// Where in a window its target frame is.
+    pub fn target_offset(&self) -> usize {
         match self.target {
             Target::Last => self.frames_per_clip - 1,
             Target::Center => self.frames_per_clip / 2,
@@ -140,8 +142,9 @@ impl SamplerConfig {
             target: labels[target],
         };
         if self.dense {
-            // One window ending at every frame.
-            return (0..n).map(|f| Clip { start: f as i64 + 1 - span as i64, ..clip(f) }).collect();
+            // One window for every frame, the frame at the window's target position (the last frame for
+            // `Target::Last`: left padding at the start; the centre for `Target::Center`: padding both ends).
+            return (0..n).map(clip).collect();
         }
         if n == 0 {
             return Vec::new();
@@ -248,7 +251,7 @@ fn units_of(cfg: &SamplerConfig, video: &VideoRecord) -> Vec<Vec<Clip>> {
     if video.shards.is_empty() {
         return vec![clips];
     }
-    let offset = if cfg.dense { cfg.frames_per_clip - 1 } else { cfg.target_offset() };
+    let offset = cfg.target_offset();
     let mut units = vec![Vec::new(); video.shards.len()];
     for clip in clips {
         let target = (clip.start + offset as i64) as usize;

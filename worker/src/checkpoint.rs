@@ -5,8 +5,8 @@
 //! cursor, the resolved config, the metrics so far), written first, then `COMMIT.json` listing each object's
 //! size and SHA-256: the commit point. Readers ignore folders without a commit; a committed checkpoint whose
 //! objects do not match (truncated, corrupt, missing) is reported and the previous one is used. After a
-//! commit, checkpoints beyond the newest `keep_last_k` are deleted (commit first, so a half-deleted one is
-//! never taken for valid).
+//! commit, checkpoints beyond the newest `keep_last_k` are deleted, except the best by validation macro F1
+//! (commit first, so a half-deleted one is never taken for valid).
 
 use std::collections::BTreeMap;
 
@@ -31,6 +31,14 @@ pub struct CheckpointState {
     pub cursors: Vec<Cursor>,
     pub config: JobConfig,
     pub metrics: Vec<StepMetrics>,
+    /// The best validation macro F1 so far; its checkpoint is never pruned.
+    pub best: Option<Best>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Best {
+    pub step: u64,
+    pub macro_f1: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,7 +141,7 @@ impl CheckpointStore {
         let commit = Commit { step: state.step, objects: entries };
         self.rt
             .block_on(self.store.put(&format!("{dir}/{COMMIT}"), Bytes::from(serde_json::to_vec_pretty(&commit)?)))?;
-        self.prune()
+        self.prune(state.best.map(|b| name(b.step)))
     }
 
     fn committed(&self) -> Result<Vec<String>> {
@@ -146,9 +154,13 @@ impl CheckpointStore {
         Ok(names)
     }
 
-    fn prune(&self) -> Result<()> {
+    /// Deletes all but the newest `keep_last_k` committed checkpoints, and `keep` (the best).
+    fn prune(&self, keep: Option<String>) -> Result<()> {
         let committed = self.committed()?;
         for dir in committed.iter().take(committed.len().saturating_sub(self.keep_last_k)) {
+            if Some(dir) == keep.as_ref() {
+                continue;
+            }
             self.rt.block_on(self.store.delete(&format!("{dir}/{COMMIT}")))?;
             for file in OBJECTS {
                 self.rt.block_on(self.store.delete(&format!("{dir}/{file}")))?;

@@ -80,6 +80,8 @@ pub struct TrainSection {
     /// Size of the gradient all-reduce buckets.
     pub bucket_bytes: usize,
     pub log_every: u64,
+    /// Validate every this many steps (0: only at the end).
+    pub eval_every: u64,
 }
 
 impl Default for TrainSection {
@@ -96,6 +98,7 @@ impl Default for TrainSection {
             threads: 0,
             bucket_bytes: 4 << 20,
             log_every: 10,
+            eval_every: 0,
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod dist;
 pub mod embed;
+pub mod eval;
 pub mod job;
 pub mod optim;
 pub mod train;

@@ -24,8 +24,9 @@ use avexpr_model::{EncoderOptions, Encoders, ExprModel, RawBatch};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{CheckpointState, CheckpointStore};
+use crate::checkpoint::{Best, CheckpointState, CheckpointStore};
 use crate::dist::{Buckets, Dist};
+use crate::eval::{evaluate, summary};
 use crate::job::JobConfig;
 use crate::optim::{AdamW, clip_grad_norm, learning_rate};
 
@@ -38,6 +39,9 @@ pub struct StepMetrics {
     pub contrastive: f64,
     pub lr: f64,
     pub grad_norm: f64,
+    /// Validation macro F1, on the steps that evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_macro_f1: Option<f64>,
 }
 
 /// A loader batch as the model's input tensors, and the per-frame labels.
@@ -109,6 +113,8 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
     let mut cursors = vec![Cursor::default(); slots];
     let mut history: Vec<StepMetrics> = Vec::new();
     let mut step = 0u64;
+    let mut best: Option<Best> = None;
+    let mut last_eval = None;
     if options.resume
         && let Some(ckpt) = checkpoints.latest_valid()?
     {
@@ -122,6 +128,7 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
         opt.load_state(&ckpt.optimizer, ckpt.state.step)?;
         cursors = ckpt.state.cursors.clone();
         history = ckpt.state.metrics.clone();
+        best = ckpt.state.best;
         step = ckpt.state.step;
         if dist.rank == 0 {
             tracing::info!(checkpoint = %ckpt.name, step, "resumed");
@@ -196,8 +203,23 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
             contrastive: sums[2] / world,
             lr,
             grad_norm,
+            val_macro_f1: None,
         };
-        if step.is_multiple_of(t.log_every) || step == t.steps {
+        let m = if t.eval_every > 0 && step.is_multiple_of(t.eval_every) || step == t.steps {
+            let eval = evaluate(&model, dist, &store, &manifest, Split::Validation, &sampler_cfg, &loader_cfg)?;
+            let f1 = eval.confusion.macro_f1();
+            if dist.rank == 0 {
+                tracing::info!("step {step}: validation {}", summary(&eval.confusion));
+            }
+            if best.as_ref().is_none_or(|b| f1 > b.macro_f1) {
+                best = Some(Best { step, macro_f1: f1 });
+            }
+            last_eval = Some(eval.confusion);
+            StepMetrics { val_macro_f1: Some(f1), ..m }
+        } else {
+            m
+        };
+        if step.is_multiple_of(t.log_every) || step == t.steps || m.val_macro_f1.is_some() {
             history.push(m.clone());
             if dist.rank == 0 {
                 let elapsed = started.elapsed().as_secs_f64();
@@ -219,11 +241,28 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
         if step.is_multiple_of(job.checkpoint.every) || step == t.steps {
             let all = gather_cursors(dist, &cursors, accumulation);
             if dist.rank == 0 {
-                let state = CheckpointState { step, cursors: all, config: job.clone(), metrics: history.clone() };
+                let state = CheckpointState { step, cursors: all, config: job.clone(), metrics: history.clone(), best };
                 checkpoints.save(&state, &named, &opt.state())?;
                 tracing::info!(step, uri = %job.checkpoint.uri, "checkpoint committed");
             }
             dist.barrier();
+        }
+    }
+    if last_eval.is_none() {
+        // Resumed from the final checkpoint: nothing left to train, but the table is still wanted.
+        last_eval =
+            Some(evaluate(&model, dist, &store, &manifest, Split::Validation, &sampler_cfg, &loader_cfg)?.confusion);
+    }
+    if dist.rank == 0 {
+        if let Some(confusion) = &last_eval {
+            println!("validation after step {step}: {}", summary(confusion));
+            print!("{}", confusion.render(&avexpr_data::affwild2::PAPER_TRAIN_RATIOS));
+        }
+        if let Some(b) = best {
+            println!(
+                "best validation macro F1 {:.4} at step {} (kept as checkpoint step-{:08})",
+                b.macro_f1, b.step, b.step
+            );
         }
     }
     Ok(history)

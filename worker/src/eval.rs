@@ -1,0 +1,92 @@
+//! Dense evaluation: a prediction for every frame of a split, each from the window that has the frame at its
+//! target position (the last frame for the paper's causal head), the videos sharded across ranks; the
+//! confusion matrices are summed over ranks, so every rank ends with the split's macro F1.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use avexpr_data::ingest::Manifest;
+use avexpr_data::layout::Split;
+use avexpr_data::loader::{Loader, LoaderConfig, Source};
+use avexpr_data::metric::Confusion;
+use avexpr_data::sampler::{Cursor, RankSampler, SamplerConfig};
+use avexpr_data::store::Store;
+use avexpr_model::ExprModel;
+
+use crate::dist::Dist;
+use crate::train::raw_batch;
+
+/// One frame's prediction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FramePrediction {
+    pub video: String,
+    pub frame: usize,
+    pub class: u8,
+}
+
+pub struct Evaluation {
+    /// Summed over all ranks.
+    pub confusion: Confusion,
+    /// This rank's frames only.
+    pub predictions: Vec<FramePrediction>,
+}
+
+/// Predicts every frame of `split` on this rank's share of the videos.
+pub fn evaluate(
+    model: &ExprModel,
+    dist: &Dist,
+    store: &Store,
+    manifest: &Arc<Manifest>,
+    split: Split,
+    sampler: &SamplerConfig,
+    loader: &LoaderConfig,
+) -> Result<Evaluation> {
+    let cfg = SamplerConfig { dense: true, class_balanced: false, ..sampler.clone() };
+    let offset = cfg.target_offset() as i64;
+    let loader_cfg = LoaderConfig { augment: None, ..loader.clone() };
+    let rank_sampler = RankSampler::new(manifest, split, dist.rank, dist.world_size, &cfg, None)?;
+    let mut confusion = Confusion::default();
+    let mut predictions = Vec::with_capacity(rank_sampler.len());
+    if !rank_sampler.is_empty() {
+        let stream = Loader::start(
+            Source::Store(store.clone()),
+            manifest.clone(),
+            rank_sampler,
+            &loader_cfg,
+            Cursor::default(),
+            Some(1),
+        )?;
+        for batch in stream {
+            let batch = batch.context("evaluation data")?;
+            let (raw, _) = raw_batch(&batch);
+            let logits = tch::no_grad(|| model.forward_raw_t(&raw, false))?.logits;
+            // A per-frame head scores every frame of the window: take the target frame's.
+            let logits = if logits.dim() == 3 { logits.select(1, offset) } else { logits };
+            let classes = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(tch::Device::Cpu))?;
+            for (clip, class) in batch.clips.iter().zip(classes) {
+                confusion.add(clip.target, class as u8);
+                predictions.push(FramePrediction {
+                    video: clip.video.clone(),
+                    frame: (clip.start + offset) as usize,
+                    class: class as u8,
+                });
+            }
+        }
+    }
+    let mut counts: Vec<f64> = confusion.counts.iter().flatten().map(|&c| c as f64).collect();
+    dist.all_reduce_sum_f64(&mut counts);
+    for (i, c) in counts.into_iter().enumerate() {
+        confusion.counts[i / avexpr_data::NUM_CLASSES][i % avexpr_data::NUM_CLASSES] = c as u64;
+    }
+    Ok(Evaluation { confusion, predictions })
+}
+
+/// One line for logs.
+pub fn summary(confusion: &Confusion) -> String {
+    format!(
+        "macro F1 {:.4} over {} frames (accuracy {:.4})",
+        confusion.macro_f1(),
+        confusion.frames(),
+        confusion.accuracy()
+    )
+}
