@@ -191,9 +191,11 @@ pub struct Plan {
 
 impl Plan {
     /// Largest videos first (by labelled frames, then name), each to the least loaded rank (then the lowest).
+    /// A split without labels (the test set) is balanced by frames: every frame gets a prediction there.
     pub fn balanced(videos: &[&VideoRecord], world_size: usize) -> Plan {
         let mut order: Vec<&VideoRecord> = videos.to_vec();
-        let labelled = |v: &VideoRecord| v.frames as u64 - v.ignored_frames;
+        let any_labels = videos.iter().any(|v| v.frames as u64 > v.ignored_frames);
+        let labelled = |v: &VideoRecord| if any_labels { v.frames as u64 - v.ignored_frames } else { v.frames as u64 };
         order.sort_by(|a, b| labelled(b).cmp(&labelled(a)).then_with(|| a.name.cmp(&b.name)));
         let mut load = vec![0u64; world_size.max(1)];
         let mut ranks = BTreeMap::new();

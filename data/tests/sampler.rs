@@ -280,3 +280,18 @@ fn windows_hold_the_clips_of_a_few_shards() {
     assert_eq!(windows.concat(), sampler.epoch(0));
     assert_ne!(sampler.windows(1), windows, "reshuffled per epoch");
 }
+
+/// The test set has no labels: its videos are spread over the ranks by frames, not all given to rank 0.
+#[test]
+fn unlabelled_videos_are_balanced_by_frames() {
+    let mut m = manifest(8, 10);
+    for v in &mut m.videos {
+        v.label_runs = vec![(-1, v.frames as u32)];
+        v.ignored_frames = v.frames as u64;
+        v.label_histogram = [0; 8];
+    }
+    let videos: Vec<&VideoRecord> = m.videos.iter().collect();
+    let plan = Plan::balanced(&videos, 3);
+    let ranks: BTreeSet<usize> = plan.ranks.values().copied().collect();
+    assert_eq!(ranks.len(), 3, "{plan:?}");
+}

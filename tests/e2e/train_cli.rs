@@ -197,6 +197,7 @@ fn the_synthetic_task_is_learned() {
     let (root, shards) = (tmp.path().join("affwild2"), tmp.path().join("shards"));
     ok(binary("data").args(["synth", "--seed", "7", "--out"]).arg(&root).output().unwrap());
     ok(binary("data").args(["ingest", "--root"]).arg(&root).arg("--out").arg(&shards).output().unwrap());
+    let root = root.clone();
     let d = Dataset { root: tmp.path().to_path_buf(), shards, _tmp: tmp };
     let config = job(&d, "learn", 300, "");
     let text = std::fs::read_to_string(&config)
@@ -228,4 +229,31 @@ fn the_synthetic_task_is_learned() {
         .unwrap();
     assert!(f1 > 0.2, "validation macro F1 {f1} after 300 steps: not learning (chance is about 0.125)\n{stdout}");
     assert!(stdout.contains("truth\\pred"), "the class-wise table and confusion matrix are printed:\n{stdout}");
+
+    // predictions.txt from the final checkpoint, scored by the official scorer against the annotation files:
+    // the same macro F1 the training reported.
+    let val = d.root.join("val-predictions.txt");
+    let predict = |split: &str, out: &Path, checkpoint: &str, ranks: usize| {
+        let args = ["predict", "--split", split, "--checkpoint", checkpoint, "--config"];
+        ok(mpirun(ranks, "worker").args(args).arg(&config).arg("--out").arg(out).output().unwrap());
+    };
+    predict("validation", &val, "latest", 2);
+    let labels = root.join("7th ABAW Annotations/EXPR_Recognition_Challenge/Validation_Set");
+    let out =
+        binary("data").args(["score", "--json", "--pred"]).arg(&val).arg("--labels").arg(&labels).output().unwrap();
+    ok(out.clone());
+    let scored: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scored = scored["macro_f1"].as_f64().unwrap();
+    assert!((scored - f1).abs() < 5e-5, "official scorer {scored} vs training's validation {f1}");
+    // The test split (2 videos) on 3 ranks, so that one rank has nothing to contribute: one line per frame of
+    // every test video, after the header.
+    let test = d.root.join("test-predictions.txt");
+    predict("test", &test, "best", 3);
+    let lines = std::fs::read_to_string(&test).unwrap().lines().count();
+    let store = avexpr_data::store::Store::open(&d.shards.display().to_string()).unwrap();
+    let manifest = avexpr_data::ingest::read_manifest(&store).unwrap();
+    let frames: usize =
+        manifest.videos.iter().filter(|v| v.split == avexpr_data::layout::Split::Test).map(|v| v.frames).sum();
+    assert!(frames > 0);
+    assert_eq!(lines, frames + 1, "a prediction for every test frame");
 }

@@ -170,7 +170,7 @@ impl CheckpointStore {
     }
 
     /// Reads and verifies one committed checkpoint.
-    fn load(&self, dir: &str) -> Result<Checkpoint> {
+    pub fn load(&self, dir: &str) -> Result<Checkpoint> {
         let commit: Commit = serde_json::from_slice(&self.rt.block_on(self.store.get(&format!("{dir}/{COMMIT}")))?)
             .with_context(|| format!("{dir}/{COMMIT} is malformed"))?;
         let mut objects = BTreeMap::new();
@@ -194,6 +194,23 @@ impl CheckpointStore {
             variables: read_safetensors(get("variables.safetensors")?)?,
             optimizer: read_safetensors(get("optimizer.safetensors")?)?,
         })
+    }
+
+    /// `latest` (the newest that verifies), `best` (the best validation F1 the newest one records) or a
+    /// checkpoint name (`step-00001200`).
+    pub fn select(&self, which: &str) -> Result<Checkpoint> {
+        let latest = || self.latest_valid()?.with_context(|| format!("no valid checkpoint under {}", self.store.uri()));
+        match which {
+            "latest" => latest(),
+            "best" => {
+                let newest = latest()?;
+                match newest.state.best {
+                    Some(b) if name(b.step) != newest.name => self.load(&name(b.step)),
+                    _ => Ok(newest),
+                }
+            }
+            dir => self.load(dir).with_context(|| format!("checkpoint {}/{dir}", self.store.uri())),
+        }
     }
 
     /// The newest committed checkpoint that verifies; broken ones are reported and skipped.

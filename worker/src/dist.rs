@@ -73,6 +73,38 @@ impl Dist {
         all
     }
 
+    /// Every rank's bytes on rank 0, in rank order (`None` elsewhere).
+    pub fn gather_bytes(&self, bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
+        // An empty slice's pointer is dangling (address 1 for bytes), which Open MPI reads as MPI_IN_PLACE:
+        // give it a real address.
+        let storage = [0u8; 1];
+        let bytes = if bytes.is_empty() { &storage[..0] } else { bytes };
+        let lengths = self.all_gather_u64(&[bytes.len() as u64]);
+        if self.world_size == 1 {
+            return Some(vec![bytes.to_vec()]);
+        }
+        let root = self.world.process_at_rank(0);
+        if self.rank != 0 {
+            root.gather_varcount_into(bytes);
+            return None;
+        }
+        let counts: Vec<i32> = lengths.iter().map(|&n| n as i32).collect();
+        let displs: Vec<i32> = counts
+            .iter()
+            .scan(0, |acc, &n| {
+                let d = *acc;
+                *acc += n;
+                Some(d)
+            })
+            .collect();
+        let mut all = vec![0u8; lengths.iter().sum::<u64>() as usize];
+        {
+            let mut partition = mpi::datatype::PartitionMut::new(&mut all[..], counts, &displs[..]);
+            root.gather_varcount_into_root(bytes, &mut partition);
+        }
+        Some(displs.iter().zip(&lengths).map(|(&d, &n)| all[d as usize..d as usize + n as usize].to_vec()).collect())
+    }
+
     /// One f32 all-reduce (sum) of a contiguous buffer: the plain MPI call the buckets are measured against.
     pub fn all_reduce_sum_f32(&self, send: &[f32], recv: &mut [f32]) {
         self.world.all_reduce_into(send, recv, SystemOperation::sum());

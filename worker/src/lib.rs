@@ -9,6 +9,7 @@ pub mod embed;
 pub mod eval;
 pub mod job;
 pub mod optim;
+pub mod predict;
 pub mod train;
 pub use avexpr_data::logging;
 

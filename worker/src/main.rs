@@ -51,6 +51,22 @@ enum Command {
         #[arg(long, default_value = "auto")]
         resume: String,
     },
+    /// Write the official predictions.txt for a split from a checkpoint of the job (under mpirun: sharded).
+    Predict {
+        #[arg(long)]
+        config: PathBuf,
+        /// best, latest or a checkpoint name (step-00001200).
+        #[arg(long, default_value = "best")]
+        checkpoint: String,
+        /// test, validation or train.
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Temporal smoothing: the most frequent class in a centred window of this many frames (1: none).
+        #[arg(long, default_value_t = 1)]
+        smooth: usize,
+    },
     /// Bandwidth of the bucketed gradient all-reduce against one plain MPI all-reduce of the same bytes, with
     /// every result checked against the exact mean. Run under mpirun (`mpirun -np 2 worker bench-allreduce`).
     BenchAllreduce {
@@ -192,6 +208,18 @@ fn run(cli: Cli) -> Result<()> {
             let job = avexpr_worker::job::JobConfig::from_file(&config)?;
             let dist = avexpr_worker::dist::Dist::init()?;
             avexpr_worker::train::train(&job, &dist, &avexpr_worker::train::TrainOptions { resume })?;
+        }
+        Command::Predict { config, checkpoint, split, out, smooth } => {
+            let split = match split.as_str() {
+                "test" => avexpr_data::layout::Split::Test,
+                "validation" => avexpr_data::layout::Split::Validation,
+                "train" => avexpr_data::layout::Split::Train,
+                other => anyhow::bail!("--split: `{other}` is not one of test, validation, train"),
+            };
+            let job = avexpr_worker::job::JobConfig::from_file(&config)?;
+            let dist = avexpr_worker::dist::Dist::init()?;
+            let options = avexpr_worker::predict::PredictOptions { checkpoint: &checkpoint, split, out: &out, smooth };
+            avexpr_worker::predict::predict(&job, &dist, &options)?;
         }
         Command::BenchAllreduce { bytes, bucket_bytes, iters, rounds } => {
             let dist = avexpr_worker::dist::Dist::init()?;

@@ -67,11 +67,65 @@ fn class_counts(manifest: &Manifest) -> [f64; avexpr_data::NUM_CLASSES] {
     counts
 }
 
-fn device_for(dist: &Dist) -> Device {
+/// The frozen encoders and the trainable head on `device`, initialised from `train.seed`.
+pub fn build_model(job: &JobConfig, manifest: &Manifest, device: Device) -> Result<ExprModel> {
+    let precision = if device.is_cuda() { avexpr_model::Precision::Bf16 } else { avexpr_model::Precision::F32 };
+    let encoders = Encoders::load(&job.model, EncoderOptions { device, precision })?;
+    // The initial variables come from the seed (and are rank 0's everywhere after the broadcast).
+    tch::manual_seed(job.train.seed as i64);
+    Ok(ExprModel::new(&job.model, encoders, Some(class_counts(manifest)), device)?)
+}
+
+pub fn device_for(dist: &Dist) -> Device {
     if tch::Cuda::is_available() {
         Device::Cuda(dist.local_rank % tch::Cuda::device_count().max(1) as usize)
     } else {
         Device::Cpu
+    }
+}
+
+/// Where a rank's step time goes (seconds, summed over steps); CUDA work is synchronised before each reading.
+struct Phases {
+    device: Device,
+    steps: u64,
+    data: f64,
+    encoders: f64,
+    head: f64,
+    all_reduce: f64,
+    optimizer: f64,
+}
+
+impl Phases {
+    fn new(device: Device) -> Self {
+        Self { device, steps: 0, data: 0.0, encoders: 0.0, head: 0.0, all_reduce: 0.0, optimizer: 0.0 }
+    }
+
+    fn time<T>(&mut self, field: impl Fn(&mut Self) -> &mut f64, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let out = f();
+        if let Device::Cuda(i) = self.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        *field(self) += t.elapsed().as_secs_f64();
+        out
+    }
+
+    fn report(&self, world: usize, accumulation: usize) -> String {
+        let n = self.steps as f64;
+        let ms = |x: f64| 1e3 * x / n;
+        let total = self.data + self.encoders + self.head + self.all_reduce + self.optimizer;
+        format!(
+            "step time breakdown over {} steps ({world} rank(s) x {accumulation} micro-batch(es)), ms per step: \
+             data wait {:.1}, frozen encoders {:.1}, trainable forward+backward {:.1}, all-reduce {:.1}, \
+             clip+optimizer {:.1}; total {:.1}",
+            self.steps,
+            ms(self.data),
+            ms(self.encoders),
+            ms(self.head),
+            ms(self.all_reduce),
+            ms(self.optimizer),
+            ms(total)
+        )
     }
 }
 
@@ -98,11 +152,7 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
         std::sync::Arc::new(read_manifest(&store).with_context(|| format!("data.shards: {}", job.data.shards))?);
     let checkpoints = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?;
 
-    let precision = if device.is_cuda() { avexpr_model::Precision::Bf16 } else { avexpr_model::Precision::F32 };
-    let encoders = Encoders::load(&job.model, EncoderOptions { device, precision })?;
-    // The initial variables come from the seed (and are rank 0's everywhere after the broadcast).
-    tch::manual_seed(job.train.seed as i64);
-    let model = ExprModel::new(&job.model, encoders, Some(class_counts(&manifest)), device)?;
+    let model = build_model(job, &manifest, device)?;
     let named: Vec<(String, Tensor)> = model.trainable_groups().into_values().flatten().collect();
     let mut vars: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     let mut buckets = Buckets::new(&vars, job.train.bucket_bytes);
@@ -164,6 +214,7 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
 
     let (mut clips, mut waited, started) = (0usize, 0.0f64, Instant::now());
     let first_step = step;
+    let mut phases = Phases::new(device);
     while step < job.train.steps {
         buckets.zero_grads();
         let mut sums = [0.0f64; 3];
@@ -171,27 +222,40 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
             let slot = dist.rank * accumulation + a;
             let t = Instant::now();
             let batch = loader.next().context("the training loader ended")??;
-            waited += t.elapsed().as_secs_f64();
+            let wait = t.elapsed().as_secs_f64();
+            waited += wait;
+            phases.data += wait;
             clips += batch.len();
             cursors[slot] = batch.cursor;
             tch::manual_seed((job.train.seed ^ (step << 20) ^ slot as u64) as i64);
             let (raw, labels) = raw_batch(&batch);
-            let out = model.forward_raw_t(&raw, true)?;
-            let terms = model.loss(&out, &labels.to_device(device));
-            (&terms.total / accumulation as f64).backward();
+            let feats = phases.time(|p| &mut p.encoders, || model.encode(&raw))?;
+            let terms = phases.time(
+                |p| &mut p.head,
+                || {
+                    let out = model.forward_t(&feats, true);
+                    let terms = model.loss(&out, &labels.to_device(device));
+                    (&terms.total / accumulation as f64).backward();
+                    terms
+                },
+            );
             for (s, t) in sums.iter_mut().zip([&terms.total, &terms.classification, &terms.contrastive]) {
                 *s += t.double_value(&[]) / accumulation as f64;
             }
         }
-        buckets.all_reduce_mean(dist);
-        let grad_norm = if job.train.clip_grad_norm > 0.0 {
-            clip_grad_norm(buckets.buffers_mut(), job.train.clip_grad_norm)
-        } else {
-            clip_grad_norm(buckets.buffers_mut(), f64::INFINITY)
-        };
+        phases.time(|p| &mut p.all_reduce, || buckets.all_reduce_mean(dist));
         let t = &job.train;
         let lr = learning_rate(step, t.optimizer.lr, t.warmup_steps, t.steps, t.min_lr_ratio);
-        opt.step(lr);
+        let grad_norm = phases.time(
+            |p| &mut p.optimizer,
+            || {
+                let max = if t.clip_grad_norm > 0.0 { t.clip_grad_norm } else { f64::INFINITY };
+                let norm = clip_grad_norm(buckets.buffers_mut(), max);
+                opt.step(lr);
+                norm
+            },
+        );
+        phases.steps += 1;
         step += 1;
 
         dist.all_reduce_sum_f64(&mut sums);
@@ -247,6 +311,9 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
             }
             dist.barrier();
         }
+    }
+    if dist.rank == 0 && phases.steps > 0 {
+        tracing::info!("{}", phases.report(dist.world_size, accumulation));
     }
     if last_eval.is_none() {
         // Resumed from the final checkpoint: nothing left to train, but the table is still wanted.
