@@ -20,3 +20,20 @@ fn every_rank_gets_the_exact_mean_gradients() {
     // Started without mpirun: a world of one.
     check(binary("worker").args(args).output().unwrap(), 1);
 }
+
+/// NCCL's set-up half works without a GPU: libnccl (from the torch wheel, found through the rpath) loads, and
+/// rank 0's unique id reaches every rank over MPI; the all-reduce itself is reported as needing a GPU, with
+/// the reason.
+#[test]
+fn nccl_unique_id_reaches_every_rank() {
+    let out = mpirun(2, "worker").arg("nccl-check").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("libnccl 2."), "{stdout}");
+    assert!(stdout.contains("reached all 2 ranks over MPI"), "{stdout}");
+    if tch::Cuda::is_available() {
+        assert!(stdout.contains("NCCL all-reduce (average)") && stdout.contains("correct"), "{stdout}");
+    } else {
+        assert!(stdout.contains("no GPU here (") && stdout.contains("was not run"), "{stdout}");
+    }
+}

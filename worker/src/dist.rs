@@ -20,6 +20,8 @@ pub enum DistError {
     Init,
     #[error("{0}")]
     Mismatch(String),
+    #[error("NCCL: {0}")]
+    Nccl(String),
 }
 
 /// This process's place in the job.
@@ -166,6 +168,8 @@ pub struct Buckets {
     buffers: Vec<Tensor>,
     shapes: Vec<Vec<i64>>,
     scratch: Vec<f32>,
+    /// Set for buckets on a GPU: reduced with NCCL instead of MPI.
+    nccl: Option<crate::nccl::NcclComm>,
 }
 
 impl Buckets {
@@ -183,11 +187,12 @@ impl Buckets {
             members.last_mut().expect("a bucket").push(Member { tensor: i, offset: filled, numel });
             filled += numel;
         }
+        let device = vars.first().map_or(tch::Device::Cpu, Tensor::device);
         let buffers = members
             .iter()
-            .map(|m| Tensor::zeros([m.iter().map(|x| x.numel).sum::<i64>()], (Kind::Float, tch::Device::Cpu)))
+            .map(|m| Tensor::zeros([m.iter().map(|x| x.numel).sum::<i64>()], (Kind::Float, device)))
             .collect();
-        Buckets { members, buffers, shapes: vars.iter().map(Tensor::size).collect(), scratch: Vec::new() }
+        Buckets { members, buffers, shapes: vars.iter().map(Tensor::size).collect(), scratch: Vec::new(), nccl: None }
     }
 
     pub fn len(&self) -> usize {
@@ -252,16 +257,32 @@ impl Buckets {
         }
     }
 
-    /// Averages the attached gradients over ranks, bucket by bucket, in place.
-    pub fn all_reduce_mean(&mut self, dist: &Dist) {
+    /// Reduces GPU buckets with this communicator (MPI cannot read device memory).
+    pub fn use_nccl(&mut self, comm: crate::nccl::NcclComm) {
+        self.nccl = Some(comm);
+    }
+
+    /// Averages the attached gradients over ranks, bucket by bucket, in place: NCCL for GPU buckets, MPI for
+    /// CPU ones.
+    pub fn all_reduce_mean(&mut self, dist: &Dist) -> Result<(), DistError> {
         if dist.world_size == 1 {
-            return;
+            return Ok(());
+        }
+        if let Some(nccl) = &self.nccl {
+            for b in &mut self.buffers {
+                nccl.all_reduce_mean_in_place(b)?;
+            }
+            return Ok(());
+        }
+        if self.buffers.first().is_some_and(|b| b.device().is_cuda()) {
+            return Err(DistError::Nccl("GPU buckets need an NCCL communicator (Buckets::use_nccl)".into()));
         }
         let scale = 1.0 / dist.world_size as f64;
         for b in &mut self.buffers {
             dist.all_reduce_sum_in_place(b, &mut self.scratch);
             let _ = b.g_mul_scalar_(scale);
         }
+        Ok(())
     }
 
     /// Multiplies the attached gradients by `factor` (e.g. 1 / accumulation steps), in the buckets.
@@ -282,7 +303,10 @@ impl Buckets {
                 for m in &self.members[b] {
                     self.view(b, m).copy_(&vars[m.tensor]);
                 }
-                dist.world.process_at_rank(0).broadcast_into(f32_slice(&mut self.buffers[b]));
+                // MPI moves host memory: GPU buckets go through a host copy (once, at the start).
+                let mut host = self.buffers[b].to_device(tch::Device::Cpu);
+                dist.world.process_at_rank(0).broadcast_into(f32_slice(&mut host));
+                self.buffers[b].copy_(&host);
                 for m in &self.members[b] {
                     vars[m.tensor].copy_(&self.view(b, m));
                 }
@@ -342,7 +366,7 @@ pub fn bench_all_reduce(
             }
             dist.barrier();
             let start = std::time::Instant::now();
-            buckets.all_reduce_mean(dist);
+            buckets.all_reduce_mean(dist)?;
             elapsed += start.elapsed().as_secs_f64();
         }
         ours.push(elapsed / iters as f64);

@@ -8,6 +8,7 @@ pub mod dist;
 pub mod embed;
 pub mod eval;
 pub mod job;
+pub mod nccl;
 pub mod optim;
 pub mod predict;
 pub mod train;

@@ -67,6 +67,9 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         smooth: usize,
     },
+    /// Can this job use NCCL? libnccl's version, rank 0's unique id broadcast over MPI to every rank, and on
+    /// GPUs an all-reduce across the ranks. Run under mpirun like the training.
+    NcclCheck,
     /// Bandwidth of the bucketed gradient all-reduce against one plain MPI all-reduce of the same bytes, with
     /// every result checked against the exact mean. Run under mpirun (`mpirun -np 2 worker bench-allreduce`).
     BenchAllreduce {
@@ -220,6 +223,13 @@ fn run(cli: Cli) -> Result<()> {
             let dist = avexpr_worker::dist::Dist::init()?;
             let options = avexpr_worker::predict::PredictOptions { checkpoint: &checkpoint, split, out: &out, smooth };
             avexpr_worker::predict::predict(&job, &dist, &options)?;
+        }
+        Command::NcclCheck => {
+            let dist = avexpr_worker::dist::Dist::init()?;
+            let report = avexpr_worker::nccl::check(&dist)?;
+            if dist.rank == 0 {
+                print!("{report}");
+            }
         }
         Command::BenchAllreduce { bytes, bucket_bytes, iters, rounds } => {
             let dist = avexpr_worker::dist::Dist::init()?;

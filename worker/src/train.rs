@@ -156,6 +156,14 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
     let named: Vec<(String, Tensor)> = model.trainable_groups().into_values().flatten().collect();
     let mut vars: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     let mut buckets = Buckets::new(&vars, job.train.bucket_bytes);
+    if let Device::Cuda(ordinal) = device
+        && dist.world_size > 1
+    {
+        buckets.use_nccl(crate::nccl::NcclComm::new(dist, ordinal)?);
+        if dist.rank == 0 {
+            tracing::info!(version = crate::nccl::version().unwrap_or(0), "gradients all-reduced with NCCL");
+        }
+    }
     buckets.broadcast_from_root(dist, &mut vars)?;
     buckets.attach_grads(&vars)?;
     let mut opt = AdamW::new(job.train.optimizer, &named);
@@ -243,7 +251,7 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
                 *s += t.double_value(&[]) / accumulation as f64;
             }
         }
-        phases.time(|p| &mut p.all_reduce, || buckets.all_reduce_mean(dist));
+        phases.time(|p| &mut p.all_reduce, || buckets.all_reduce_mean(dist))?;
         let t = &job.train;
         let lr = learning_rate(step, t.optimizer.lr, t.warmup_steps, t.steps, t.min_lr_ratio);
         let grad_norm = phases.time(
