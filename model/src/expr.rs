@@ -341,7 +341,8 @@ impl ExprModel {
         let device = self.vs.device();
         let flat = raw.frames.to_device(device).view([batch * frames, channels, height, width]);
         let pixels = self.encoders.vision.processor.preprocess_tensor(&flat);
-        let image_embeds = self.encoders.vision.encode_pixels(&pixels).view([batch, frames, -1]);
+        // The trainable part runs in f32 whatever precision the frozen encoders run in (bf16 on CUDA).
+        let image_embeds = self.encoders.vision.encode_pixels(&pixels).view([batch, frames, -1]).to_kind(Kind::Float);
 
         let audio = &self.encoders.audio;
         let mask = raw.audio_mask.to_device(device);
@@ -351,6 +352,7 @@ impl ExprModel {
             AudioLayers::Last => out.last_hidden_state.unsqueeze(1),
             AudioLayers::WeightedSum => Tensor::stack(&out.hidden_states, 1),
         };
+        let audio_states = audio_states.to_kind(Kind::Float);
         let audio_frames = audio_states.size()[2];
         let lengths = mask.sum_dim_intlist(1, false, Kind::Int64).to_device(Device::Cpu);
         let valid: Vec<i64> = Vec::<i64>::try_from(&lengths)

@@ -245,6 +245,27 @@ fn the_synthetic_task_is_learned() {
     let scored: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let scored = scored["macro_f1"].as_f64().unwrap();
     assert!((scored - f1).abs() < 5e-5, "official scorer {scored} vs training's validation {f1}");
+    // `worker evaluate`: the same figure in eval.json, the table, a confusion-matrix PNG; and the training's
+    // own figures at the end of the run.
+    let eval_dir = d.root.join("eval");
+    let args = ["evaluate", "--split", "validation", "--checkpoint", "latest", "--config"];
+    let out = mpirun(2, "worker").args(args).arg(&config).arg("--out").arg(&eval_dir).output().unwrap();
+    ok(out.clone());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval_dir.join("eval.json")).unwrap()).unwrap();
+    assert!((report["macro_f1"].as_f64().unwrap() - f1).abs() < 5e-5, "{report}");
+    assert_eq!(report["frames"].as_u64().unwrap() as usize, {
+        let m = &report["confusion"];
+        (0..8).map(|t| (0..8).map(|p| m[t][p].as_u64().unwrap() as usize).sum::<usize>()).sum::<usize>()
+    });
+    let png = |p: PathBuf| {
+        let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 10_000, "{} is not a drawn PNG", p.display());
+    };
+    png(eval_dir.join("confusion.png"));
+    png(run_dir(&config).join("curves.png"));
+    png(run_dir(&config).join("confusion.png"));
+
     // The test split (2 videos) on 3 ranks, so that one rank has nothing to contribute: one line per frame of
     // every test video, after the header.
     let test = d.root.join("test-predictions.txt");

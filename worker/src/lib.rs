@@ -10,6 +10,7 @@ pub mod eval;
 pub mod job;
 pub mod nccl;
 pub mod optim;
+pub mod plots;
 pub mod predict;
 pub mod train;
 pub use avexpr_data::logging;

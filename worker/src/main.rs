@@ -67,6 +67,20 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         smooth: usize,
     },
+    /// The class-wise table, eval.json and confusion.png of a split from a checkpoint of the job.
+    Evaluate {
+        #[arg(long)]
+        config: PathBuf,
+        /// best, latest or a checkpoint name (step-00001200).
+        #[arg(long, default_value = "best")]
+        checkpoint: String,
+        /// validation or train.
+        #[arg(long, default_value = "validation")]
+        split: String,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Can this job use NCCL? libnccl's version, rank 0's unique id broadcast over MPI to every rank, and on
     /// GPUs an all-reduce across the ranks. Run under mpirun like the training.
     NcclCheck,
@@ -213,16 +227,17 @@ fn run(cli: Cli) -> Result<()> {
             avexpr_worker::train::train(&job, &dist, &avexpr_worker::train::TrainOptions { resume })?;
         }
         Command::Predict { config, checkpoint, split, out, smooth } => {
-            let split = match split.as_str() {
-                "test" => avexpr_data::layout::Split::Test,
-                "validation" => avexpr_data::layout::Split::Validation,
-                "train" => avexpr_data::layout::Split::Train,
-                other => anyhow::bail!("--split: `{other}` is not one of test, validation, train"),
-            };
+            let split = parse_split(&split)?;
             let job = avexpr_worker::job::JobConfig::from_file(&config)?;
             let dist = avexpr_worker::dist::Dist::init()?;
             let options = avexpr_worker::predict::PredictOptions { checkpoint: &checkpoint, split, out: &out, smooth };
             avexpr_worker::predict::predict(&job, &dist, &options)?;
+        }
+        Command::Evaluate { config, checkpoint, split, out } => {
+            let split = parse_split(&split)?;
+            let job = avexpr_worker::job::JobConfig::from_file(&config)?;
+            let dist = avexpr_worker::dist::Dist::init()?;
+            avexpr_worker::predict::evaluate_to(&job, &dist, &checkpoint, split, &out)?;
         }
         Command::NcclCheck => {
             let dist = avexpr_worker::dist::Dist::init()?;
@@ -280,6 +295,15 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn parse_split(split: &str) -> Result<avexpr_data::layout::Split> {
+    Ok(match split {
+        "test" => avexpr_data::layout::Split::Test,
+        "validation" => avexpr_data::layout::Split::Validation,
+        "train" => avexpr_data::layout::Split::Train,
+        other => anyhow::bail!("--split: `{other}` is not one of test, validation, train"),
+    })
 }
 
 fn main() -> ExitCode {

@@ -42,16 +42,29 @@ pub struct PredictOptions<'a> {
     pub smooth: usize,
 }
 
-/// Returns the split's confusion (meaningful on labelled splits) on every rank.
-pub fn predict(job: &JobConfig, dist: &Dist, o: &PredictOptions) -> Result<Confusion> {
+/// The job's model with a checkpoint's variables, its shard store and manifest.
+pub struct Loaded {
+    pub model: avexpr_model::ExprModel,
+    pub store: Store,
+    pub manifest: Arc<avexpr_data::ingest::Manifest>,
+    pub checkpoint: String,
+}
+
+pub fn load(job: &JobConfig, dist: &Dist, checkpoint: &str) -> Result<Loaded> {
     let store = Store::open(&job.data.shards).with_context(|| format!("data.shards: {}", job.data.shards))?;
     let manifest = Arc::new(read_manifest(&store).with_context(|| format!("data.shards: {}", job.data.shards))?);
-    let ckpt = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?.select(o.checkpoint)?;
+    let ckpt = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?.select(checkpoint)?;
     let model = build_model(job, &manifest, device_for(dist))?;
     let named: Vec<(String, tch::Tensor)> = model.trainable_groups().into_values().flatten().collect();
     ckpt.restore_variables(&named)?;
+    Ok(Loaded { model, store, manifest, checkpoint: ckpt.name })
+}
+
+/// Returns the split's confusion (meaningful on labelled splits) on every rank.
+pub fn predict(job: &JobConfig, dist: &Dist, o: &PredictOptions) -> Result<Confusion> {
+    let Loaded { model, store, manifest, checkpoint } = load(job, dist, o.checkpoint)?;
     if dist.rank == 0 {
-        tracing::info!(checkpoint = %ckpt.name, split = ?o.split, "predicting");
+        tracing::info!(checkpoint = %checkpoint, split = ?o.split, "predicting");
     }
     let eval = evaluate(&model, dist, &store, &manifest, o.split, &job.sampler(), &job.loader())?;
     let lines: String = eval.predictions.iter().map(|p| format!("{}\t{}\t{}\n", p.video, p.frame, p.class)).collect();
@@ -84,9 +97,42 @@ pub fn predict(job: &JobConfig, dist: &Dist, o: &PredictOptions) -> Result<Confu
     }
     write_predictions(o.out, &predictions)?;
     let frames: usize = predictions.values().map(Vec::len).sum();
-    println!("wrote {} ({} videos, {frames} frames) from checkpoint {}", o.out.display(), predictions.len(), ckpt.name);
+    println!("wrote {} ({} videos, {frames} frames) from checkpoint {checkpoint}", o.out.display(), predictions.len());
     if eval.confusion.frames() > 0 {
         println!("{:?} before smoothing: {}", o.split, summary(&eval.confusion));
+    }
+    Ok(eval.confusion)
+}
+
+/// `worker evaluate`: the class-wise table, `eval.json` and `confusion.png` of a split, from a checkpoint.
+pub fn evaluate_to(job: &JobConfig, dist: &Dist, checkpoint: &str, split: Split, out: &Path) -> Result<Confusion> {
+    let Loaded { model, store, manifest, checkpoint } = load(job, dist, checkpoint)?;
+    let eval = evaluate(&model, dist, &store, &manifest, split, &job.sampler(), &job.loader())?;
+    let c = &eval.confusion;
+    if dist.rank == 0 {
+        anyhow::ensure!(c.frames() > 0, "the {split:?} split has no labelled frames to score");
+        std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
+        let table = c.render(&avexpr_data::affwild2::PAPER_TRAIN_RATIOS);
+        std::fs::write(out.join("table.txt"), &table)?;
+        let f1 = c.f1_per_class();
+        let report = serde_json::json!({
+            "checkpoint": checkpoint,
+            "split": format!("{split:?}").to_lowercase(),
+            "macro_f1": c.macro_f1(),
+            "accuracy": c.accuracy(),
+            "frames": c.frames(),
+            "f1": avexpr_data::Expression::ALL.iter().zip(f1).map(|(e, f)| (e.name(), f)).collect::<std::collections::BTreeMap<_, _>>(),
+            "classes": avexpr_data::Expression::ALL.map(|e| e.name()),
+            "confusion": c.counts,
+        });
+        std::fs::write(out.join("eval.json"), serde_json::to_string_pretty(&report)?)?;
+        crate::plots::confusion_png(
+            &out.join("confusion.png"),
+            c,
+            &format!("{split:?}, {checkpoint}: {}", summary(c)),
+        )?;
+        print!("{table}");
+        println!("wrote {}/{{table.txt,eval.json,confusion.png}}", out.display());
     }
     Ok(eval.confusion)
 }

@@ -333,6 +333,24 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
             println!("validation after step {step}: {}", summary(confusion));
             print!("{}", confusion.render(&avexpr_data::affwild2::PAPER_TRAIN_RATIOS));
         }
+        for (file, result) in [
+            ("curves.png", crate::plots::curves_png(&job.run_dir.join("curves.png"), &history)),
+            (
+                "confusion.png",
+                last_eval.as_ref().map_or(Ok(()), |c| {
+                    crate::plots::confusion_png(
+                        &job.run_dir.join("confusion.png"),
+                        c,
+                        &format!("validation, step {step}: {}", summary(c)),
+                    )
+                }),
+            ),
+        ] {
+            match result {
+                Ok(()) => tracing::info!("wrote {}", job.run_dir.join(file).display()),
+                Err(e) => tracing::warn!("{file} not written: {e:#}"),
+            }
+        }
         if let Some(b) = best {
             println!(
                 "best validation macro F1 {:.4} at step {} (kept as checkpoint step-{:08})",
