@@ -19,6 +19,17 @@ pub struct ModelConfig {
     pub head: HeadConfig,
     pub prompt: PromptConfig,
     pub loss: LossConfig,
+    /// Which modalities reach the head (ablations): the other one is replaced by zeros.
+    pub modalities: Modalities,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Modalities {
+    #[default]
+    Both,
+    Video,
+    Audio,
 }
 
 impl Default for ModelConfig {
@@ -33,6 +44,7 @@ impl Default for ModelConfig {
             head: HeadConfig::default(),
             prompt: PromptConfig::default(),
             loss: LossConfig::default(),
+            modalities: Modalities::Both,
         }
     }
 }
@@ -95,6 +107,7 @@ impl Default for AdapterConfig {
 pub struct FusionConfig {
     /// Width of both streams inside the fusion (the adapter and the TCN are projected to it).
     pub dim: i64,
+    /// Cross-attention layers; 0: none, the pooled streams are only concatenated (an ablation).
     pub layers: i64,
     pub heads: i64,
     pub ff_dim: i64,
@@ -265,7 +278,9 @@ impl ModelConfig {
         check_dropout("model.adapter.dropout", self.adapter.dropout)?;
         let f = &self.fusion;
         check_positive("model.fusion.dim", f.dim)?;
-        check_positive("model.fusion.layers", f.layers)?;
+        if f.layers < 0 {
+            return Err(bad("model.fusion.layers", format!("{} must be >= 0 (0: no cross-attention)", f.layers)));
+        }
         check_positive("model.fusion.heads", f.heads)?;
         if f.dim % f.heads != 0 {
             return Err(bad("model.fusion.heads", format!("{} must divide model.fusion.dim ({})", f.heads, f.dim)));

@@ -17,7 +17,7 @@ use tch::{Device, Kind, Tensor, nn};
 use crate::EncoderOptions;
 use crate::adapter::{AudioAdapter, AudioTiming};
 use crate::clip::{ClipTextConfig, ClipTextEncoder, ClipVisionConfig, ClipVisionEncoder};
-use crate::config::{AudioLayers, ModelConfig, TargetFrame};
+use crate::config::{AudioLayers, Modalities, ModelConfig, TargetFrame};
 use crate::error::{ModelError, Result};
 use crate::fusion::BiCrossAttention;
 use crate::head::Head;
@@ -151,9 +151,17 @@ impl ExprHead {
         // Masked frames (no face, or padding before the video starts) enter the causal TCN as zeros, as its own
         // left padding does, so whatever values they hold cannot leak into later frames.
         let image_embeds = &feats.image_embeds * feats.face_mask.to_kind(feats.image_embeds.kind()).unsqueeze(-1);
+        // Ablations: a modality left out reaches the head as zeros (its masks unchanged, so no attention row is
+        // empty).
+        let image_embeds =
+            if self.cfg.modalities == Modalities::Audio { image_embeds.zeros_like() } else { image_embeds };
+        let audio_states = if self.cfg.modalities == Modalities::Video {
+            feats.audio_states.zeros_like()
+        } else {
+            feats.audio_states.shallow_clone()
+        };
         let video = self.tcn.forward_t(&image_embeds, train);
-        let (audio, audio_mask) =
-            self.adapter.forward_t(&feats.audio_states, &feats.audio_mask, &feats.fps, frames, train);
+        let (audio, audio_mask) = self.adapter.forward_t(&audio_states, &feats.audio_mask, &feats.fps, frames, train);
         let (video, audio) = self.fusion.forward_t(&video, &audio, &feats.face_mask, &audio_mask, train);
         let (logits, pooled) = self.head.forward_t(&video, &audio, &feats.face_mask, &audio_mask, train);
         let prompt_logits = self.prompt.logits(&pooled);

@@ -278,3 +278,23 @@ fn the_synthetic_task_is_learned() {
     assert!(frames > 0);
     assert_eq!(lines, frames + 1, "a prediction for every test frame");
 }
+
+/// `worker ablate` trains the full model and its four ablations on 2 ranks and tabulates them (a short run:
+/// that every variant trains and evaluates to a finite F1, not what it reaches).
+#[test]
+fn ablate_runs_every_variant() {
+    let d = dataset();
+    let config = job(&d, "ablate", 4, "");
+    let out = mpirun(2, "worker").args(["ablate", "--steps", "2", "--config"]).arg(&config).output().unwrap();
+    ok(out.clone());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for variant in ["full", "video_only", "audio_only", "concat", "no_prompt_loss"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{variant} ")))
+            .unwrap_or_else(|| panic!("{variant}:\n{stdout}"));
+        let f1: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(f1.is_finite() && (0.0..=1.0).contains(&f1), "{line}");
+        assert!(run_dir(&config).join("ablation").join(variant).join("checkpoints").join("step-00000002").is_dir());
+    }
+}

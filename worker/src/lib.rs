@@ -1,6 +1,7 @@
 //! One avexpr rank. For now: the frozen-encoder commands (`embed`, `bench-encoders`); training, evaluation and
 //! prediction under mpirun build on them.
 
+pub mod ablate;
 pub mod allocator;
 pub mod bench;
 pub mod checkpoint;

@@ -67,6 +67,15 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         smooth: usize,
     },
+    /// Train the job and four ablations of it (video only, audio only, concatenation instead of
+    /// cross-attention, no prompt loss) and compare their validation macro F1.
+    Ablate {
+        #[arg(long)]
+        config: PathBuf,
+        /// Steps per variant (default: train.steps).
+        #[arg(long)]
+        steps: Option<u64>,
+    },
     /// The class-wise table, eval.json and confusion.png of a split from a checkpoint of the job.
     Evaluate {
         #[arg(long)]
@@ -232,6 +241,14 @@ fn run(cli: Cli) -> Result<()> {
             let dist = avexpr_worker::dist::Dist::init()?;
             let options = avexpr_worker::predict::PredictOptions { checkpoint: &checkpoint, split, out: &out, smooth };
             avexpr_worker::predict::predict(&job, &dist, &options)?;
+        }
+        Command::Ablate { config, steps } => {
+            let job = avexpr_worker::job::JobConfig::from_file(&config)?;
+            let dist = avexpr_worker::dist::Dist::init()?;
+            let outcomes = avexpr_worker::ablate::ablate(&job, &dist, steps)?;
+            if dist.rank == 0 {
+                print!("{}", avexpr_worker::ablate::render(&outcomes));
+            }
         }
         Command::Evaluate { config, checkpoint, split, out } => {
             let split = parse_split(&split)?;
