@@ -1,6 +1,5 @@
-//! Fetching one shard for the loader: read through the store (which retries transient failures with
-//! `object_store`'s backoff: up to 10 retries within 3 minutes), check its size and SHA-256 against the
-//! manifest, parse it. A missing or corrupt shard is an error naming its key; a loader configured to tolerate
+//! Fetching one shard for the loader: read through the store (which retries transient failures for up to
+//! [`crate::store::RETRY_FOR`]), check its size and SHA-256 against the manifest, parse it. A missing or corrupt shard is an error naming its key; a loader configured to tolerate
 //! them skips it and counts it.
 
 use crate::ingest::ShardRecord;

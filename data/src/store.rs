@@ -112,23 +112,56 @@ impl Store {
         }
     }
 
+    /// Runs a request again while it fails with a transport or server error, backing off up to 5 s, until
+    /// [`RETRY_FOR`] has passed since the first try. `object_store` retries most failures itself; this catches
+    /// the ones it classifies as not retryable, such as a pooled connection the server had just closed
+    /// ("error sending request", seen in CI right after a server restart). Every request here is
+    /// idempotent: whole-object PUT, GET, HEAD, LIST.
+    async fn retrying<T, F, Fut>(&self, key: &str, mut request: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let start = std::time::Instant::now();
+        let mut backoff = std::time::Duration::from_millis(100);
+        loop {
+            match request().await {
+                Err(StoreError::Request { reason, .. }) if start.elapsed() < RETRY_FOR => {
+                    tracing::warn!(uri = %self.uri, key, %reason, "storage request failed, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Writes an object whole (S3 PUT and the local store's write-then-rename are both atomic).
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
-        self.inner.put(&self.path(key), PutPayload::from(bytes)).await.map_err(|e| self.request_err(key, e))?;
+        self.retrying(key, || async {
+            self.inner.put(&self.path(key), PutPayload::from(bytes.clone())).await.map_err(|e| self.request_err(key, e))
+        })
+        .await?;
         Ok(())
     }
 
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        let got = self.inner.get(&self.path(key)).await.map_err(|e| self.request_err(key, e))?;
-        got.bytes().await.map_err(|e| self.request_err(key, e))
+        self.retrying(key, || async {
+            let got = self.inner.get(&self.path(key)).await.map_err(|e| self.request_err(key, e))?;
+            got.bytes().await.map_err(|e| self.request_err(key, e))
+        })
+        .await
     }
 
     pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
-        match self.inner.head(&self.path(key)).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(self.request_err(key, e)),
-        }
+        self.retrying(key, || async {
+            match self.inner.head(&self.path(key)).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(self.request_err(key, e)),
+            }
+        })
+        .await
     }
 
     /// The immediate "sub-directories" under `dir` ("" for the store's root): their names, sorted.
