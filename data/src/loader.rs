@@ -338,6 +338,20 @@ impl Shared {
         order
     }
 
+    /// [`Shared::needed`], or the budget error when those shards cannot all be resident at once.
+    fn needed_within_budget(&self, clips: &[Clip]) -> Result<Vec<ShardId>, LoaderError> {
+        let needed = self.needed(clips);
+        let size = |id: &ShardId| self.manifest.videos[id.0].shards[id.1].bytes;
+        if needed.iter().map(|id| kib(size(id))).sum::<u64>() > self.budget_kib {
+            return Err(LoaderError::Budget {
+                budget: self.cfg.prefetch_bytes,
+                needed: needed.iter().map(size).sum(),
+                shards: needed.len(),
+            });
+        }
+        Ok(needed)
+    }
+
     async fn fetch(&self, id: ShardId) -> Result<Arc<Vec<Sample>>, FetchError> {
         let shard = &self.manifest.videos[id.0].shards[id.1];
         match &self.source {
@@ -356,16 +370,8 @@ impl Shared {
         clips: &[Clip],
         cache: &mut HashMap<ShardId, Weak<Resident>>,
     ) -> Result<HashMap<ShardId, Arc<Resident>>, LoaderError> {
-        let needed = self.needed(clips);
+        let needed = self.needed_within_budget(clips)?;
         let size = |id: &ShardId| self.manifest.videos[id.0].shards[id.1].bytes;
-        let total: u64 = needed.iter().map(|id| kib(size(id))).sum();
-        if total > self.budget_kib {
-            return Err(LoaderError::Budget {
-                budget: self.cfg.prefetch_bytes,
-                needed: needed.iter().map(size).sum(),
-                shards: needed.len(),
-            });
-        }
         let mut held = HashMap::new();
         let mut in_flight = VecDeque::new();
         for id in needed {
@@ -740,15 +746,7 @@ impl Loader {
         });
         // Fail before any thread starts when the first epoch's windows cannot fit the budget.
         for clips in shared.sampler.windows(from.epoch) {
-            let needed = shared.needed(&clips);
-            let size = |id: &ShardId| shared.manifest.videos[id.0].shards[id.1].bytes;
-            if needed.iter().map(|id| kib(size(id))).sum::<u64>() > budget_kib {
-                return Err(LoaderError::Budget {
-                    budget: cfg.prefetch_bytes,
-                    needed: needed.iter().map(size).sum(),
-                    shards: needed.len(),
-                });
-            }
+            shared.needed_within_budget(&clips)?;
         }
 
         let (window_tx, window_rx) = tokio::sync::mpsc::channel(1);
