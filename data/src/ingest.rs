@@ -510,6 +510,7 @@ pub fn read_manifest(store: &Store) -> Result<Manifest, IngestError> {
         .enable_all()
         .build()
         .map_err(|e| IngestError::Other(e.to_string()))?;
+    rt.block_on(store.check_reachable(MANIFEST))?;
     let bytes = rt.block_on(store.get(MANIFEST))?;
     serde_json::from_slice(&bytes).map_err(|e| IngestError::Other(format!("{}/{MANIFEST}: {e}", store.uri())))
 }

@@ -9,13 +9,16 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
 /// How long a request is retried before the error surfaces.
 pub const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// How long [`Store::check_reachable`] tries before calling the storage unreachable.
+pub const PROBE_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn retry_config() -> RetryConfig {
     RetryConfig {
@@ -38,11 +41,17 @@ pub enum StoreError {
     NotFound { uri: String, key: String },
     #[error("{uri}/{key}: {reason}")]
     Request { uri: String, key: String, reason: String },
+    #[error("{uri}: cannot reach the storage{} within {}s: {reason}", .endpoint.as_ref().map(|e| format!(" at {e}")).unwrap_or_default(), PROBE_FOR.as_secs())]
+    Unreachable { uri: String, endpoint: Option<String>, reason: String },
 }
 
 #[derive(Clone, Debug)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
+    /// The same storage without retries, for [`Store::check_reachable`].
+    probe: Arc<dyn ObjectStore>,
+    /// The S3 endpoint, when not AWS's default (for messages; it holds no credential).
+    endpoint: Option<String>,
     prefix: String,
     uri: String,
 }
@@ -63,24 +72,28 @@ impl Store {
             }
             let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
             let endpoint = std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT")).ok();
-            if let Some(endpoint) = endpoint {
+            if let Some(endpoint) = &endpoint {
                 builder = builder.with_allow_http(endpoint.starts_with("http://")).with_endpoint(endpoint);
             }
             if let Ok(region) = std::env::var("AWS_REGION") {
                 builder = builder.with_region(region);
             }
             for (key, value) in s3_options {
-                let key: object_store::aws::AmazonS3ConfigKey =
-                    key.parse().map_err(|e: object_store::Error| open_err(e.to_string()))?;
+                let key: AmazonS3ConfigKey = key.parse().map_err(|e: object_store::Error| open_err(e.to_string()))?;
                 builder = builder.with_config(key, *value);
             }
-            let s3 = builder
-                .with_virtual_hosted_style_request(false)
-                .with_retry(retry_config())
+            let builder = builder.with_virtual_hosted_style_request(false);
+            let probe = builder
+                .clone()
+                .with_retry(RetryConfig { max_retries: 0, ..retry_config() })
+                .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout), "3s")
                 .build()
                 .map_err(|e| open_err(e.to_string()))?;
+            let s3 = builder.with_retry(retry_config()).build().map_err(|e| open_err(e.to_string()))?;
             return Ok(Store {
                 inner: Arc::new(s3),
+                probe: Arc::new(probe),
+                endpoint,
                 prefix: prefix.trim_matches('/').to_string(),
                 uri: uri.to_string(),
             });
@@ -90,8 +103,9 @@ impl Store {
             return Err(open_err("expected s3://bucket/prefix, file:///dir or a directory path".into()));
         }
         std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create the directory: {e}")))?;
-        let local = LocalFileSystem::new_with_prefix(dir).map_err(|e| open_err(e.to_string()))?;
-        Ok(Store { inner: Arc::new(local), prefix: String::new(), uri: uri.to_string() })
+        let local: Arc<dyn ObjectStore> =
+            Arc::new(LocalFileSystem::new_with_prefix(dir).map_err(|e| open_err(e.to_string()))?);
+        Ok(Store { inner: local.clone(), probe: local, endpoint: None, prefix: String::new(), uri: uri.to_string() })
     }
 
     /// The location, without any credential.
@@ -133,6 +147,23 @@ impl Store {
                 }
                 other => return other,
             }
+        }
+    }
+
+    /// Fails within [`PROBE_FOR`] when the storage cannot be reached at all (a wrong endpoint, a server that is
+    /// down, refused credentials), instead of the [`RETRY_FOR`] window that requests get to ride out an outage:
+    /// jobs call it before they start, so a typo costs seconds. `key` not existing is fine.
+    pub async fn check_reachable(&self, key: &str) -> Result<(), StoreError> {
+        let start = std::time::Instant::now();
+        loop {
+            let reason = match self.probe.head(&self.path(key)).await {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => return Ok(()),
+                Err(e) => e.to_string(),
+            };
+            if start.elapsed() + std::time::Duration::from_millis(500) >= PROBE_FOR {
+                return Err(StoreError::Unreachable { uri: self.uri.clone(), endpoint: self.endpoint.clone(), reason });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
     }
 

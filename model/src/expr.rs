@@ -179,15 +179,17 @@ impl ExprHead {
     }
 
     /// Loss terms from per-frame labels `[batch, frames]`: the pooled head learns the clip target, the
-    /// per-frame head every labelled frame; the prompt term always uses the clip target.
+    /// per-frame head every labelled frame; the prompt term always uses the clip target. Logits are taken in
+    /// f32 (under bf16 autocast they arrive in bf16; CPU autocast would keep log-softmax in bf16).
     pub fn loss(&self, out: &ExprOutput, frame_labels: &Tensor) -> LossTerms {
         let frame_labels = frame_labels.to_device(out.logits.device()).to_kind(Kind::Int64);
         let clip_targets = self.clip_targets(&frame_labels);
+        let (logits, prompt_logits) = (out.logits.to_kind(Kind::Float), out.prompt_logits.to_kind(Kind::Float));
         if self.cfg.head.per_frame {
-            let logits = out.logits.reshape([-1, NUM_CLASSES as i64]);
-            self.loss.terms(&logits, &out.prompt_logits, &frame_labels.reshape([-1]), &clip_targets)
+            let logits = logits.reshape([-1, NUM_CLASSES as i64]);
+            self.loss.terms(&logits, &prompt_logits, &frame_labels.reshape([-1]), &clip_targets)
         } else {
-            self.loss.terms(&out.logits, &out.prompt_logits, &clip_targets, &clip_targets)
+            self.loss.terms(&logits, &prompt_logits, &clip_targets, &clip_targets)
         }
     }
 

@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod adapter;
 pub mod attention;
+pub mod autocast;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;

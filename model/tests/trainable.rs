@@ -218,6 +218,44 @@ fn gradients_reach_every_group_and_no_frozen_variable() {
     }
 }
 
+/// bf16 autocast of the trainable part (what CUDA training runs; CPU autocast exercises the same code): the
+/// loss and every gradient agree with f32 to bf16 precision, the gradients are f32, and some op did run in
+/// bf16 (the results differ).
+#[test]
+fn bf16_autocast_head_matches_f32_to_bf16_precision() {
+    let model = tiny_model(&tiny_config());
+    let raw = raw_batch(4, 6);
+    let feats = model.encode(&raw).unwrap();
+    let labels = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 7]).repeat([2]).view([4, 6]);
+    let run = |mixed: bool| {
+        let mut vars: Vec<(String, Tensor)> = model.trainable_groups().into_values().flatten().collect();
+        for (_, v) in &mut vars {
+            v.zero_grad();
+        }
+        tch::manual_seed(3);
+        let loss = avexpr_model::autocast::bf16(tch::Device::Cpu, mixed, || {
+            let out = model.forward_t(&feats, true);
+            model.loss(&out, &labels)
+        });
+        assert_eq!(loss.total.kind(), Kind::Float);
+        loss.total.backward();
+        let grads: Vec<(String, Tensor)> = vars.iter().map(|(n, v)| (n.clone(), v.grad().copy())).collect();
+        (loss.total.double_value(&[]), grads)
+    };
+    let (loss32, grads32) = run(false);
+    let (loss16, grads16) = run(true);
+    assert!((loss32 - loss16).abs() < 2e-2 * loss32.abs().max(1.0), "loss f32 {loss32} vs bf16 {loss16}");
+    assert!(loss32 != loss16, "autocast changed nothing: the head did not run in bf16");
+    let (mut num, mut den) = (0.0, 0.0);
+    for ((name, g32), (_, g16)) in grads32.iter().zip(&grads16) {
+        assert_eq!(g16.kind(), Kind::Float, "{name}: gradient of an f32 variable must be f32");
+        num += (g32 - g16).square().sum(Kind::Double).double_value(&[]);
+        den += g32.square().sum(Kind::Double).double_value(&[]);
+    }
+    let rel = (num / den).sqrt();
+    assert!(rel < 5e-2, "gradients differ by {rel} (relative L2) under bf16 autocast");
+}
+
 #[test]
 fn raw_inputs_and_precomputed_features_give_identical_outputs() {
     let model = tiny_model(&tiny_config());

@@ -187,6 +187,29 @@ fn bad_configs_and_stores_fail_before_training_naming_the_field() {
     let out = binary("worker").args(["train", "--config"]).arg(&config).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("data.shards") && stderr.contains("manifest.json"), "{stderr}");
+
+    // An S3 endpoint where no server listens: said within seconds, not after the 2-minute retry window that
+    // requests get to ride out an outage.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = job(&d, "unreachable", 2, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(&d.shards.display().to_string(), "s3://avexpr/shards");
+    std::fs::write(&config, text).unwrap();
+    let started = std::time::Instant::now();
+    let out = binary("worker")
+        .args(["train", "--config"])
+        .arg(&config)
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
+        .env("AWS_ACCESS_KEY_ID", "GKunused")
+        .env("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
+        .env("AWS_REGION", "garage")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot reach the storage") && stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    assert!(stderr.contains("data.shards"), "{stderr}");
+    assert!(!stderr.contains("not-a-real-secret"), "a credential was printed: {stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "took {:?}", started.elapsed());
 }
 
 /// The synthetic task is learnable and the system learns it: validation macro F1 well above chance (1/8) after

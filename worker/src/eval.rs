@@ -31,9 +31,12 @@ pub struct Evaluation {
     pub predictions: Vec<FramePrediction>,
 }
 
-/// Predicts every frame of `split` on this rank's share of the videos.
+/// Predicts every frame of `split` on this rank's share of the videos; the head under bf16 autocast when
+/// `mixed_precision`.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &ExprModel,
+    mixed_precision: bool,
     dist: &Dist,
     store: &Store,
     manifest: &Arc<Manifest>,
@@ -59,7 +62,12 @@ pub fn evaluate(
         for batch in stream {
             let batch = batch.context("evaluation data")?;
             let (raw, _) = raw_batch(&batch);
-            let logits = tch::no_grad(|| model.forward_raw_t(&raw, false))?.logits;
+            let feats = tch::no_grad(|| model.encode(&raw))?;
+            let device = feats.image_embeds.device();
+            let logits = tch::no_grad(|| {
+                avexpr_model::autocast::bf16(device, mixed_precision, || model.forward_t(&feats, false).logits)
+            })
+            .to_kind(tch::Kind::Float);
             // A per-frame head scores every frame of the window: take the target frame's.
             let logits = if logits.dim() == 3 { logits.select(1, offset) } else { logits };
             let classes = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(tch::Device::Cpu))?;

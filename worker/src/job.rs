@@ -82,6 +82,28 @@ pub struct TrainSection {
     pub log_every: u64,
     /// Validate every this many steps (0: only at the end).
     pub eval_every: u64,
+    /// bf16 autocast of the trainable forward and loss: `auto` (on CUDA only), `bf16`, `off`.
+    pub mixed_precision: MixedPrecision,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedPrecision {
+    #[default]
+    Auto,
+    Bf16,
+    Off,
+}
+
+impl MixedPrecision {
+    /// Whether the trainable part runs under bf16 autocast on `device`.
+    pub fn enabled(self, device: tch::Device) -> bool {
+        match self {
+            MixedPrecision::Auto => device.is_cuda(),
+            MixedPrecision::Bf16 => true,
+            MixedPrecision::Off => false,
+        }
+    }
 }
 
 impl Default for TrainSection {
@@ -99,6 +121,7 @@ impl Default for TrainSection {
             bucket_bytes: 4 << 20,
             log_every: 10,
             eval_every: 0,
+            mixed_precision: MixedPrecision::Auto,
         }
     }
 }
@@ -150,7 +173,13 @@ impl JobConfig {
         let err = |field: &str, reason: String| JobError { path: path.to_path_buf(), field: field.into(), reason };
         let text = std::fs::read_to_string(path).map_err(|e| err("<file>", format!("cannot read: {e}")))?;
         let file: JobFile = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text))
-            .map_err(|e| err(&e.path().to_string(), e.into_inner().to_string()))?;
+            .map_err(|e| {
+                let path = e.path().to_string();
+                // serde_yaml's message may already start with the path.
+                let reason = e.into_inner().to_string();
+                let reason = reason.strip_prefix(&format!("{path}: ")).map_or(reason.clone(), str::to_string);
+                err(&path, reason)
+            })?;
         let model_yaml = serde_yaml::to_string(&file.model).map_err(|e| err("model", e.to_string()))?;
         let model = ModelConfig::from_yaml(&model_yaml, path).map_err(|e| match e {
             avexpr_model::ModelError::BadConfig { field, reason, .. } => err(&field, reason),

@@ -51,8 +51,8 @@ pub struct Loaded {
 }
 
 pub fn load(job: &JobConfig, dist: &Dist, checkpoint: &str) -> Result<Loaded> {
-    let store = Store::open(&job.data.shards).with_context(|| format!("data.shards: {}", job.data.shards))?;
-    let manifest = Arc::new(read_manifest(&store).with_context(|| format!("data.shards: {}", job.data.shards))?);
+    let store = Store::open(&job.data.shards).context("data.shards")?;
+    let manifest = Arc::new(read_manifest(&store).context("data.shards")?);
     let ckpt = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?.select(checkpoint)?;
     let model = build_model(job, &manifest, device_for(dist))?;
     let named: Vec<(String, tch::Tensor)> = model.trainable_groups().into_values().flatten().collect();
@@ -66,7 +66,8 @@ pub fn predict(job: &JobConfig, dist: &Dist, o: &PredictOptions) -> Result<Confu
     if dist.rank == 0 {
         tracing::info!(checkpoint = %checkpoint, split = ?o.split, "predicting");
     }
-    let eval = evaluate(&model, dist, &store, &manifest, o.split, &job.sampler(), &job.loader())?;
+    let mixed = job.train.mixed_precision.enabled(device_for(dist));
+    let eval = evaluate(&model, mixed, dist, &store, &manifest, o.split, &job.sampler(), &job.loader())?;
     let lines: String = eval.predictions.iter().map(|p| format!("{}\t{}\t{}\n", p.video, p.frame, p.class)).collect();
     let Some(parts) = dist.gather_bytes(lines.as_bytes()) else { return Ok(eval.confusion) };
 
@@ -107,7 +108,8 @@ pub fn predict(job: &JobConfig, dist: &Dist, o: &PredictOptions) -> Result<Confu
 /// `worker evaluate`: the class-wise table, `eval.json` and `confusion.png` of a split, from a checkpoint.
 pub fn evaluate_to(job: &JobConfig, dist: &Dist, checkpoint: &str, split: Split, out: &Path) -> Result<Confusion> {
     let Loaded { model, store, manifest, checkpoint } = load(job, dist, checkpoint)?;
-    let eval = evaluate(&model, dist, &store, &manifest, split, &job.sampler(), &job.loader())?;
+    let mixed = job.train.mixed_precision.enabled(device_for(dist));
+    let eval = evaluate(&model, mixed, dist, &store, &manifest, split, &job.sampler(), &job.loader())?;
     let c = &eval.confusion;
     if dist.rank == 0 {
         anyhow::ensure!(c.frames() > 0, "the {split:?} split has no labelled frames to score");

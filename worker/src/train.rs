@@ -146,10 +146,11 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
     };
     tch::set_num_threads(threads as i32);
     let device = device_for(dist);
+    let mixed = job.train.mixed_precision.enabled(device);
 
-    let store = Store::open(&job.data.shards).with_context(|| format!("data.shards: {}", job.data.shards))?;
+    let store = Store::open(&job.data.shards).context("data.shards")?;
     let manifest =
-        std::sync::Arc::new(read_manifest(&store).with_context(|| format!("data.shards: {}", job.data.shards))?);
+        std::sync::Arc::new(read_manifest(&store).context("data.shards")?);
     let checkpoints = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?;
 
     let model = build_model(job, &manifest, device)?;
@@ -241,8 +242,10 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
             let terms = phases.time(
                 |p| &mut p.head,
                 || {
-                    let out = model.forward_t(&feats, true);
-                    let terms = model.loss(&out, &labels.to_device(device));
+                    let terms = avexpr_model::autocast::bf16(device, mixed, || {
+                        let out = model.forward_t(&feats, true);
+                        model.loss(&out, &labels.to_device(device))
+                    });
                     (&terms.total / accumulation as f64).backward();
                     terms
                 },
@@ -278,7 +281,7 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
             val_macro_f1: None,
         };
         let m = if t.eval_every > 0 && step.is_multiple_of(t.eval_every) || step == t.steps {
-            let eval = evaluate(&model, dist, &store, &manifest, Split::Validation, &sampler_cfg, &loader_cfg)?;
+            let eval = evaluate(&model, mixed, dist, &store, &manifest, Split::Validation, &sampler_cfg, &loader_cfg)?;
             let f1 = eval.confusion.macro_f1();
             if dist.rank == 0 {
                 tracing::info!("step {step}: validation {}", summary(&eval.confusion));
@@ -325,8 +328,9 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
     }
     if last_eval.is_none() {
         // Resumed from the final checkpoint: nothing left to train, but the table is still wanted.
-        last_eval =
-            Some(evaluate(&model, dist, &store, &manifest, Split::Validation, &sampler_cfg, &loader_cfg)?.confusion);
+        last_eval = Some(
+            evaluate(&model, mixed, dist, &store, &manifest, Split::Validation, &sampler_cfg, &loader_cfg)?.confusion,
+        );
     }
     if dist.rank == 0 {
         if let Some(confusion) = &last_eval {
