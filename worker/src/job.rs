@@ -172,8 +172,8 @@ impl JobConfig {
     pub fn from_file(path: &Path) -> Result<JobConfig, JobError> {
         let err = |field: &str, reason: String| JobError { path: path.to_path_buf(), field: field.into(), reason };
         let text = std::fs::read_to_string(path).map_err(|e| err("<file>", format!("cannot read: {e}")))?;
-        let file: JobFile = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text))
-            .map_err(|e| {
+        let file: JobFile =
+            serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text)).map_err(|e| {
                 let path = e.path().to_string();
                 // serde_yaml's message may already start with the path.
                 let reason = e.into_inner().to_string();

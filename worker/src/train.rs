@@ -149,8 +149,7 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
     let mixed = job.train.mixed_precision.enabled(device);
 
     let store = Store::open(&job.data.shards).context("data.shards")?;
-    let manifest =
-        std::sync::Arc::new(read_manifest(&store).context("data.shards")?);
+    let manifest = std::sync::Arc::new(read_manifest(&store).context("data.shards")?);
     let checkpoints = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?;
 
     let model = build_model(job, &manifest, device)?;
