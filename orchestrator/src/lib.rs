@@ -1,3 +1,10 @@
-//! The orchestrator: plans, launches and watches avexpr workers. For now it checks that a machine can run them.
+//! The orchestrator: plans a job's shards over ranks, launches it (local mpirun, a hostfile, or a Kubernetes
+//! MPIJob), watches every rank's heartbeat and restarts the job from its last checkpoint when a rank dies or
+//! hangs.
 
 pub mod doctor;
+pub mod jobs;
+pub mod k8s;
+pub mod launch;
+pub mod plan;
+pub mod watch;

@@ -1,8 +1,9 @@
 //! `orchestrator`: plans, launches and watches avexpr jobs. Thin: parse, log, call the library.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use avexpr_orchestrator::doctor;
+use avexpr_orchestrator::{doctor, jobs};
 use avexpr_worker::logging;
 use clap::{Parser, Subcommand};
 
@@ -21,11 +22,79 @@ enum Command {
         #[arg(long)]
         python: Option<String>,
     },
+    /// Write the job's video -> rank plan (balanced by labelled frames) to its checkpoint store.
+    Plan {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// Ranks per node: one per GPU (on CPU hosts, processes per node).
+        #[arg(long, default_value_t = 1)]
+        gpus_per_node: usize,
+    },
+    /// Plan, start and watch a job; restart it from its last checkpoint when a rank dies or hangs.
+    Launch {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// Ranks per node: one per GPU (on CPU hosts, processes per node).
+        #[arg(long, default_value_t = 1)]
+        gpus_per_node: usize,
+        /// local (mpirun here), hostfile (mpirun --hostfile) or k8s (an MPIJob applied with kubectl).
+        #[arg(long, default_value = "local")]
+        target: String,
+        /// The hosts of `--target hostfile` (Open MPI format).
+        #[arg(long)]
+        hostfile: Option<PathBuf>,
+        /// Print the mpirun command or the Kubernetes manifests, start nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The worker binary (default: `worker` beside this program).
+        #[arg(long)]
+        worker: Option<PathBuf>,
+        /// A directory with edited copies of the k8s/ templates (mpijob.yaml, configmap.yaml).
+        #[arg(long)]
+        templates: Option<PathBuf>,
+        /// The MPIJob's name (default: avexpr-<config file stem>).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// A job's state: orchestrator record, newest checkpoint, metrics, restarts, live ranks.
+    Status {
+        /// The job's config file, or its checkpoint store URI.
+        run: String,
+    },
 }
 
 fn main() -> ExitCode {
     logging::init_labelled("orchestrator");
+    let printed = |result: anyhow::Result<String>| match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    };
     match Cli::parse().command {
+        Command::Plan { config, nodes, gpus_per_node } => printed(jobs::plan(&config, nodes, gpus_per_node)),
+        Command::Launch { config, nodes, gpus_per_node, target, hostfile, dry_run, worker, templates, name } => {
+            printed(jobs::launch(&jobs::LaunchArgs {
+                config,
+                nodes,
+                gpus_per_node,
+                target,
+                hostfile,
+                dry_run,
+                worker,
+                templates,
+                name,
+            }))
+        }
+        Command::Status { run } => printed(jobs::status(&run)),
         Command::Doctor { python } => {
             let python = python.unwrap_or_else(avexpr_worker::default_python);
             let (text, ok) = doctor::report(&doctor::run_checks(&python));

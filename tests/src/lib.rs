@@ -1,5 +1,7 @@
 //! Helpers for the end-to-end tests: where cargo put the workspace's binaries.
 
+pub mod jobs;
+
 use std::path::PathBuf;
 use std::process::Command;
 

@@ -45,7 +45,7 @@ pub fn ablate(job: &JobConfig, dist: &Dist, steps: Option<u64>) -> Result<Vec<Ou
         if dist.rank == 0 {
             tracing::info!(variant, what, "ablation run");
         }
-        let history = train(&j, dist, &TrainOptions { resume: false })?;
+        let history = train(&j, dist, &TrainOptions { resume: false, plan: None })?;
         let f1s: Vec<f64> = history.iter().filter_map(|m| m.val_macro_f1).collect();
         outcomes.push(Outcome {
             variant,

@@ -61,6 +61,7 @@ pub fn evaluate(
         )?;
         for batch in stream {
             let batch = batch.context("evaluation data")?;
+            crate::heartbeat::update(|h| h.phase = "evaluating".into());
             let (raw, _) = raw_batch(&batch);
             let feats = tch::no_grad(|| model.encode(&raw))?;
             let device = feats.image_embeds.device();

@@ -143,6 +143,68 @@ impl Default for CheckpointSection {
     }
 }
 
+/// `launch`: how `orchestrator launch` starts, watches and restarts the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LaunchSection {
+    /// Relaunches (with `--resume auto`) after a failed or hung attempt before giving up.
+    pub max_restarts: u32,
+    /// A rank whose heartbeat has not advanced for this long is hung (it must cover start-up, an evaluation
+    /// pass and a checkpoint write; ranks beat on every step and every evaluation batch).
+    pub heartbeat_timeout_s: f64,
+    /// How often a rank writes its heartbeat (at most).
+    pub heartbeat_every_s: f64,
+    /// Extra `mpirun` arguments (e.g. `--mca btl_tcp_if_include eth0`), for the local and hostfile targets
+    /// and the Kubernetes launcher.
+    pub mpirun_args: Vec<String>,
+    pub k8s: K8sSection,
+}
+
+impl Default for LaunchSection {
+    fn default() -> Self {
+        Self {
+            max_restarts: 3,
+            heartbeat_timeout_s: 600.0,
+            heartbeat_every_s: 2.0,
+            mpirun_args: Vec::new(),
+            k8s: K8sSection::default(),
+        }
+    }
+}
+
+/// `launch.k8s`: what the rendered MPIJob asks of the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct K8sSection {
+    /// The worker image (built from k8s/Dockerfile).
+    pub image: String,
+    pub namespace: String,
+    /// CPU cores and memory per worker pod (requests = limits).
+    pub cpu: String,
+    pub memory: String,
+    /// The Secret holding AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optionally AWS_ENDPOINT_URL,
+    /// AWS_REGION) for the store.
+    pub s3_secret: String,
+    /// A PersistentVolumeClaim mounted at /cache in worker pods ("": none), e.g. shards near the nodes.
+    pub cache_pvc: String,
+    /// The extended resource that counts GPUs (`nvidia.com/gpu`); "" for CPU-only pods.
+    pub gpu_resource: String,
+}
+
+impl Default for K8sSection {
+    fn default() -> Self {
+        Self {
+            image: "avexpr/worker:latest".into(),
+            namespace: "default".into(),
+            cpu: "8".into(),
+            memory: "64Gi".into(),
+            s3_secret: "avexpr-s3".into(),
+            cache_pvc: String::new(),
+            gpu_resource: "nvidia.com/gpu".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JobFile {
@@ -155,6 +217,8 @@ struct JobFile {
     train: TrainSection,
     #[serde(default)]
     checkpoint: CheckpointSection,
+    #[serde(default)]
+    launch: LaunchSection,
 }
 
 /// A validated job.
@@ -166,6 +230,8 @@ pub struct JobConfig {
     pub model: ModelConfig,
     pub train: TrainSection,
     pub checkpoint: CheckpointSection,
+    #[serde(default)]
+    pub launch: LaunchSection,
 }
 
 impl JobConfig {
@@ -192,7 +258,7 @@ impl JobConfig {
         if checkpoint.uri.is_empty() {
             checkpoint.uri = run_dir.join("checkpoints").display().to_string();
         }
-        let job = JobConfig { run_dir, data: file.data, model, train: file.train, checkpoint };
+        let job = JobConfig { run_dir, data: file.data, model, train: file.train, checkpoint, launch: file.launch };
         job.validate().map_err(|(field, reason)| err(field, reason))?;
         Ok(job)
     }
@@ -245,6 +311,16 @@ impl JobConfig {
         }
         if self.checkpoint.keep_last_k == 0 {
             return Err(("checkpoint.keep_last_k", "must be at least 1 (resuming needs one)".into()));
+        }
+        let l = &self.launch;
+        if l.heartbeat_every_s.is_nan() || l.heartbeat_every_s <= 0.0 {
+            return Err(("launch.heartbeat_every_s", "must be positive".into()));
+        }
+        if l.heartbeat_timeout_s.is_nan() || l.heartbeat_timeout_s < 3.0 * l.heartbeat_every_s {
+            return Err((
+                "launch.heartbeat_timeout_s",
+                format!("must be at least 3 x launch.heartbeat_every_s ({})", l.heartbeat_every_s),
+            ));
         }
         Ok(())
     }

@@ -50,6 +50,9 @@ enum Command {
         /// `auto`: continue from the newest valid checkpoint if there is one; `none`: start afresh.
         #[arg(long, default_value = "auto")]
         resume: String,
+        /// A shard plan written by `orchestrator plan` (URI or path); default: the balanced plan.
+        #[arg(long)]
+        plan: Option<String>,
     },
     /// Write the official predictions.txt for a split from a checkpoint of the job (under mpirun: sharded).
     Predict {
@@ -224,7 +227,7 @@ fn run(cli: Cli) -> Result<()> {
             let python = python.unwrap_or_else(avexpr_worker::default_python);
             print!("{}", bench::encoders(&cfg, options, (!no_reference).then_some(python.as_str()), rounds)?);
         }
-        Command::Train { config, resume } => {
+        Command::Train { config, resume, plan } => {
             let resume = match resume.as_str() {
                 "auto" => true,
                 "none" => false,
@@ -232,8 +235,9 @@ fn run(cli: Cli) -> Result<()> {
             };
             // The config is checked before MPI starts: a bad one fails every rank at once, with its message.
             let job = avexpr_worker::job::JobConfig::from_file(&config)?;
+            let plan = plan.as_deref().map(avexpr_worker::plan::JobPlan::load).transpose()?;
             let dist = avexpr_worker::dist::Dist::init()?;
-            avexpr_worker::train::train(&job, &dist, &avexpr_worker::train::TrainOptions { resume })?;
+            avexpr_worker::train::train(&job, &dist, &avexpr_worker::train::TrainOptions { resume, plan })?;
         }
         Command::Predict { config, checkpoint, split, out, smooth } => {
             let split = parse_split(&split)?;

@@ -131,6 +131,8 @@ impl Phases {
 
 pub struct TrainOptions {
     pub resume: bool,
+    /// An explicit shard plan (`orchestrator plan`); `None`: the balanced plan every rank computes.
+    pub plan: Option<crate::plan::JobPlan>,
 }
 
 pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec<StepMetrics>> {
@@ -151,6 +153,16 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
     let store = Store::open(&job.data.shards).context("data.shards")?;
     let manifest = std::sync::Arc::new(read_manifest(&store).context("data.shards")?);
     let checkpoints = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?;
+    if let Some(plan) = &options.plan {
+        plan.check(job, dist.world_size)?;
+    }
+    let _beacon = crate::heartbeat::Beacon::start(
+        Store::open(&job.checkpoint.uri)?,
+        dist.rank,
+        dist.world_size,
+        job.train.steps,
+        std::time::Duration::from_secs_f64(job.launch.heartbeat_every_s),
+    );
 
     let model = build_model(job, &manifest, device)?;
     let named: Vec<(String, Tensor)> = model.trainable_groups().into_values().flatten().collect();
@@ -192,13 +204,18 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
             tracing::info!(checkpoint = %ckpt.name, step, "resumed");
         }
     }
+    crate::heartbeat::update(|h| {
+        h.resumed_from = step;
+        h.step = step;
+    });
 
     let sampler_cfg = job.sampler();
     let loader_cfg = job.loader();
     let mut loaders = Vec::with_capacity(accumulation);
     for a in 0..accumulation {
         let slot = dist.rank * accumulation + a;
-        let sampler = RankSampler::new(&manifest, Split::Train, slot, slots, &sampler_cfg, None)?;
+        let plan = options.plan.as_ref().map(|p| &p.train);
+        let sampler = RankSampler::new(&manifest, Split::Train, slot, slots, &sampler_cfg, plan)?;
         anyhow::ensure!(!sampler.is_empty(), "data slot {slot} of {slots} has no training clips: too few videos");
         loaders.push(Loader::start(
             Source::Store(store.clone()),
@@ -279,6 +296,16 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
             grad_norm,
             val_macro_f1: None,
         };
+        crate::heartbeat::update(|h| {
+            h.phase = "training".into();
+            h.step = step;
+            h.loss = Some(m.loss);
+            if dist.rank == 0 {
+                let elapsed = started.elapsed().as_secs_f64();
+                h.clips_per_s = Some(clips as f64 * world / elapsed);
+                h.eta_s = Some(elapsed / (step - first_step) as f64 * (t.steps - step) as f64);
+            }
+        });
         let m = if t.eval_every > 0 && step.is_multiple_of(t.eval_every) || step == t.steps {
             let eval = evaluate(&model, mixed, dist, &store, &manifest, Split::Validation, &sampler_cfg, &loader_cfg)?;
             let f1 = eval.confusion.macro_f1();
@@ -289,6 +316,10 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
                 best = Some(Best { step, macro_f1: f1 });
             }
             last_eval = Some(eval.confusion);
+            crate::heartbeat::update(|h| {
+                h.phase = "training".into();
+                h.val_macro_f1 = Some(f1);
+            });
             StepMetrics { val_macro_f1: Some(f1), ..m }
         } else {
             m
@@ -313,6 +344,7 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
             }
         }
         if step.is_multiple_of(job.checkpoint.every) || step == t.steps {
+            crate::heartbeat::update(|h| h.phase = "checkpointing".into());
             let all = gather_cursors(dist, &cursors, accumulation);
             if dist.rank == 0 {
                 let state = CheckpointState { step, cursors: all, config: job.clone(), metrics: history.clone(), best };
@@ -320,6 +352,7 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
                 tracing::info!(step, uri = %job.checkpoint.uri, "checkpoint committed");
             }
             dist.barrier();
+            crate::heartbeat::update(|h| h.phase = "training".into());
         }
     }
     if dist.rank == 0 && phases.steps > 0 {
@@ -361,6 +394,7 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
             );
         }
     }
+    crate::heartbeat::update(|h| h.phase = "done".into());
     Ok(history)
 }
 

@@ -1,0 +1,219 @@
+//! The orchestrator's commands end to end: `plan`, `launch` (check everything, write the plan, run attempts
+//! until the job succeeds, report) and `status`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use avexpr_data::store::Store;
+use avexpr_worker::checkpoint::CheckpointStore;
+use avexpr_worker::job::JobConfig;
+
+use crate::launch::{Attempt, Job, Target};
+use crate::watch::{RECORD_KEY, RunRecord, Watcher};
+use crate::{k8s, plan};
+
+pub struct LaunchArgs {
+    pub config: PathBuf,
+    pub nodes: usize,
+    pub gpus_per_node: usize,
+    pub target: String,
+    pub hostfile: Option<PathBuf>,
+    pub dry_run: bool,
+    /// The worker binary (default: `worker` beside this program).
+    pub worker: Option<PathBuf>,
+    /// Edited copies of the k8s/ templates.
+    pub templates: Option<PathBuf>,
+    /// The MPIJob's name (default: avexpr-<config file stem>).
+    pub name: Option<String>,
+}
+
+fn load_job(config: &Path) -> Result<(PathBuf, JobConfig)> {
+    let abs = std::fs::canonicalize(config).with_context(|| format!("--config {}", config.display()))?;
+    let job = JobConfig::from_file(&abs)?;
+    Ok((abs, job))
+}
+
+/// `orchestrator plan`.
+pub fn plan(config: &Path, nodes: usize, gpus_per_node: usize) -> Result<String> {
+    let world = plan::world_size(nodes, gpus_per_node)?;
+    let (_, job) = load_job(config)?;
+    job.accumulation(world)?;
+    let manifest = plan::read_job_manifest(&job)?;
+    let (p, uri) = plan::make(&job, &manifest, world)?;
+    Ok(format!("wrote {uri}\n{}", plan::describe(&p, &manifest)))
+}
+
+fn default_worker() -> Result<PathBuf> {
+    let me = std::env::current_exe().context("locating this program")?;
+    Ok(me.with_file_name("worker"))
+}
+
+/// A DNS-1123 name for the MPIJob.
+fn k8s_name(config: &Path) -> String {
+    let stem = config.file_stem().map_or("job".into(), |s| s.to_string_lossy().to_lowercase());
+    let clean: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let name = format!("avexpr-{}", clean.trim_matches('-'));
+    name.chars().take(50).collect::<String>().trim_end_matches('-').to_string()
+}
+
+/// `orchestrator launch`: returns the final report.
+pub fn launch(a: &LaunchArgs) -> Result<String> {
+    let world = plan::world_size(a.nodes, a.gpus_per_node)?;
+    let target = Target::parse(&a.target, a.hostfile.as_deref())?;
+    let (config, job_cfg) = load_job(&a.config)?;
+    job_cfg.accumulation(world)?;
+    if let Target::Hostfile(file) = &target {
+        crate::launch::check_hostfile(file, a.nodes)?;
+    }
+    let worker = match &a.worker {
+        Some(w) => w.clone(),
+        None => default_worker()?,
+    };
+    if target != Target::K8s {
+        anyhow::ensure!(worker.is_file(), "the worker binary {} does not exist (--worker PATH)", worker.display());
+    }
+    let job = Job {
+        config: config.clone(),
+        job: job_cfg.clone(),
+        nodes: a.nodes,
+        gpus_per_node: a.gpus_per_node,
+        target: target.clone(),
+        worker,
+        plan: format!("{}/{}", job_cfg.checkpoint.uri.trim_end_matches('/'), avexpr_worker::plan::PLAN_KEY),
+    };
+    let name = a.name.clone().unwrap_or_else(|| k8s_name(&config));
+    let mut k8s_yaml = None;
+    if target == Target::K8s {
+        let text = std::fs::read_to_string(&config).with_context(|| config.display().to_string())?;
+        let yaml = k8s::to_yaml(&k8s::render(&job, &name, &text, a.templates.as_deref())?)?;
+        if a.dry_run {
+            return Ok(yaml);
+        }
+        k8s::check_kubectl()?;
+        k8s_yaml = Some(yaml);
+    } else if a.dry_run {
+        return Ok(job.mpirun_argv().join(" ") + "\n");
+    }
+
+    // Everything that can be checked without the store is; now the store (fast failure when unreachable).
+    let manifest = plan::read_job_manifest(&job_cfg)?;
+    let (p, uri) = plan::make(&job_cfg, &manifest, world)?;
+    eprint!("plan {uri}\n{}", plan::describe(&p, &manifest));
+    std::fs::create_dir_all(&job_cfg.run_dir).with_context(|| format!("run_dir {}", job_cfg.run_dir.display()))?;
+
+    let watcher = Watcher::new(&job)?;
+    let mut record = RunRecord {
+        config: config.clone(),
+        target: a.target.clone(),
+        world_size: world,
+        status: "running".into(),
+        ..RunRecord::default()
+    };
+    watcher.save(&record)?;
+    let mut last_out = None;
+    let namespace = job_cfg.launch.k8s.namespace.clone();
+    watcher.run(&job, &mut record, |n| match &k8s_yaml {
+        None => {
+            let out = job_cfg.run_dir.join(format!("attempt-{n}.out"));
+            let log = job_cfg.run_dir.join(format!("attempt-{n}.log"));
+            last_out = Some(out.clone());
+            Ok((Attempt::mpirun(&job, &out, &log)?, Some(log)))
+        }
+        Some(yaml) => {
+            k8s::delete(&name, &namespace);
+            k8s::apply(yaml)?;
+            Ok((Attempt::K8s { name: name.clone(), namespace: namespace.clone() }, None))
+        }
+    })?;
+
+    let mut report = String::new();
+    if let Some(out) = last_out {
+        report += &std::fs::read_to_string(&out).unwrap_or_default();
+    }
+    report += &summary(&job_cfg, &record)?;
+    Ok(report)
+}
+
+/// The end of a report: steps, restarts, validation.
+fn summary(job: &JobConfig, record: &RunRecord) -> Result<String> {
+    let ckpt = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?.latest_valid()?;
+    let mut text = format!(
+        "job {}: {} attempt(s), {} restart(s), {} step(s) redone after restarts\n",
+        record.status,
+        record.attempts.len(),
+        record.restarts,
+        record.steps_redone
+    );
+    if let Some(c) = ckpt {
+        text += &format!("newest checkpoint {} (step {} of {})\n", c.name, c.state.step, job.train.steps);
+        if let Some(f1) = c.state.metrics.iter().rev().find_map(|m| m.val_macro_f1) {
+            text += &format!("validation macro F1 {f1:.4}");
+        }
+        if let Some(b) = c.state.best {
+            text += &format!(" (best {:.4} at step {})", b.macro_f1, b.step);
+        }
+        text += "\n";
+    }
+    Ok(text)
+}
+
+/// `orchestrator status RUN`: RUN is a job's config file or its checkpoint store URI.
+pub fn status(run: &str) -> Result<String> {
+    let (uri, keep, steps) = if Path::new(run).is_file() {
+        let (_, job) = load_job(Path::new(run))?;
+        (job.checkpoint.uri.clone(), job.checkpoint.keep_last_k, Some(job.train.steps))
+    } else {
+        (run.to_string(), 1, None)
+    };
+    let store = Store::open(&uri)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(store.check_reachable(RECORD_KEY))?;
+    let mut text = format!("run {uri}\n");
+    match rt.block_on(store.get(RECORD_KEY)) {
+        Ok(bytes) => {
+            let r: RunRecord = serde_json::from_slice(&bytes).context("orchestrator.json")?;
+            text += &format!(
+                "status {} ({} ranks, target {}), {} restart(s), {} step(s) redone\n",
+                r.status, r.world_size, r.target, r.restarts, r.steps_redone
+            );
+            for at in &r.attempts {
+                text += &format!(
+                    "  attempt {}: resumed from step {}, reached step {}: {}\n",
+                    at.number,
+                    at.resumed_from.map_or("?".into(), |s| s.to_string()),
+                    at.reached_step,
+                    at.outcome
+                );
+            }
+        }
+        Err(avexpr_data::store::StoreError::NotFound { .. }) => text += "not launched by the orchestrator\n",
+        Err(e) => return Err(e.into()),
+    }
+    match CheckpointStore::open(&uri, keep)?.latest_valid()? {
+        Some(c) => {
+            text += &format!("newest checkpoint {} at step {}", c.name, c.state.step);
+            if let Some(steps) = steps {
+                text += &format!(" of {steps}");
+            }
+            text += "\n";
+            if let Some(m) = c.state.metrics.last() {
+                text += &format!("last logged step {}: loss {:.4}, lr {:.2e}\n", m.step, m.loss, m.lr);
+            }
+            if let Some(b) = c.state.best {
+                text += &format!("best validation macro F1 {:.4} at step {}\n", b.macro_f1, b.step);
+            }
+        }
+        None => text += "no committed checkpoint yet\n",
+    }
+    let world = rt
+        .block_on(store.get(avexpr_worker::plan::PLAN_KEY))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<avexpr_worker::plan::JobPlan>(&b).ok().map(|p| p.ranks));
+    for r in 0..world.unwrap_or(0) {
+        if let Ok(Some(b)) = rt.block_on(avexpr_worker::heartbeat::read(&store, r)) {
+            text +=
+                &format!("  rank {r}: {} at step {}/{} (host {}, pid {})\n", b.phase, b.step, b.steps, b.host, b.pid);
+        }
+    }
+    Ok(text)
+}

@@ -1,0 +1,236 @@
+//! Following a job to its end: start an attempt, watch every rank's heartbeat (progress bar from rank 0's),
+//! and when the attempt fails (a rank died, mpirun exited non-zero) or hangs (a heartbeat that stopped
+//! advancing for `launch.heartbeat_timeout_s`), stop it and start the next with `--resume auto`, up to
+//! `launch.max_restarts` times. Resuming continues from the last committed checkpoint with the loader cursors
+//! it holds, so no sample is lost or repeated; the steps after that checkpoint are redone and counted.
+//! The run's record (`orchestrator.json` in the checkpoint store) is what `orchestrator status` shows.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use avexpr_data::store::Store;
+use avexpr_worker::heartbeat::{self, Heartbeat};
+use serde::{Deserialize, Serialize};
+
+use crate::launch::{Attempt, Job};
+
+pub const RECORD_KEY: &str = "orchestrator.json";
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub number: u32,
+    /// The checkpoint step it resumed from (0: from scratch), when its ranks got that far.
+    pub resumed_from: Option<u64>,
+    /// The highest step its heartbeats reported.
+    pub reached_step: u64,
+    /// `succeeded`, or why it was stopped.
+    pub outcome: String,
+    /// Its mpirun output (local and hostfile targets).
+    pub log: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub config: PathBuf,
+    pub target: String,
+    pub world_size: usize,
+    /// `running`, `succeeded`, `failed`.
+    pub status: String,
+    pub restarts: u32,
+    /// Steps trained again after restarts (the last heartbeat's step minus the step resumed from).
+    pub steps_redone: u64,
+    pub attempts: Vec<AttemptRecord>,
+}
+
+pub struct Watcher {
+    store: Store,
+    rt: tokio::runtime::Runtime,
+    world: usize,
+    steps: u64,
+    timeout: Duration,
+    host: String,
+}
+
+impl Watcher {
+    pub fn new(job: &Job) -> Result<Watcher> {
+        Ok(Watcher {
+            store: Store::open(&job.job.checkpoint.uri).context("checkpoint.uri")?,
+            rt: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+            world: job.world_size(),
+            steps: job.job.train.steps,
+            timeout: Duration::from_secs_f64(job.job.launch.heartbeat_timeout_s),
+            host: hostname(),
+        })
+    }
+
+    pub fn save(&self, record: &RunRecord) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(record)?;
+        self.rt.block_on(self.store.put(RECORD_KEY, bytes.into())).context("writing orchestrator.json")?;
+        Ok(())
+    }
+
+    fn beats(&self) -> Vec<Option<Heartbeat>> {
+        (0..self.world).map(|r| self.rt.block_on(heartbeat::read(&self.store, r)).ok().flatten()).collect()
+    }
+
+    fn clear_beats(&self) {
+        for r in 0..self.world {
+            let _ = self.rt.block_on(self.store.delete(&heartbeat::key(r)));
+        }
+    }
+
+    /// Runs attempts until one succeeds or `max_restarts` relaunches have failed too.
+    pub fn run(
+        &self,
+        job: &Job,
+        record: &mut RunRecord,
+        mut start: impl FnMut(u32) -> Result<(Attempt, Option<PathBuf>)>,
+    ) -> Result<()> {
+        let max_restarts = job.job.launch.max_restarts;
+        let show_bar = std::io::stderr().is_terminal();
+        let bar = indicatif::ProgressBar::new(self.steps);
+        if show_bar {
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} step {pos}/{len} {msg}").expect("a valid template"),
+            );
+        } else {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        let mut previous_reached: Option<u64> = None;
+        for number in 0.. {
+            self.clear_beats();
+            let (mut attempt, log) = start(number)?;
+            tracing::info!(attempt = number, "started {} rank(s)", self.world);
+            let launched = Instant::now();
+            let mut seen: Vec<Option<(u32, u64)>> = vec![None; self.world];
+            let mut changed = vec![launched; self.world];
+            let mut last_report = launched;
+            let mut this = AttemptRecord { number, log: log.clone(), ..AttemptRecord::default() };
+            let mut beats: Vec<Option<Heartbeat>>;
+            let outcome = loop {
+                std::thread::sleep(Duration::from_millis(300));
+                let finished = attempt.poll();
+                beats = self.beats();
+                let now = Instant::now();
+                for (r, beat) in beats.iter().enumerate() {
+                    let Some(b) = beat else { continue };
+                    if seen[r] != Some((b.pid, b.seq)) {
+                        seen[r] = Some((b.pid, b.seq));
+                        changed[r] = now;
+                    }
+                    this.reached_step = this.reached_step.max(b.step);
+                    if b.seq >= 1 && this.resumed_from.is_none() {
+                        this.resumed_from = Some(b.resumed_from);
+                        if let Some(prev) = previous_reached {
+                            record.steps_redone += prev.saturating_sub(b.resumed_from);
+                        }
+                    }
+                }
+                if let Some(Some(b)) = beats.first() {
+                    bar.set_position(b.step);
+                    let msg = progress_message(b);
+                    if !show_bar && now.duration_since(last_report) >= Duration::from_secs(15) {
+                        tracing::info!("step {}/{} {msg}", b.step, b.steps);
+                        last_report = now;
+                    }
+                    bar.set_message(msg);
+                }
+                if let Some(result) = finished {
+                    break result;
+                }
+                // A rank that finished waits for the others without beating.
+                let done = |r: usize| beats[r].as_ref().is_some_and(|b| b.phase == "done");
+                if let Some((r, idle)) = changed
+                    .iter()
+                    .enumerate()
+                    .filter(|(r, _)| !done(*r))
+                    .map(|(r, t)| (r, now.duration_since(*t)))
+                    .max_by_key(|(_, d)| *d)
+                    && idle > self.timeout
+                {
+                    let who = match &beats[r] {
+                        Some(b) => format!("rank {r} (host {}, pid {}, {} at step {})", b.host, b.pid, b.phase, b.step),
+                        None => format!("rank {r} (no heartbeat yet)"),
+                    };
+                    break Err(format!(
+                        "{who} made no progress for {:.0} s (launch.heartbeat_timeout_s)",
+                        idle.as_secs_f64()
+                    ));
+                }
+            };
+            match outcome {
+                Ok(()) => {
+                    bar.finish_and_clear();
+                    this.outcome = "succeeded".into();
+                    record.attempts.push(this);
+                    record.status = "succeeded".into();
+                    self.save(record)?;
+                    return Ok(());
+                }
+                Err(reason) => {
+                    let pids: Vec<u32> = beats
+                        .iter()
+                        .flatten()
+                        .filter(|b| b.host == self.host && is_worker(b.pid))
+                        .map(|b| b.pid)
+                        .collect();
+                    attempt.stop(&pids);
+                    tracing::warn!(attempt = number, "{reason}");
+                    if let Some(log) = &log {
+                        tracing::warn!("its output: {}", log.display());
+                    }
+                    this.outcome = reason.clone();
+                    previous_reached = Some(this.reached_step.max(previous_reached.unwrap_or(0)));
+                    record.attempts.push(this);
+                    if record.restarts >= max_restarts {
+                        bar.abandon();
+                        record.status = "failed".into();
+                        self.save(record)?;
+                        anyhow::bail!(
+                            "the job failed {} time(s), launch.max_restarts ({max_restarts}) reached; last: {reason}",
+                            record.attempts.len()
+                        );
+                    }
+                    record.restarts += 1;
+                    self.save(record)?;
+                    tracing::warn!(
+                        "restarting from the last checkpoint with --resume auto (restart {} of at most {max_restarts})",
+                        record.restarts
+                    );
+                }
+            }
+        }
+        unreachable!("the attempt loop returns")
+    }
+}
+
+fn progress_message(b: &Heartbeat) -> String {
+    let mut msg = String::new();
+    if let Some(loss) = b.loss {
+        msg += &format!("loss {loss:.4} ");
+    }
+    if let Some(f1) = b.val_macro_f1 {
+        msg += &format!("val F1 {f1:.4} ");
+    }
+    if let Some(rate) = b.clips_per_s {
+        msg += &format!("{rate:.1} clips/s ");
+    }
+    if let Some(eta) = b.eta_s {
+        msg += &format!("ETA {eta:.0} s ");
+    }
+    msg += &b.phase;
+    msg
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string()
+}
+
+/// Whether `pid` is (still) one of our worker processes, not a reused pid.
+fn is_worker(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| c.split(|&b| b == 0).next().is_some_and(|exe| exe.ends_with(b"worker")))
+        .unwrap_or(false)
+}

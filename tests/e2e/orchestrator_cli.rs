@@ -1,0 +1,288 @@
+//! `orchestrator` as a user runs it: a 2-rank local launch runs to the end and reports validation macro F1; a
+//! rank killed with SIGKILL, or stopped with SIGSTOP (hung), is detected, the job is relaunched from its last
+//! checkpoint and ends with exactly the uninterrupted run's variables; `status` reports it; bad arguments are
+//! rejected before anything starts; the Kubernetes manifests validate against the Kubernetes schemas.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output};
+use std::time::{Duration, Instant};
+
+use avexpr_tests::binary;
+use avexpr_tests::jobs::{Dataset, dataset, job, max_diff, ok, run_dir, variables};
+
+const STEPS: u64 = 400;
+
+/// The tiny job with checkpoints every 10 steps and a quick heartbeat; `timeout` for hang detection.
+fn launch_job(d: &Dataset, name: &str, timeout: f64) -> PathBuf {
+    let config = job(
+        d,
+        name,
+        STEPS,
+        &format!("launch: {{heartbeat_every_s: 0.2, heartbeat_timeout_s: {timeout}, max_restarts: 2}}\n"),
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replace("checkpoint: {every: 2,", "checkpoint: {every: 10,");
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+fn launch(config: &Path, nodes: usize) -> std::process::Command {
+    let mut cmd = binary("orchestrator");
+    cmd.args(["launch", "--nodes", &nodes.to_string(), "--config"]).arg(config);
+    cmd
+}
+
+fn heartbeat(config: &Path, rank: usize) -> Option<serde_json::Value> {
+    let path = run_dir(config).join("checkpoints/heartbeats").join(format!("rank-{rank}.json"));
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// Waits until rank `rank` of the running launch reports at least `step`; returns its pid.
+fn wait_for_step(config: &Path, rank: usize, step: u64, child: &mut Child) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        assert!(child.try_wait().unwrap().is_none(), "the launch ended before step {step}");
+        if let Some(b) = heartbeat(config, rank)
+            && b["step"].as_u64().unwrap_or(0) >= step
+        {
+            return b["pid"].as_u64().unwrap() as i32;
+        }
+        assert!(Instant::now() < deadline, "rank {rank} never reached step {step}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn finish(child: Child) -> (String, String) {
+    let out: Output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    (stdout, stderr)
+}
+
+fn metrics(config: &Path) -> String {
+    std::fs::read_to_string(run_dir(config).join("metrics.jsonl")).unwrap()
+}
+
+#[test]
+fn local_launch_survives_a_killed_and_a_hung_rank_bitwise() {
+    let d = dataset();
+
+    // Uninterrupted.
+    let reference = launch_job(&d, "reference", 60.0);
+    let out = launch(&reference, 2).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ok(out);
+    assert!(stdout.contains("job succeeded: 1 attempt(s), 0 restart(s)"), "{stdout}");
+    assert!(stdout.contains("validation macro F1"), "{stdout}");
+    assert!(stdout.contains("Macro F1"), "the worker's class-wise table is reported: {stdout}");
+    assert!(run_dir(&reference).join("checkpoints/plan.json").is_file());
+
+    // A rank killed: mpirun fails, the orchestrator relaunches from the last checkpoint.
+    let killed = launch_job(&d, "killed", 60.0);
+    let mut child =
+        launch(&killed, 2).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let pid = wait_for_step(&killed, 1, 25, &mut child);
+    // SAFETY: a worker process this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let (stdout, stderr) = finish(child);
+    assert!(stdout.contains("job succeeded: 2 attempt(s), 1 restart(s)"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("restarting from the last checkpoint"), "{stderr}");
+    assert_eq!(max_diff(&variables(&reference, STEPS), &variables(&killed, STEPS)), 0.0);
+    assert_eq!(metrics(&reference), metrics(&killed), "the metrics file continues without repeats or gaps");
+
+    // A rank stopped (hung): no heartbeat progress for 5 s, detected, killed and relaunched.
+    let hung = launch_job(&d, "hung", 5.0);
+    let mut child =
+        launch(&hung, 2).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let pid = wait_for_step(&hung, 1, 25, &mut child);
+    let stopped = Instant::now();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let (stdout, stderr) = finish(child);
+    assert!(stdout.contains("1 restart(s)"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("made no progress for"), "{stderr}");
+    assert!(stopped.elapsed() < Duration::from_secs(240), "the hang took {:?} to get over", stopped.elapsed());
+    assert_eq!(max_diff(&variables(&reference, STEPS), &variables(&hung, STEPS)), 0.0);
+
+    // status: the record, the newest checkpoint, the restarts.
+    let out = binary("orchestrator").args(["status"]).arg(&hung).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ok(out);
+    assert!(text.contains("status succeeded (2 ranks, target local), 1 restart(s)"), "{text}");
+    assert!(text.contains(&format!("newest checkpoint step-{STEPS:08} at step {STEPS} of {STEPS}")), "{text}");
+    assert!(text.contains("attempt 1: resumed from step"), "{text}");
+}
+
+#[test]
+fn bad_arguments_are_rejected_before_anything_starts() {
+    let d = dataset();
+    let config = launch_job(&d, "bad", 60.0);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--nodes", "0"], "--nodes must be at least 1"),
+        (vec!["--gpus-per-node", "0"], "--gpus-per-node must be at least 1"),
+        // global batch 4 of micro-batches of 2 cannot spread over 3 ranks.
+        (vec!["--nodes", "3"], "train.global_batch"),
+        (vec!["--target", "hostfile"], "--target hostfile needs --hostfile"),
+        (vec!["--target", "slurm"], "`slurm` is not one of local, hostfile, k8s"),
+        (vec!["--worker", "/nonexistent/worker"], "/nonexistent/worker does not exist"),
+        // The k8s target needs store URIs the pods can reach.
+        (vec!["--target", "k8s", "--dry-run"], "is a local path; pods need an s3:// URI"),
+    ];
+    for (args, want) in cases {
+        let out = binary("orchestrator").args(["launch", "--config"]).arg(&config).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(want), "{args:?}: want `{want}`, got {stderr}");
+    }
+    let hostfile = d.root.join("one-host");
+    std::fs::write(&hostfile, "# one host only\nlocalhost slots=2\n").unwrap();
+    let out = binary("orchestrator")
+        .args(["launch", "--nodes", "2", "--target", "hostfile", "--hostfile"])
+        .arg(&hostfile)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("lists 1 host(s), --nodes asks for 2"), "{stderr}");
+    assert!(!run_dir(&config).exists(), "nothing started");
+
+    // A plan made for 2 ranks, given to a 1-rank job.
+    let out = binary("orchestrator").args(["plan", "--nodes", "2", "--config"]).arg(&config).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ok(out);
+    assert!(text.contains("imbalance"), "{text}");
+    let plan = run_dir(&config).join("checkpoints/plan.json");
+    let out = binary("worker").args(["train", "--config"]).arg(&config).arg("--plan").arg(&plan).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("the plan was made for 2 ranks, the job runs 1"), "{stderr}");
+
+    // k8s without kubectl: said before anything is applied.
+    let s3 = d.root.join("s3.yaml");
+    let text = std::fs::read_to_string(&config).unwrap().replace(&d.shards.display().to_string(), "s3://avexpr/shards");
+    std::fs::write(&s3, text + "  # s3\n").unwrap();
+    let text = std::fs::read_to_string(&s3).unwrap();
+    let text = text.replace("checkpoint: {every: 10,", "checkpoint: {uri: s3://avexpr/runs/bad, every: 10,");
+    std::fs::write(&s3, text).unwrap();
+    let out = binary("orchestrator")
+        .args(["launch", "--target", "k8s", "--config"])
+        .arg(&s3)
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("needs kubectl on PATH"), "{stderr}");
+}
+
+/// The manifests of `--target k8s --dry-run` against the Kubernetes OpenAPI schemas (kubernetes-validate, from
+/// the project venv): the ConfigMap as is, each MPIJob replica's pod template as a PodTemplate (MPIJob is a
+/// custom resource the schemas do not know), the Secret and PVC templates; the MPIJob's own required fields
+/// per the MPI Operator's v2beta1 API; no credential anywhere.
+#[test]
+fn k8s_manifests_validate_and_hold_no_credentials() {
+    let d = dataset();
+    let config = job(
+        &d,
+        "k8s",
+        100,
+        "launch: {k8s: {image: registry.example.org/avexpr/worker:1.0, cpu: '16', memory: 120Gi, \
+         cache_pvc: avexpr-cache}}\n",
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&d.shards.display().to_string(), "s3://avexpr/shards")
+        .replace("checkpoint: {every: 2,", "checkpoint: {uri: s3://avexpr/runs/k8s, every: 2,")
+        .replace("global_batch: 4,", "global_batch: 8,");
+    std::fs::write(&config, text).unwrap();
+    let secret = "wJalrXUtnFEMI-not-a-real-key";
+    let out = binary("orchestrator")
+        .args(["launch", "--target", "k8s", "--dry-run", "--nodes", "2", "--gpus-per-node", "2", "--config"])
+        .arg(&config)
+        .env("AWS_ACCESS_KEY_ID", "GKexample")
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .output()
+        .unwrap();
+    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = ok(out);
+    assert!(!yaml.contains(secret) && !stderr.contains(secret) && !yaml.contains("GKexample"), "credential leaked");
+
+    let docs: Vec<serde_json::Value> =
+        yaml.split("---\n").filter(|d| !d.trim().is_empty()).map(serde_yaml_value).collect();
+    assert_eq!(docs.len(), 2, "{yaml}");
+    let (cm, mj) = (&docs[0], &docs[1]);
+    assert_eq!(cm["kind"], "ConfigMap");
+    assert!(cm["data"]["job.yaml"].as_str().unwrap().contains("s3://avexpr/shards"));
+    assert_eq!(mj["apiVersion"], "kubeflow.org/v2beta1");
+    assert_eq!(mj["kind"], "MPIJob");
+    assert_eq!(mj["metadata"]["name"], "avexpr-k8s");
+    let spec = &mj["spec"];
+    assert_eq!(spec["slotsPerWorker"], 2);
+    assert_eq!(spec["mpiImplementation"], "OpenMPI");
+    assert_eq!(spec["runPolicy"]["backoffLimit"], 0, "restarts are the orchestrator's, from checkpoints");
+    let launcher = &spec["mpiReplicaSpecs"]["Launcher"];
+    let worker = &spec["mpiReplicaSpecs"]["Worker"];
+    assert_eq!(launcher["replicas"], 1);
+    assert_eq!(worker["replicas"], 2);
+    let args: Vec<&str> = launcher["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let joined = args.join(" ");
+    assert!(joined.starts_with("-np 4 -x AWS_ACCESS_KEY_ID -x AWS_SECRET_ACCESS_KEY"), "{joined}");
+    assert!(
+        joined.ends_with(
+            "worker train --config /etc/avexpr/job.yaml --resume auto --plan s3://avexpr/runs/k8s/plan.json"
+        ),
+        "{joined}"
+    );
+    let container = &worker["template"]["spec"]["containers"][0];
+    assert_eq!(container["image"], "registry.example.org/avexpr/worker:1.0");
+    assert_eq!(container["resources"]["limits"]["nvidia.com/gpu"], 2);
+    assert_eq!(container["resources"]["limits"]["memory"], "120Gi");
+    assert_eq!(container["envFrom"][0]["secretRef"]["name"], "avexpr-s3");
+    for replica in [launcher, worker] {
+        let pod = &replica["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        assert!(pod["containers"][0]["resources"]["limits"].is_object(), "resource limits on every container");
+    }
+
+    // Kubernetes' own schemas.
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    let mut write = |name: &str, doc: &serde_json::Value| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, serde_json::to_string_pretty(doc).unwrap()).unwrap();
+        files.push(path);
+    };
+    write("configmap.json", cm);
+    for (name, replica) in [("launcher.json", launcher), ("worker.json", worker)] {
+        let pod_template = serde_json::json!({
+            "apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name.trim_end_matches(".json")},
+            "template": replica["template"],
+        });
+        write(name, &pod_template);
+    }
+    let k8s = Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s");
+    for file in ["secret.yaml", "pvc.yaml", "configmap.yaml"] {
+        let doc = serde_yaml_value(&std::fs::read_to_string(k8s.join(file)).unwrap());
+        write(&format!("template-{file}.json"), &doc);
+    }
+    let python = PathBuf::from(avexpr_worker::default_python());
+    let validate = python.with_file_name("kubernetes-validate");
+    assert!(validate.is_file(), "{} missing: run scripts/setup", validate.display());
+    let out = std::process::Command::new(&validate).arg("--strict").args(&files).output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubernetes-validate rejected a manifest:\n{report}");
+    assert_eq!(report.matches(" passed for resource ").count(), files.len(), "{report}");
+    // The validator does reject: a misspelt field in a pod template.
+    let mut broken: serde_json::Value = serde_json::from_slice(&std::fs::read(&files[2]).unwrap()).unwrap();
+    broken["template"]["spec"]["containers"][0]["imagePullPolice"] = "Always".into();
+    std::fs::write(&files[2], serde_json::to_string(&broken).unwrap()).unwrap();
+    let out = std::process::Command::new(&validate).arg("--strict").arg(&files[2]).output().unwrap();
+    assert!(!out.status.success(), "kubernetes-validate --strict accepted an unknown field");
+}
+
+fn serde_yaml_value(text: &str) -> serde_json::Value {
+    serde_yaml::from_str(text).unwrap()
+}

@@ -1,0 +1,80 @@
+//! The job's shard plan: which training videos each rank reads. `orchestrator plan` writes it to
+//! `plan.json` in the job's checkpoint store; `worker train --plan <uri>` honours it (rejecting one made for
+//! another world size); without one, every rank computes the same balanced plan itself.
+//!
+//! Training reads through `ranks x accumulation` data slots (see [`crate::train`]), so the plan assigns each
+//! video to a slot; slot `s` belongs to rank `s / accumulation` (with no accumulation, slot = rank).
+
+use anyhow::{Context, Result};
+use avexpr_data::ingest::Manifest;
+use avexpr_data::ingest::VideoRecord;
+use avexpr_data::layout::Split;
+use avexpr_data::sampler::Plan;
+use avexpr_data::store::Store;
+use serde::{Deserialize, Serialize};
+
+use crate::job::JobConfig;
+
+pub const PLAN_KEY: &str = "plan.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobPlan {
+    pub ranks: usize,
+    pub accumulation: usize,
+    /// Training videos -> data slot (`ranks x accumulation` of them).
+    pub train: Plan,
+}
+
+impl JobPlan {
+    /// Balanced by labelled frames (largest video first, to the least loaded slot).
+    pub fn balanced(job: &JobConfig, manifest: &Manifest, ranks: usize) -> Result<JobPlan> {
+        anyhow::ensure!(ranks > 0, "a plan needs at least one rank");
+        let accumulation = job.accumulation(ranks)?;
+        let videos = train_videos(manifest);
+        Ok(JobPlan { ranks, accumulation, train: Plan::balanced(&videos, ranks * accumulation) })
+    }
+
+    /// Labelled training frames per rank.
+    pub fn rank_loads(&self, manifest: &Manifest) -> Vec<u64> {
+        let slots = self.train.loads(&train_videos(manifest));
+        slots.chunks(self.accumulation.max(1)).map(|c| c.iter().sum()).collect()
+    }
+
+    /// Checks the plan against the job it is used for.
+    pub fn check(&self, job: &JobConfig, ranks: usize) -> Result<()> {
+        anyhow::ensure!(
+            self.ranks == ranks,
+            "the plan was made for {} ranks, the job runs {ranks}: make it again with `orchestrator plan`",
+            self.ranks
+        );
+        let accumulation = job.accumulation(ranks)?;
+        anyhow::ensure!(
+            self.accumulation == accumulation && self.train.world_size == ranks * accumulation,
+            "the plan was made for {} micro-batches per step, the job accumulates {accumulation} \
+             (train.global_batch changed?)",
+            self.accumulation
+        );
+        Ok(())
+    }
+
+    /// Writes `plan.json` to `store`; returns its URI.
+    pub fn save(&self, store: &Store) -> Result<String> {
+        let bytes = serde_json::to_vec_pretty(self)?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(store.put(PLAN_KEY, bytes.into()))?;
+        Ok(format!("{}/{PLAN_KEY}", store.uri().trim_end_matches('/')))
+    }
+
+    /// Reads a plan from a URI or path (`s3://bucket/run/checkpoints/plan.json`, `runs/x/plan.json`).
+    pub fn load(uri: &str) -> Result<JobPlan> {
+        let (dir, file) = uri.rsplit_once('/').unwrap_or((".", uri));
+        let store = Store::open(if dir.is_empty() { "/" } else { dir }).with_context(|| format!("plan {uri}"))?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let bytes = rt.block_on(store.get(file)).with_context(|| format!("plan {uri}"))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("plan {uri}: not a plan"))
+    }
+}
+
+fn train_videos(manifest: &Manifest) -> Vec<&VideoRecord> {
+    manifest.videos.iter().filter(|v| v.split == Split::Train).collect()
+}
