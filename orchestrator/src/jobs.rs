@@ -27,6 +27,14 @@ pub struct LaunchArgs {
     pub name: Option<String>,
 }
 
+/// The job's micro-batches per step on `world` ranks; the error names the config file.
+fn check_ranks(config: &Path, job: &JobConfig, world: usize) -> Result<()> {
+    job.accumulation(world)
+        .map_err(|e| avexpr_worker::job::JobError { path: config.to_path_buf(), ..e })
+        .with_context(|| format!("{world} ranks"))?;
+    Ok(())
+}
+
 fn load_job(config: &Path) -> Result<(PathBuf, JobConfig)> {
     let abs = std::fs::canonicalize(config).with_context(|| format!("--config {}", config.display()))?;
     let job = JobConfig::from_file(&abs)?;
@@ -36,8 +44,8 @@ fn load_job(config: &Path) -> Result<(PathBuf, JobConfig)> {
 /// `orchestrator plan`.
 pub fn plan(config: &Path, nodes: usize, gpus_per_node: usize) -> Result<String> {
     let world = plan::world_size(nodes, gpus_per_node)?;
-    let (_, job) = load_job(config)?;
-    job.accumulation(world)?;
+    let (path, job) = load_job(config)?;
+    check_ranks(&path, &job, world)?;
     let manifest = plan::read_job_manifest(&job)?;
     let (p, uri) = plan::make(&job, &manifest, world)?;
     Ok(format!("wrote {uri}\n{}", plan::describe(&p, &manifest)))
@@ -61,7 +69,7 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
     let world = plan::world_size(a.nodes, a.gpus_per_node)?;
     let target = Target::parse(&a.target, a.hostfile.as_deref())?;
     let (config, job_cfg) = load_job(&a.config)?;
-    job_cfg.accumulation(world)?;
+    check_ranks(&config, &job_cfg, world)?;
     if let Target::Hostfile(file) = &target {
         crate::launch::check_hostfile(file, a.nodes)?;
     }

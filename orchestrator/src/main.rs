@@ -29,7 +29,7 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         nodes: usize,
         /// Ranks per node: one per GPU (on CPU hosts, processes per node).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, alias = "ranks-per-node", default_value_t = 1)]
         gpus_per_node: usize,
     },
     /// Plan, start and watch a job; restart it from its last checkpoint when a rank dies or hangs.
@@ -39,7 +39,7 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         nodes: usize,
         /// Ranks per node: one per GPU (on CPU hosts, processes per node).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, alias = "ranks-per-node", default_value_t = 1)]
         gpus_per_node: usize,
         /// local (mpirun here), hostfile (mpirun --hostfile) or k8s (an MPIJob applied with kubectl).
         #[arg(long, default_value = "local")]

@@ -286,3 +286,125 @@ fn k8s_manifests_validate_and_hold_no_credentials() {
 fn serde_yaml_value(text: &str) -> serde_json::Value {
     serde_yaml::from_str(text).unwrap()
 }
+
+/// Two network namespaces joined by a veth pair stand in for two hosts; removed on drop.
+struct TwoHosts {
+    names: [String; 2],
+    addrs: [String; 2],
+    subnet: String,
+}
+
+impl TwoHosts {
+    fn create() -> Result<TwoHosts, String> {
+        let id = std::process::id() % 50_000;
+        let names = [format!("avx{id}a"), format!("avx{id}b")];
+        let net = 100 + id % 150;
+        let addrs = [format!("10.231.{net}.1"), format!("10.231.{net}.2")];
+        let hosts = TwoHosts { names: names.clone(), addrs: addrs.clone(), subnet: format!("10.231.{net}.0/24") };
+        let (va, vb) = (format!("vx{id}a"), format!("vx{id}b"));
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let out = std::process::Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+            }
+        };
+        ip(&["netns", "add", &names[0]])?;
+        ip(&["netns", "add", &names[1]])?;
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
+        for (ns, (dev, addr)) in names.iter().zip([(&va, &addrs[0]), (&vb, &addrs[1])]) {
+            ip(&["link", "set", dev, "netns", ns])?;
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(hosts)
+    }
+
+    /// Bytes sent by host `i`'s end of the pair.
+    fn tx_bytes(&self, i: usize) -> u64 {
+        let id = self.names[i].trim_start_matches("avx");
+        let dev = format!("vx{id}");
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.names[i], "cat", &format!("/sys/class/net/{dev}/statistics/tx_bytes")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in &self.names {
+            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// `--target hostfile` across two "hosts" (network namespaces, with a stand-in for ssh that enters the
+/// other namespace, as ../shared/ENVIRONMENT.md describes): the job completes, its traffic crosses the veth
+/// pair, and the result equals a local 2-rank run's bitwise.
+#[test]
+fn hostfile_run_across_two_network_namespaces() {
+    let hosts = match TwoHosts::create() {
+        Ok(h) => h,
+        Err(reason) => {
+            println!("skipped: cannot create network namespaces here ({reason})");
+            return;
+        }
+    };
+    let d = dataset();
+    let steps = 40;
+    let local = job(&d, "local", steps, "");
+    ok(launch(&local, 2).output().unwrap());
+
+    let agent = d.root.join("agent.sh");
+    std::fs::write(
+        &agent,
+        format!(
+            "#!/bin/sh\n# In place of ssh: run the command in the host's network namespace.\nhost=\"$1\"; shift\n\
+             case \"$host\" in\n  {a}) ns={na} ;;\n  {b}) ns={nb} ;;\n  *) echo \"unknown host $host\" >&2; exit 1 ;;\nesac\n\
+             exec ip netns exec \"$ns\" sh -c \"$*\"\n",
+            a = hosts.addrs[0],
+            b = hosts.addrs[1],
+            na = hosts.names[0],
+            nb = hosts.names[1],
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let hostfile = d.root.join("hostfile");
+    std::fs::write(&hostfile, format!("{} slots=1\n{} slots=1\n", hosts.addrs[0], hosts.addrs[1])).unwrap();
+    let subnet = &hosts.subnet;
+    let remote = job(
+        &d,
+        "remote",
+        steps,
+        &format!(
+            "launch: {{mpirun_args: [--mca, plm_rsh_agent, {agent}, --mca, oob_tcp_if_include, {subnet}, \
+             --mca, btl_tcp_if_include, {subnet}, --mca, btl, 'self,tcp']}}\n",
+            agent = agent.display()
+        ),
+    );
+    let before = hosts.tx_bytes(1);
+    // The orchestrator (and mpirun) run on the first host.
+    let orchestrator = binary("orchestrator").get_program().to_owned();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &hosts.names[0]])
+        .arg(orchestrator)
+        .args(["launch", "--nodes", "2", "--target", "hostfile", "--hostfile"])
+        .arg(&hostfile)
+        .arg("--config")
+        .arg(&remote)
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ok(out);
+    assert!(stdout.contains("job succeeded: 1 attempt(s), 0 restart(s)"), "{stdout}");
+    let sent = hosts.tx_bytes(1) - before;
+    println!("the second host sent {sent} bytes over the veth pair");
+    assert!(sent > 100_000, "the second host sent only {sent} bytes over the veth pair");
+    assert_eq!(max_diff(&variables(&local, steps), &variables(&remote, steps)), 0.0);
+}
