@@ -354,25 +354,7 @@ impl ExprModel {
         // The trainable part runs in f32 whatever precision the frozen encoders run in (bf16 on CUDA).
         let image_embeds = self.encoders.vision.encode_pixels(&pixels).view([batch, frames, -1]).to_kind(Kind::Float);
 
-        let audio = &self.encoders.audio;
-        let mask = raw.audio_mask.to_device(device);
-        let values = audio.feature_extractor.normalize_tensor(&raw.audio.to_device(device), &mask);
-        let out = audio.encode(&values, Some(&mask.to_kind(Kind::Int64)));
-        let audio_states = match self.cfg.adapter.layers {
-            AudioLayers::Last => out.last_hidden_state.unsqueeze(1),
-            AudioLayers::WeightedSum => Tensor::stack(&out.hidden_states, 1),
-        };
-        let audio_states = audio_states.to_kind(Kind::Float);
-        let audio_frames = audio_states.size()[2];
-        let lengths = mask.sum_dim_intlist(1, false, Kind::Int64).to_device(Device::Cpu);
-        let valid: Vec<i64> = Vec::<i64>::try_from(&lengths)
-            .map_err(ModelError::from)?
-            .into_iter()
-            .map(|n| audio.config.output_frames(n))
-            .collect();
-        let audio_mask = Tensor::arange(audio_frames, (Kind::Int64, device))
-            .unsqueeze(0)
-            .lt_tensor(&Tensor::from_slice(&valid).to_device(device).unsqueeze(1));
+        let (audio_states, audio_mask) = self.encode_audio(&raw.audio, &raw.audio_mask)?;
         Ok(FeatureBatch {
             image_embeds,
             face_mask: raw.face_mask.to_device(device).to_kind(Kind::Bool),
@@ -380,6 +362,54 @@ impl ExprModel {
             audio_mask,
             fps: raw.fps.clone(),
         })
+    }
+
+    /// Wav2Vec 2.0 states `[batch, S, audio_frames, hidden]` and their mask. Each clip is encoded at its own
+    /// length (its span up to the last real sample; clips of equal length share a call), never padded to its
+    /// batch mates': padding would change a clip's features through the feature encoder's group norm and the
+    /// normalisation, making them depend on the batch (and a feature cache inexact).
+    fn encode_audio(&self, audio: &Tensor, audio_mask: &Tensor) -> Result<(Tensor, Tensor)> {
+        let device = self.vs.device();
+        let enc = &self.encoders.audio;
+        let batch = audio.size()[0];
+        let mask_cpu = audio_mask.to_device(Device::Cpu).to_kind(Kind::Uint8).contiguous();
+        let rows: Vec<Vec<u8>> = (0..batch).map(|b| Vec::<u8>::try_from(mask_cpu.get(b))).collect::<Result<_, _>>()?;
+        let span = |m: &[u8]| m.iter().rposition(|&v| v != 0).map_or(0, |i| i as i64 + 1);
+        let valid_samples = |m: &[u8]| m.iter().filter(|&&v| v != 0).count() as i64;
+        let mut groups: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+        for (b, m) in rows.iter().enumerate() {
+            groups.entry(span(m)).or_default().push(b as i64);
+        }
+        let longest = groups.keys().copied().max().unwrap_or(0);
+        let audio_frames = enc.config.output_frames(longest).max(1);
+        let states_n = match self.cfg.adapter.layers {
+            AudioLayers::Last => 1,
+            AudioLayers::WeightedSum => enc.config.num_hidden_layers + 1,
+        };
+        let hidden = enc.config.hidden_size;
+        let states = Tensor::zeros([batch, states_n, audio_frames, hidden], (Kind::Float, device));
+        for (&len, members) in &groups {
+            if enc.config.output_frames(len) == 0 {
+                continue; // no audio (or too little for one frame): zeros under a false mask
+            }
+            let idx = Tensor::from_slice(members).to_device(device);
+            let values = audio.to_device(device).index_select(0, &idx).narrow(1, 0, len);
+            let mask = audio_mask.to_device(device).index_select(0, &idx).narrow(1, 0, len);
+            let values = enc.feature_extractor.normalize_tensor(&values, &mask);
+            let out = enc.encode(&values, Some(&mask.to_kind(Kind::Int64)));
+            let group_states = match self.cfg.adapter.layers {
+                AudioLayers::Last => out.last_hidden_state.unsqueeze(1),
+                AudioLayers::WeightedSum => Tensor::stack(&out.hidden_states, 1),
+            }
+            .to_kind(Kind::Float);
+            let frames = group_states.size()[2];
+            let _ = states.narrow(2, 0, frames).index_copy_(0, &idx, &group_states);
+        }
+        let valid: Vec<i64> = rows.iter().map(|m| enc.config.output_frames(valid_samples(m))).collect();
+        let mask = Tensor::arange(audio_frames, (Kind::Int64, device))
+            .unsqueeze(0)
+            .lt_tensor(&Tensor::from_slice(&valid).to_device(device).unsqueeze(1));
+        Ok((states, mask))
     }
 
     /// The trainable part on encoder outputs.

@@ -256,6 +256,32 @@ fn bf16_autocast_head_matches_f32_to_bf16_precision() {
     assert!(rel < 5e-2, "gradients differ by {rel} (relative L2) under bf16 autocast");
 }
 
+/// A clip's encoder features do not depend on the clips it is batched with (each clip's audio is encoded at
+/// its own length, not padded to the longest): what makes a per-clip feature cache exact.
+#[test]
+fn a_clips_features_do_not_depend_on_its_batch_mates() {
+    let model = tiny_model(&tiny_config());
+    let raw = raw_batch(2, 6); // clip 1's audio is cut short: padded in the batch
+    let both = model.encode(&raw).unwrap();
+    let alone_raw = RawBatch {
+        frames: raw.frames.narrow(0, 1, 1),
+        face_mask: raw.face_mask.narrow(0, 1, 1),
+        audio: raw.audio.narrow(0, 1, 1),
+        audio_mask: raw.audio_mask.narrow(0, 1, 1),
+        fps: vec![raw.fps[1]],
+    };
+    let alone = model.encode(&alone_raw).unwrap();
+    let valid = alone.audio_mask.sum(Kind::Int64).int64_value(&[]);
+    assert!(valid > 0 && valid < both.audio_mask.size()[1], "clip 1 is shorter than the batch");
+    assert_eq!(both.audio_mask.get(1).narrow(0, 0, valid).sum(Kind::Int64).int64_value(&[]), valid);
+    let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+    let frames = alone.audio_states.size()[2];
+    assert!(frames >= valid);
+    let batched = both.audio_states.get(1).narrow(1, 0, valid);
+    assert!(diff(&batched, &alone.audio_states.get(0).narrow(1, 0, valid)) < 1e-6, "audio states depend on the batch");
+    assert!(diff(&both.image_embeds.get(1), &alone.image_embeds.get(0)) < 1e-6);
+}
+
 #[test]
 fn raw_inputs_and_precomputed_features_give_identical_outputs() {
     let model = tiny_model(&tiny_config());
