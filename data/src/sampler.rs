@@ -247,20 +247,27 @@ pub struct RankSampler {
     class_weights: [f64; NUM_CLASSES],
 }
 
-/// A video's clips split by the shard that holds each one's target frame (last frame of a dense window).
-fn units_of(cfg: &SamplerConfig, video: &VideoRecord) -> Vec<Vec<Clip>> {
+/// A video's clips split by the shard that holds each one's target frame (last frame of a dense window): the
+/// units a rank's order is made of (and what a feature cache stores together).
+pub fn units_of(cfg: &SamplerConfig, video: &VideoRecord) -> Vec<Vec<Clip>> {
     let clips = cfg.clips(video);
     if video.shards.is_empty() {
         return vec![clips];
     }
-    let offset = cfg.target_offset();
     let mut units = vec![Vec::new(); video.shards.len()];
     for clip in clips {
-        let target = (clip.start + offset as i64) as usize;
-        let shard = video.shards.partition_point(|s| s.first_frame + s.frames <= target).min(units.len() - 1);
-        units[shard].push(clip);
+        units[unit_of(cfg, video, &clip)].push(clip);
     }
     units
+}
+
+/// The index of the unit of [`units_of`] that holds `clip`.
+pub fn unit_of(cfg: &SamplerConfig, video: &VideoRecord, clip: &Clip) -> usize {
+    if video.shards.is_empty() {
+        return 0;
+    }
+    let target = (clip.start + cfg.target_offset() as i64).max(0) as usize;
+    video.shards.partition_point(|s| s.first_frame + s.frames <= target).min(video.shards.len() - 1)
 }
 
 impl RankSampler {

@@ -19,10 +19,19 @@ pub struct SelfAttention {
 
 impl SelfAttention {
     pub fn new(vs: nn::Path, hidden_size: i64, num_heads: i64) -> Self {
+        Self::build(vs, hidden_size, num_heads, true)
+    }
+
+    fn build(vs: nn::Path, hidden_size: i64, num_heads: i64, key_bias: bool) -> Self {
         let linear = |name: &str| nn::linear(&vs / name, hidden_size, hidden_size, Default::default());
+        let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
         Self {
             q_proj: linear("q_proj"),
-            k_proj: linear("k_proj"),
+            k_proj: if key_bias {
+                linear("k_proj")
+            } else {
+                nn::linear(&vs / "k_proj", hidden_size, hidden_size, no_bias)
+            },
             v_proj: linear("v_proj"),
             out_proj: linear("out_proj"),
             num_heads,
@@ -31,14 +40,20 @@ impl SelfAttention {
         }
     }
 
+    /// The same without a key bias, for attention that is trained: softmax ignores a bias shared by all of a
+    /// query's logits, so a key bias gets a zero gradient up to rounding, which Adam turns into lr-sized random
+    /// steps (results would then hang on summation order, e.g. batch sizes). No `k_proj.bias` variable.
+    pub fn without_key_bias(vs: nn::Path, hidden_size: i64, num_heads: i64) -> Self {
+        Self::build(vs, hidden_size, num_heads, false)
+    }
+
     /// Concatenates the q/k/v weights into one `[3*hidden, hidden]` matrix. Call after the weights are final
     /// (loaded, moved, cast); the fused copy does not follow later changes of the variables.
     pub fn fuse_qkv(&mut self) {
         let weight = Tensor::cat(&[&self.q_proj.ws, &self.k_proj.ws, &self.v_proj.ws], 0);
-        let bias = Tensor::cat(
-            &[self.q_proj.bs.as_ref(), self.k_proj.bs.as_ref(), self.v_proj.bs.as_ref()].map(|b| b.expect("bias")),
-            0,
-        );
+        let q_bias = self.q_proj.bs.as_ref().expect("q bias");
+        let k_bias = self.k_proj.bs.as_ref().map_or_else(|| q_bias.zeros_like(), Tensor::shallow_clone);
+        let bias = Tensor::cat(&[q_bias, &k_bias, self.v_proj.bs.as_ref().expect("v bias")], 0);
         self.fused_qkv = Some((weight, bias));
     }
 

@@ -1,7 +1,8 @@
 //! Bi-directional cross-attention fusion (the paper's fusion, after Praveen & Alam 2024): in each of L layers
 //! the video stream queries the audio stream and the audio stream queries the video stream, both from the
 //! layer's inputs, each followed by residual + LayerNorm and a feed-forward block (post-LN, as Vaswani et al.),
-//! with key-padding masks for frames without a face and frames without audio.
+//! with key-padding masks for frames without a face and frames without audio. The attention has no key bias
+//! (softmax ignores it; see [`crate::attention::SelfAttention::without_key_bias`]).
 
 use tch::{Tensor, nn, nn::Module};
 
@@ -20,7 +21,7 @@ struct Stream {
 impl Stream {
     fn new(vs: nn::Path, cfg: &FusionConfig) -> Self {
         Self {
-            cross: MultiHeadAttention::new(&vs / "cross_attn", cfg.dim, cfg.heads),
+            cross: MultiHeadAttention::without_key_bias(&vs / "cross_attn", cfg.dim, cfg.heads),
             norm1: nn::layer_norm(&vs / "norm1", vec![cfg.dim], Default::default()),
             fc1: nn::linear(&vs / "fc1", cfg.dim, cfg.ff_dim, Default::default()),
             fc2: nn::linear(&vs / "fc2", cfg.ff_dim, cfg.dim, Default::default()),

@@ -35,7 +35,8 @@ class Attention(nn.Module):
     def __init__(self, d, heads):
         super().__init__()
         self.h = heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.q_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(3))
+        self.k_proj = nn.Linear(d, d, bias=False)  # as ours: softmax ignores a key bias
 
     def forward(self, q, kv, key_mask):
         b, tq, d = q.shape

@@ -36,6 +36,31 @@ pub struct DataSection {
     pub decode_threads: usize,
     pub ready_batches: usize,
     pub skip_bad: bool,
+    /// A frozen-encoder feature cache (`worker extract` writes it, training reads it instead of frames).
+    pub features: Option<FeaturesSection>,
+}
+
+/// `data.features`: where the feature cache is and how its values are stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeaturesSection {
+    /// Store URI of the cache (e.g. next to the shards: `s3://bucket/affwild2-features`).
+    pub uri: String,
+    /// `f32` (exact) or `f16` (half the size).
+    pub dtype: FeatureDtype,
+}
+
+impl Default for FeaturesSection {
+    fn default() -> Self {
+        Self { uri: String::new(), dtype: FeatureDtype::F32 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FeatureDtype {
+    F32,
+    F16,
 }
 
 impl Default for DataSection {
@@ -54,6 +79,7 @@ impl Default for DataSection {
             decode_threads: l.decode_threads,
             ready_batches: l.ready_batches,
             skip_bad: l.skip_bad,
+            features: None,
         }
     }
 }
@@ -269,6 +295,19 @@ impl JobConfig {
                 "data.shards",
                 "missing: the ingest output (s3://bucket/prefix, file:///dir or a path)".into(),
             ));
+        }
+        if let Some(f) = &self.data.features {
+            if f.uri.is_empty() {
+                return Err(("data.features.uri", "missing: where `worker extract` writes the cache".into()));
+            }
+            if self.data.augment.is_some() {
+                return Err((
+                    "data.augment",
+                    "train-time augmentation cannot apply to cached features (data.features): set \
+                     `augment: null`, or remove data.features to train from frames"
+                        .into(),
+                ));
+            }
         }
         self.sampler().validate().map_err(|e| match e {
             avexpr_data::sampler::SamplerError::Config { field, reason } => (field, reason),

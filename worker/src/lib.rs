@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod dist;
 pub mod embed;
 pub mod eval;
+pub mod features;
 pub mod heartbeat;
 pub mod job;
 pub mod nccl;

@@ -54,6 +54,12 @@ enum Command {
         #[arg(long)]
         plan: Option<String>,
     },
+    /// Run the frozen encoders once over every training clip into the feature cache (`data.features`);
+    /// under mpirun, videos are shared among ranks. Resumable: units already in the cache are skipped.
+    Extract {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Write the official predictions.txt for a split from a checkpoint of the job (under mpirun: sharded).
     Predict {
         #[arg(long)]
@@ -238,6 +244,23 @@ fn run(cli: Cli) -> Result<()> {
             let plan = plan.as_deref().map(avexpr_worker::plan::JobPlan::load).transpose()?;
             let dist = avexpr_worker::dist::Dist::init()?;
             avexpr_worker::train::train(&job, &dist, &avexpr_worker::train::TrainOptions { resume, plan })?;
+        }
+        Command::Extract { config } => {
+            let job = avexpr_worker::job::JobConfig::from_file(&config)?;
+            let dist = avexpr_worker::dist::Dist::init()?;
+            let r = avexpr_worker::features::extract(&job, &dist)?;
+            tracing::info!(
+                "{} unit(s) written, {} already there; {} clips ({} frames) encoded in {:.1} s: {:.1} frames/s",
+                r.units_written,
+                r.units_skipped,
+                r.clips_encoded,
+                r.frames_encoded,
+                r.seconds,
+                r.frames_encoded as f64 / r.seconds.max(1e-9)
+            );
+            if dist.rank == 0 {
+                println!("feature cache committed: {}", job.data.features.as_ref().map_or("", |f| f.uri.as_str()));
+            }
         }
         Command::Predict { config, checkpoint, split, out, smooth } => {
             let split = parse_split(&split)?;

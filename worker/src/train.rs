@@ -135,9 +135,8 @@ pub struct TrainOptions {
     pub plan: Option<crate::plan::JobPlan>,
 }
 
-pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec<StepMetrics>> {
-    let accumulation = job.accumulation(dist.world_size)?;
-    let slots = dist.world_size * accumulation;
+/// Torch threads: `train.threads`, else the host's cores divided among its ranks.
+pub fn set_threads(job: &JobConfig) {
     let threads = if job.train.threads > 0 {
         job.train.threads
     } else {
@@ -147,12 +146,31 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
         (cores / local.max(1)).max(1)
     };
     tch::set_num_threads(threads as i32);
+}
+
+/// Where a data slot's training batches come from.
+enum Feed {
+    Frames(Loader),
+    Cached(crate::features::FeatureLoader),
+}
+
+pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec<StepMetrics>> {
+    let accumulation = job.accumulation(dist.world_size)?;
+    let slots = dist.world_size * accumulation;
+    set_threads(job);
     let device = device_for(dist);
     let mixed = job.train.mixed_precision.enabled(device);
 
     let store = Store::open(&job.data.shards).context("data.shards")?;
     let manifest = std::sync::Arc::new(read_manifest(&store).context("data.shards")?);
     let checkpoints = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?;
+    let cache = match &job.data.features {
+        Some(_) => {
+            let (bytes, _) = crate::features::dataset_manifest(job)?;
+            Some(crate::features::open_cache(job, &bytes)?)
+        }
+        None => None,
+    };
     if let Some(plan) = &options.plan {
         plan.check(job, dist.world_size)?;
     }
@@ -211,20 +229,31 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
 
     let sampler_cfg = job.sampler();
     let loader_cfg = job.loader();
-    let mut loaders = Vec::with_capacity(accumulation);
+    let mut feeds = Vec::with_capacity(accumulation);
     for a in 0..accumulation {
         let slot = dist.rank * accumulation + a;
         let plan = options.plan.as_ref().map(|p| &p.train);
         let sampler = RankSampler::new(&manifest, Split::Train, slot, slots, &sampler_cfg, plan)?;
         anyhow::ensure!(!sampler.is_empty(), "data slot {slot} of {slots} has no training clips: too few videos");
-        loaders.push(Loader::start(
-            Source::Store(store.clone()),
-            manifest.clone(),
-            sampler,
-            &loader_cfg,
-            cursors[slot],
-            None,
-        )?);
+        feeds.push(match &cache {
+            None => Feed::Frames(Loader::start(
+                Source::Store(store.clone()),
+                manifest.clone(),
+                sampler,
+                &loader_cfg,
+                cursors[slot],
+                None,
+            )?),
+            Some(cache) => Feed::Cached(crate::features::FeatureLoader::start(
+                cache.clone(),
+                manifest.clone(),
+                sampler,
+                loader_cfg.batch_size,
+                cursors[slot],
+                loader_cfg.ready_batches,
+                device,
+            )?),
+        });
     }
 
     std::fs::create_dir_all(&job.run_dir).with_context(|| format!("run_dir {}", job.run_dir.display()))?;
@@ -243,18 +272,30 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
     while step < job.train.steps {
         buckets.zero_grads();
         let mut sums = [0.0f64; 3];
-        for (a, loader) in loaders.iter_mut().enumerate() {
+        for (a, feed) in feeds.iter_mut().enumerate() {
             let slot = dist.rank * accumulation + a;
             let t = Instant::now();
-            let batch = loader.next().context("the training loader ended")??;
+            let fed = match feed {
+                Feed::Frames(loader) => Ok(loader.next().context("the training loader ended")??),
+                Feed::Cached(loader) => Err(loader.next_batch()?),
+            };
             let wait = t.elapsed().as_secs_f64();
             waited += wait;
             phases.data += wait;
-            clips += batch.len();
-            cursors[slot] = batch.cursor;
+            let (feats, labels) = match fed {
+                Ok(batch) => {
+                    clips += batch.len();
+                    cursors[slot] = batch.cursor;
+                    let (raw, labels) = raw_batch(&batch);
+                    (phases.time(|p| &mut p.encoders, || model.encode(&raw))?, labels)
+                }
+                Err(cached) => {
+                    clips += cached.len;
+                    cursors[slot] = cached.cursor;
+                    (cached.features, cached.labels)
+                }
+            };
             tch::manual_seed((job.train.seed ^ (step << 20) ^ slot as u64) as i64);
-            let (raw, labels) = raw_batch(&batch);
-            let feats = phases.time(|p| &mut p.encoders, || model.encode(&raw))?;
             let terms = phases.time(
                 |p| &mut p.head,
                 || {
