@@ -14,6 +14,18 @@ struct Cli {
     command: Command,
 }
 
+/// A job and the ranks it runs on.
+#[derive(clap::Args)]
+struct Shape {
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// Ranks per node: one per GPU (on CPU hosts, processes per node).
+    #[arg(long, alias = "ranks-per-node", default_value_t = 1)]
+    gpus_per_node: usize,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Check that this machine can run avexpr workers (libtorch, devices, MPI, FFmpeg, Python venv).
@@ -24,23 +36,13 @@ enum Command {
     },
     /// Write the job's video -> rank plan (balanced by labelled frames) to its checkpoint store.
     Plan {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long, default_value_t = 1)]
-        nodes: usize,
-        /// Ranks per node: one per GPU (on CPU hosts, processes per node).
-        #[arg(long, alias = "ranks-per-node", default_value_t = 1)]
-        gpus_per_node: usize,
+        #[command(flatten)]
+        shape: Shape,
     },
     /// Plan, start and watch a job; restart it from its last checkpoint when a rank dies or hangs.
     Launch {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long, default_value_t = 1)]
-        nodes: usize,
-        /// Ranks per node: one per GPU (on CPU hosts, processes per node).
-        #[arg(long, alias = "ranks-per-node", default_value_t = 1)]
-        gpus_per_node: usize,
+        #[command(flatten)]
+        shape: Shape,
         /// local (mpirun here), hostfile (mpirun --hostfile) or k8s (an MPIJob applied with kubectl).
         #[arg(long, default_value = "local")]
         target: String,
@@ -80,12 +82,12 @@ fn main() -> ExitCode {
         }
     };
     match Cli::parse().command {
-        Command::Plan { config, nodes, gpus_per_node } => printed(jobs::plan(&config, nodes, gpus_per_node)),
-        Command::Launch { config, nodes, gpus_per_node, target, hostfile, dry_run, worker, templates, name } => {
+        Command::Plan { shape } => printed(jobs::plan(&shape.config, shape.nodes, shape.gpus_per_node)),
+        Command::Launch { shape, target, hostfile, dry_run, worker, templates, name } => {
             printed(jobs::launch(&jobs::LaunchArgs {
-                config,
-                nodes,
-                gpus_per_node,
+                config: shape.config,
+                nodes: shape.nodes,
+                gpus_per_node: shape.gpus_per_node,
                 target,
                 hostfile,
                 dry_run,
