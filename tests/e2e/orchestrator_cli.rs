@@ -90,8 +90,8 @@ fn local_launch_survives_a_killed_and_a_hung_rank_bitwise() {
     assert_eq!(max_diff(&variables(&reference, STEPS), &variables(&killed, STEPS)), 0.0);
     assert_eq!(metrics(&reference), metrics(&killed), "the metrics file continues without repeats or gaps");
 
-    // A rank stopped (hung): no heartbeat progress for 5 s, detected, killed and relaunched.
-    let hung = launch_job(&d, "hung", 5.0);
+    // A rank stopped (hung): no heartbeat progress for 10 s, detected, killed and relaunched.
+    let hung = launch_job(&d, "hung", 10.0);
     let mut child =
         launch(&hung, 2).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let pid = wait_for_step(&hung, 1, 25, &mut child);
