@@ -104,7 +104,8 @@ impl Store {
         }
         std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create the directory: {e}")))?;
         let local: Arc<dyn ObjectStore> =
-            Arc::new(LocalFileSystem::new_with_prefix(dir).map_err(|e| open_err(e.to_string()))?);
+            // Deleting a directory's last object removes the directory, as on S3 (pruned checkpoints leave none).
+            Arc::new(LocalFileSystem::new_with_prefix(dir).map_err(|e| open_err(e.to_string()))?.with_automatic_cleanup(true));
         Ok(Store { inner: local.clone(), probe: local, endpoint: None, prefix: String::new(), uri: uri.to_string() })
     }
 
