@@ -50,6 +50,8 @@ pub struct Watcher {
     world: usize,
     steps: u64,
     timeout: Duration,
+    /// How often the heartbeats are read: as often as ranks write them (within 0.3-5 s).
+    poll: Duration,
     host: String,
 }
 
@@ -61,6 +63,7 @@ impl Watcher {
             world: job.world_size(),
             steps: job.job.train.steps,
             timeout: Duration::from_secs_f64(job.job.launch.heartbeat_timeout_s),
+            poll: Duration::from_secs_f64(job.job.launch.heartbeat_every_s.clamp(0.3, 5.0)),
             host: hostname(),
         })
     }
@@ -71,8 +74,20 @@ impl Watcher {
         Ok(())
     }
 
+    /// Every rank's newest heartbeat, read concurrently (hundreds of ranks on S3 must not take a second each).
     fn beats(&self) -> Vec<Option<Heartbeat>> {
-        (0..self.world).map(|r| self.rt.block_on(heartbeat::read(&self.store, r)).ok().flatten()).collect()
+        self.rt.block_on(async {
+            let mut reads = tokio::task::JoinSet::new();
+            for r in 0..self.world {
+                let store = self.store.clone();
+                reads.spawn(async move { (r, heartbeat::read(&store, r).await.ok().flatten()) });
+            }
+            let mut beats = vec![None; self.world];
+            while let Some(Ok((r, beat))) = reads.join_next().await {
+                beats[r] = beat;
+            }
+            beats
+        })
     }
 
     fn clear_beats(&self) {
@@ -110,7 +125,7 @@ impl Watcher {
             let mut this = AttemptRecord { number, log: log.clone(), ..AttemptRecord::default() };
             let mut beats: Vec<Option<Heartbeat>>;
             let outcome = loop {
-                std::thread::sleep(Duration::from_millis(300));
+                std::thread::sleep(self.poll);
                 let finished = attempt.poll();
                 beats = self.beats();
                 let now = Instant::now();
