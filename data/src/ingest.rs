@@ -506,11 +506,18 @@ pub fn ingest(cfg: &IngestConfig) -> Result<IngestReport, IngestError> {
 
 /// Reads a manifest back.
 pub fn read_manifest(store: &Store) -> Result<Manifest, IngestError> {
+    Ok(read_manifest_bytes(store)?.1)
+}
+
+/// Reads a manifest back with its bytes (whose hash identifies the dataset, e.g. in a feature cache's key).
+pub fn read_manifest_bytes(store: &Store) -> Result<(Bytes, Manifest), IngestError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| IngestError::Other(e.to_string()))?;
     rt.block_on(store.check_reachable(MANIFEST))?;
     let bytes = rt.block_on(store.get(MANIFEST))?;
-    serde_json::from_slice(&bytes).map_err(|e| IngestError::Other(format!("{}/{MANIFEST}: {e}", store.uri())))
+    let manifest =
+        serde_json::from_slice(&bytes).map_err(|e| IngestError::Other(format!("{}/{MANIFEST}: {e}", store.uri())))?;
+    Ok((bytes, manifest))
 }

@@ -388,13 +388,14 @@ impl ExprModel {
         };
         let hidden = enc.config.hidden_size;
         let states = Tensor::zeros([batch, states_n, audio_frames, hidden], (Kind::Float, device));
+        let (audio, audio_mask) = (audio.to_device(device), audio_mask.to_device(device));
         for (&len, members) in &groups {
             if enc.config.output_frames(len) == 0 {
                 continue; // no audio (or too little for one frame): zeros under a false mask
             }
             let idx = Tensor::from_slice(members).to_device(device);
-            let values = audio.to_device(device).index_select(0, &idx).narrow(1, 0, len);
-            let mask = audio_mask.to_device(device).index_select(0, &idx).narrow(1, 0, len);
+            let values = audio.index_select(0, &idx).narrow(1, 0, len);
+            let mask = audio_mask.index_select(0, &idx).narrow(1, 0, len);
             let values = enc.feature_extractor.normalize_tensor(&values, &mask);
             let out = enc.encode(&values, Some(&mask.to_kind(Kind::Int64)));
             let group_states = match self.cfg.adapter.layers {
@@ -406,10 +407,7 @@ impl ExprModel {
             let _ = states.narrow(2, 0, frames).index_copy_(0, &idx, &group_states);
         }
         let valid: Vec<i64> = rows.iter().map(|m| enc.config.output_frames(valid_samples(m))).collect();
-        let mask = Tensor::arange(audio_frames, (Kind::Int64, device))
-            .unsqueeze(0)
-            .lt_tensor(&Tensor::from_slice(&valid).to_device(device).unsqueeze(1));
-        Ok((states, mask))
+        Ok((states, crate::length_mask(&Tensor::from_slice(&valid).to_device(device), audio_frames)))
     }
 
     /// The trainable part on encoder outputs.

@@ -26,6 +26,12 @@ pub mod wav2vec2;
 pub mod weight_norm;
 
 pub use config::ModelConfig;
+
+/// `[batch, len]` bool, true at the first `lengths[b]` positions of row `b` (`lengths`: `[batch]` int64, on
+/// the device the mask is wanted on).
+pub fn length_mask(lengths: &tch::Tensor, len: i64) -> tch::Tensor {
+    tch::Tensor::arange(len, (tch::Kind::Int64, lengths.device())).unsqueeze(0).lt_tensor(&lengths.unsqueeze(1))
+}
 pub use encoders::{EncoderOptions, Precision};
 pub use error::ModelError;
 pub use expr::{Encoders, ExprHead, ExprModel, ExprOutput, FeatureBatch, RawBatch};

@@ -64,7 +64,7 @@ impl Watcher {
             steps: job.job.train.steps,
             timeout: Duration::from_secs_f64(job.job.launch.heartbeat_timeout_s),
             poll: Duration::from_secs_f64(job.job.launch.heartbeat_every_s.clamp(0.3, 5.0)),
-            host: hostname(),
+            host: heartbeat::hostname(),
         })
     }
 
@@ -237,10 +237,6 @@ fn progress_message(b: &Heartbeat) -> String {
     }
     msg += &b.phase;
     msg
-}
-
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string()
 }
 
 /// Whether `pid` is (still) one of our worker processes, not a reused pid.

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use avexpr_data::ingest::{MANIFEST, Manifest, VideoRecord};
+use avexpr_data::ingest::{Manifest, VideoRecord, read_manifest_bytes};
 use avexpr_data::layout::Split;
 use avexpr_data::loader::{Loader, LoaderConfig, Source};
 use avexpr_data::sampler::{Clip, Cursor, Plan, RankSampler, SamplerConfig, unit_of, units_of};
@@ -303,16 +303,6 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
-/// Reads the dataset manifest's bytes (its hash is part of the cache key) and the manifest.
-pub fn dataset_manifest(job: &JobConfig) -> Result<(Vec<u8>, Manifest)> {
-    let store = Store::open(&job.data.shards).context("data.shards")?;
-    let rt = runtime()?;
-    rt.block_on(store.check_reachable(MANIFEST)).context("data.shards")?;
-    let bytes = rt.block_on(store.get(MANIFEST)).context("data.shards")?.to_vec();
-    let manifest = serde_json::from_slice(&bytes).with_context(|| format!("{}/{MANIFEST}", store.uri()))?;
-    Ok((bytes, manifest))
-}
-
 pub struct ExtractReport {
     pub units_written: usize,
     pub units_skipped: usize,
@@ -326,7 +316,8 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
     let features = job.data.features.as_ref().context("data.features: say where the cache goes (uri)")?;
     crate::train::set_threads(job);
     let device = device_for(dist);
-    let (manifest_bytes, manifest) = dataset_manifest(job)?;
+    let shards = Store::open(&job.data.shards).context("data.shards")?;
+    let (manifest_bytes, manifest) = read_manifest_bytes(&shards).context("data.shards")?;
     let manifest = Arc::new(manifest);
     let key = CacheKey::of(job, &manifest_bytes)?;
     let cache = Store::open(&features.uri).context("data.features.uri")?;
@@ -354,21 +345,24 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
     }
     let mut records = Vec::new();
     let mut done = std::collections::BTreeSet::new();
-    for (video, unit) in expected.keys() {
+    for ((video, unit), &clips) in &expected {
         let k = unit_key(video, *unit);
-        if rt.block_on(cache.exists(&k))? {
-            let bytes = rt.block_on(cache.get(&k))?;
-            read_unit(&k, &bytes)?; // a unit that does not parse is made again
-            records.push(UnitRecord {
-                key: k,
-                video: video.clone(),
-                unit: *unit,
-                clips: expected[&(video.clone(), *unit)],
-                bytes: bytes.len() as u64,
-                sha256: hex::encode(Sha256::digest(&bytes)),
-            });
-            done.insert((video.clone(), *unit));
-        }
+        let bytes = match rt.block_on(cache.get(&k)) {
+            Err(StoreError::NotFound { .. }) => continue,
+            other => other?,
+        };
+        // Objects are written whole, so one that does not parse is damage to report, not work to redo.
+        read_unit(&k, &bytes)?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        records.push(UnitRecord {
+            key: k,
+            video: video.clone(),
+            unit: *unit,
+            clips,
+            bytes: bytes.len() as u64,
+            sha256,
+        });
+        done.insert((video.clone(), *unit));
     }
     let skipped = done.len();
     tracing::info!("extracting {} unit(s), {skipped} already in the cache", expected.len() - skipped);
@@ -377,27 +371,17 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
     if done.len() < expected.len() {
         let sampler = RankSampler::new(&manifest, Split::Train, dist.rank, dist.world_size, &cfg, None)?;
         let loader_cfg = LoaderConfig { augment: None, ..job.loader() };
-        let loader = Loader::start(
-            Source::Store(Store::open(&job.data.shards)?),
-            manifest.clone(),
-            sampler,
-            &loader_cfg,
-            Cursor::default(),
-            Some(1),
-        )?;
+        let index: HashMap<&str, &VideoRecord> = videos.iter().map(|v| (v.name.as_str(), *v)).collect();
+        let loader =
+            Loader::start(Source::Store(shards), manifest.clone(), sampler, &loader_cfg, Cursor::default(), Some(1))?;
         let mut pending: HashMap<(String, usize), Vec<ClipFeatures>> = HashMap::new();
-        let states = match job.model.adapter.layers {
-            AudioLayers::Last => 1,
-            AudioLayers::WeightedSum => model.encoders().audio.config.num_hidden_layers as usize + 1,
-        };
         for batch in loader {
             let batch = batch.context("extraction data")?;
             let units: Vec<(String, usize)> = batch
                 .clips
                 .iter()
                 .map(|c| {
-                    let video =
-                        &manifest.videos[manifest.videos.iter().position(|v| v.name == c.video).expect("known video")];
+                    let video = index[c.video.as_str()];
                     let clip = Clip {
                         video: c.video.clone(),
                         start: c.start,
@@ -420,7 +404,7 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
             let valid =
                 Vec::<i64>::try_from(feats.audio_mask.sum_dim_intlist(1, false, Kind::Int64).to_device(Device::Cpu))?;
             let [_, frames, image_dim] = image.size()[..] else { unreachable!("[batch, frames, dim]") };
-            let hidden = audio.size()[3] as usize;
+            let [_, states, _, hidden] = audio.size()[..] else { unreachable!("[batch, states, frames, hidden]") };
             for (i, (clip, unit)) in batch.clips.iter().zip(&units).enumerate() {
                 if done.contains(unit) {
                     continue;
@@ -440,8 +424,13 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
                 });
                 if pending[unit].len() == expected[unit] {
                     let clips = pending.remove(unit).expect("pending unit");
-                    let bytes =
-                        write_unit(&unit.0, unit.1, clips, features.dtype, [f, image_dim as usize, states, hidden])?;
+                    let bytes = write_unit(
+                        &unit.0,
+                        unit.1,
+                        clips,
+                        features.dtype,
+                        [f, image_dim as usize, states as usize, hidden as usize],
+                    )?;
                     let k = unit_key(&unit.0, unit.1);
                     let sha256 = hex::encode(Sha256::digest(&bytes));
                     let len = bytes.len() as u64;
@@ -548,9 +537,7 @@ impl RawCached {
         let face_mask = Tensor::from_slice(&self.face_mask).view([n, f]).to_kind(Kind::Bool).to_device(device);
         let audio_states =
             Tensor::from_slice(&self.audio).view([n, self.states as i64, t, self.hidden as i64]).to_device(device);
-        let audio_mask = Tensor::arange(t, (Kind::Int64, device))
-            .unsqueeze(0)
-            .lt_tensor(&Tensor::from_slice(&self.valid).to_device(device).unsqueeze(1));
+        let audio_mask = avexpr_model::length_mask(&Tensor::from_slice(&self.valid).to_device(device), t);
         let labels = Tensor::from_slice(&self.labels).view([n, f]).to_kind(Kind::Int64);
         CachedBatch {
             features: FeatureBatch { image_embeds, face_mask, audio_states, audio_mask, fps: self.fps },

@@ -36,6 +36,11 @@ pub struct Heartbeat {
     pub unix_ms: u64,
 }
 
+/// This machine's name, as heartbeats report it.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string()
+}
+
 pub fn key(rank: usize) -> String {
     format!("heartbeats/rank-{rank}.json")
 }
@@ -56,11 +61,10 @@ static CURRENT: OnceLock<Arc<Shared>> = OnceLock::new();
 impl Beacon {
     /// Starts this process's heartbeat (one at a time per process).
     pub fn start(store: Store, rank: usize, world_size: usize, steps: u64, every: Duration) -> Beacon {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
         let first = Heartbeat {
             rank,
             world_size,
-            host,
+            host: hostname(),
             pid: std::process::id(),
             phase: "starting".into(),
             steps,

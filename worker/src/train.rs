@@ -15,7 +15,7 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use avexpr_data::ingest::{Manifest, read_manifest};
+use avexpr_data::ingest::{Manifest, read_manifest_bytes};
 use avexpr_data::layout::Split;
 use avexpr_data::loader::{Batch, Loader, Source};
 use avexpr_data::sampler::{Cursor, RankSampler};
@@ -154,6 +154,12 @@ enum Feed {
     Cached(crate::features::FeatureLoader),
 }
 
+/// One batch of a [`Feed`]: frames for the encoders, or their cached outputs.
+enum Fed {
+    Frames(Batch),
+    Cached(crate::features::CachedBatch),
+}
+
 pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec<StepMetrics>> {
     let accumulation = job.accumulation(dist.world_size)?;
     let slots = dist.world_size * accumulation;
@@ -162,13 +168,11 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
     let mixed = job.train.mixed_precision.enabled(device);
 
     let store = Store::open(&job.data.shards).context("data.shards")?;
-    let manifest = std::sync::Arc::new(read_manifest(&store).context("data.shards")?);
+    let (manifest_bytes, manifest) = read_manifest_bytes(&store).context("data.shards")?;
+    let manifest = std::sync::Arc::new(manifest);
     let checkpoints = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?;
     let cache = match &job.data.features {
-        Some(_) => {
-            let (bytes, _) = crate::features::dataset_manifest(job)?;
-            Some(crate::features::open_cache(job, &bytes)?)
-        }
+        Some(_) => Some(crate::features::open_cache(job, &manifest_bytes)?),
         None => None,
     };
     if let Some(plan) = &options.plan {
@@ -276,20 +280,20 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
             let slot = dist.rank * accumulation + a;
             let t = Instant::now();
             let fed = match feed {
-                Feed::Frames(loader) => Ok(loader.next().context("the training loader ended")??),
-                Feed::Cached(loader) => Err(loader.next_batch()?),
+                Feed::Frames(loader) => Fed::Frames(loader.next().context("the training loader ended")??),
+                Feed::Cached(loader) => Fed::Cached(loader.next_batch()?),
             };
             let wait = t.elapsed().as_secs_f64();
             waited += wait;
             phases.data += wait;
             let (feats, labels) = match fed {
-                Ok(batch) => {
+                Fed::Frames(batch) => {
                     clips += batch.len();
                     cursors[slot] = batch.cursor;
                     let (raw, labels) = raw_batch(&batch);
                     (phases.time(|p| &mut p.encoders, || model.encode(&raw))?, labels)
                 }
-                Err(cached) => {
+                Fed::Cached(cached) => {
                     clips += cached.len;
                     cursors[slot] = cached.cursor;
                     (cached.features, cached.labels)
@@ -328,6 +332,11 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
 
         dist.all_reduce_sum_f64(&mut sums);
         let world = dist.world_size as f64;
+        // (elapsed s, clips/s over all ranks, ETA s), as of now.
+        let progress = || {
+            let elapsed = started.elapsed().as_secs_f64();
+            (elapsed, clips as f64 * world / elapsed, elapsed / (step - first_step) as f64 * (t.steps - step) as f64)
+        };
         let m = StepMetrics {
             step,
             loss: sums[0] / world,
@@ -342,9 +351,8 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
             h.step = step;
             h.loss = Some(m.loss);
             if dist.rank == 0 {
-                let elapsed = started.elapsed().as_secs_f64();
-                h.clips_per_s = Some(clips as f64 * world / elapsed);
-                h.eta_s = Some(elapsed / (step - first_step) as f64 * (t.steps - step) as f64);
+                let (_, rate, eta) = progress();
+                (h.clips_per_s, h.eta_s) = (Some(rate), Some(eta));
             }
         });
         let m = if t.eval_every > 0 && step.is_multiple_of(t.eval_every) || step == t.steps {
@@ -368,9 +376,7 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
         if step.is_multiple_of(t.log_every) || step == t.steps || m.val_macro_f1.is_some() {
             history.push(m.clone());
             if dist.rank == 0 {
-                let elapsed = started.elapsed().as_secs_f64();
-                let rate = clips as f64 * world / elapsed;
-                let eta = elapsed / (step - first_step) as f64 * (t.steps - step) as f64;
+                let (elapsed, rate, eta) = progress();
                 tracing::info!(
                     "step {step}/{} loss {:.4} (cls {:.4}, prompt {:.4}) lr {lr:.2e} |g| {grad_norm:.3} \
                      {rate:.1} clips/s data-wait {:.1}% ETA {eta:.0} s",

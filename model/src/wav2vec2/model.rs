@@ -259,7 +259,7 @@ impl Wav2Vec2Model {
 
         let frame_mask = attention_mask.map(|m| {
             let lengths = self.output_lengths(&m.to_kind(Kind::Int64).sum_dim_intlist(-1, false, Kind::Int64));
-            Tensor::arange(frames, (Kind::Int64, xs.device())).unsqueeze(0).lt_tensor(&lengths.unsqueeze(1))
+            crate::length_mask(&lengths.to_device(xs.device()), frames)
         });
         // Key-padding mask [batch, 1, 1, frames]; padded frames are zeroed before the positional conv.
         let attn_mask = frame_mask.as_ref().map(|m| {
