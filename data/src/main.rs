@@ -43,6 +43,9 @@ enum Command {
         width: u32,
         #[arg(long, default_value_t = 120)]
         height: u32,
+        /// The validation split starts with this many segments of every class (0: training ratios only).
+        #[arg(long, default_value_t = 3)]
+        val_segments_per_class: usize,
     },
     /// Ingest throughput (frames per CPU-second) against the ffmpeg CLI decoding the same files, and peak memory.
     BenchIngest {
@@ -126,8 +129,16 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", confusion.render(&PAPER_TRAIN_RATIOS));
             }
         }
-        Command::Synth { out, videos, min_seconds, max_seconds, seed, width, height } => {
-            let cfg = avexpr_data::synth::SynthConfig { videos, min_seconds, max_seconds, seed, width, height };
+        Command::Synth { out, videos, min_seconds, max_seconds, seed, width, height, val_segments_per_class } => {
+            let cfg = avexpr_data::synth::SynthConfig {
+                videos,
+                min_seconds,
+                max_seconds,
+                seed,
+                width,
+                height,
+                val_segments_per_class,
+            };
             let written = avexpr_data::synth::synth(&out, &cfg)?;
             let frames: usize = written.iter().map(|v| v.frames).sum();
             println!("wrote {} annotated/test entries ({frames} frames) under {}", written.len(), out.display());

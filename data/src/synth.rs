@@ -1,7 +1,9 @@
 //! `data synth`: a small, seeded look-alike of Aff-Wild2 in the real layout, for tests and the quickstart.
 //!
 //! Each video shows a drawn face (two faces for the one `_left`/`_right` video) whose expression follows a
-//! track of class segments drawn with the Aff-Wild2 training ratios. Each class has a visual signature (mouth
+//! track of class segments drawn with the Aff-Wild2 training ratios (after two segments of every class in
+//! training, and `val_segments_per_class` of every class in validation, so that every class can be learned and
+//! scored). Each class has a visual signature (mouth
 //! curve and opening, brows, eyes) and an audio signature (pitch, pitch contour, rhythm, timbre); face
 //! position, scale, lighting and noise vary, and the face moves smoothly between expressions. Anger and Disgust
 //! look the same and differ only in the audio; Fear/Surprise and Happiness/Other sound the same and differ only
@@ -17,6 +19,7 @@ use std::process::{Command, Stdio};
 
 use image::{Rgb, RgbImage};
 use imageproc::drawing::{draw_filled_ellipse_mut, draw_line_segment_mut};
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -32,11 +35,23 @@ pub struct SynthConfig {
     pub seed: u64,
     pub width: u32,
     pub height: u32,
+    /// The validation split's class tracks start with this many segments of every class (in shuffled rounds,
+    /// as far as the split's frames allow) before drawing with the training ratios, so every class can be
+    /// scored; 0: validation draws with the training ratios only (rare classes may be absent).
+    pub val_segments_per_class: usize,
 }
 
 impl Default for SynthConfig {
     fn default() -> Self {
-        Self { videos: 24, min_seconds: 3.0, max_seconds: 6.0, seed: 7, width: 160, height: 120 }
+        Self {
+            videos: 24,
+            min_seconds: 3.0,
+            max_seconds: 6.0,
+            seed: 7,
+            width: 160,
+            height: 120,
+            val_segments_per_class: 3,
+        }
     }
 }
 
@@ -85,8 +100,24 @@ const VOICES: [[f64; 4]; NUM_CLASSES] = [
     [250.0, 60.0, 4.0, 0.3],  // Other: sounds like Happiness
 ];
 
+/// Segments of every class the training split starts with: the rarest Aff-Wild2 classes (Fear 1.65 %, Disgust
+/// 2.04 %) would otherwise get one short segment or none in a small look-alike; two keep them near their ratio.
+const TRAIN_SEGMENTS_PER_CLASS: usize = 2;
+
+/// `n` rounds of all eight classes, each round in its own order, to be popped from the end.
+fn rounds(n: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+    let mut classes = Vec::with_capacity(n * NUM_CLASSES);
+    for _ in 0..n {
+        let mut round: Vec<usize> = (0..NUM_CLASSES).collect();
+        round.shuffle(rng);
+        classes.extend(round);
+    }
+    classes
+}
+
 /// A person's class per frame: segments of 0.8-2 s, classes drawn with the training ratios, except that the
-/// classes in `pending` are used first (so the training split sees every class).
+/// classes in `pending` are used first (so the training split sees every class, and the validation split
+/// every class several times).
 fn class_track(rng: &mut ChaCha8Rng, frames: usize, fps: f64, pending: &mut Vec<usize>) -> Vec<usize> {
     let total: f64 = PAPER_TRAIN_RATIOS.iter().sum();
     let mut track = Vec::with_capacity(frames);
@@ -260,7 +291,8 @@ pub fn synth(out: &Path, cfg: &SynthConfig) -> Result<Vec<SynthVideo>, SynthErro
     let n_val = (cfg.videos / 5).max(1);
     let n_test = (cfg.videos / 10).max(1);
     let n_train = cfg.videos - n_val - n_test;
-    let mut pending: Vec<usize> = (0..NUM_CLASSES).rev().collect();
+    let mut pending = rounds(TRAIN_SEGMENTS_PER_CLASS, &mut rng);
+    let mut val_pending = rounds(cfg.val_segments_per_class, &mut rng);
     let mut written = Vec::new();
     let mut test_names = Vec::new();
     for i in 0..cfg.videos {
@@ -281,7 +313,11 @@ pub fn synth(out: &Path, cfg: &SynthConfig) -> Result<Vec<SynthVideo>, SynthErro
         let people: Vec<Person> = (0..if two_people { 2 } else { 1 })
             .map(|k| {
                 let slot = if two_people { (k as f64 + 0.5) / 2.0 } else { 0.5 };
-                let pending = if split == Split::Train { &mut pending } else { &mut no_pending };
+                let pending = match split {
+                    Split::Train => &mut pending,
+                    Split::Validation => &mut val_pending,
+                    Split::Test => &mut no_pending,
+                };
                 Person {
                     track: class_track(&mut rng, frames, fps as f64, pending),
                     centre: (w * slot + (rng.random::<f64>() - 0.5) * w * 0.1, h * (0.45 + 0.1 * rng.random::<f64>())),

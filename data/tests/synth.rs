@@ -73,6 +73,29 @@ fn synth_reads_back_exactly_and_is_reproducible() {
     assert!(files(&root) != files(&other));
 }
 
+/// The validation split holds every class, so that each per-class F1 (and the macro F1) can be scored; training
+/// keeps the Aff-Wild2-like draw.
+#[test]
+fn validation_holds_every_class() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = SynthConfig {
+        videos: 10,
+        min_seconds: 6.0,
+        max_seconds: 8.0,
+        seed: 9,
+        val_segments_per_class: 1,
+        ..Default::default()
+    };
+    let written = synth(tmp.path(), &cfg).unwrap();
+    let mut frames = [0usize; 8];
+    for v in written.iter().filter(|v| v.split == Split::Validation) {
+        for &l in v.labels.iter().take(v.frames).filter(|&&l| l >= 0) {
+            frames[l as usize] += 1;
+        }
+    }
+    assert!(frames.iter().all(|&n| n >= 10), "validation frames per class: {frames:?}");
+}
+
 #[test]
 fn bad_settings_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
