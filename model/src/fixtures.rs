@@ -40,18 +40,35 @@ pub fn clip_tokenizer_dir() -> Result<PathBuf, String> {
 /// The tiny random CLIP checkpoint with the real tokenizer beside it, as a user's checkpoint directory holds
 /// them (`target/fixtures/clip-tiny`). Assembled once, atomically: tests read it concurrently.
 pub fn clip_tiny_with_tokenizer() -> Result<PathBuf, String> {
+    with_tokenizer(&dir().join("clip-tiny"), "clip-tiny")
+}
+
+/// The quickstart's pretrained encoders (`model/quickstart`, see its README): the CLIP directory with the
+/// real tokenizer beside it (`target/fixtures/quickstart-clip`) and the Wav2Vec 2.0 directory.
+pub fn quickstart_encoders() -> Result<(PathBuf, PathBuf), String> {
+    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("quickstart");
+    Ok((with_tokenizer(&quickstart.join("clip"), "quickstart-clip")?, quickstart.join("wav2vec2")))
+}
+
+/// `checkpoint`'s files plus the tokenizer's in `target/fixtures/<name>`, assembled once, atomically.
+fn with_tokenizer(checkpoint: &Path, name: &str) -> Result<PathBuf, String> {
     let tokenizer = clip_tokenizer_dir()?;
-    let out = tokenizer.with_file_name("clip-tiny");
+    let out = tokenizer.with_file_name(name);
     let _guard = GENERATE.lock().unwrap_or_else(|e| e.into_inner());
+    let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).ok();
     if out.join("tokenizer.json").is_file() {
-        return Ok(out);
+        if weights(&out) == weights(checkpoint) {
+            return Ok(out);
+        }
+        // Assembled from weights that have since been regenerated.
+        std::fs::remove_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     }
     let tmp = out.with_extension(format!("tmp{}", std::process::id()));
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let copy = |from: PathBuf, name: &std::ffi::OsStr| {
         std::fs::copy(&from, tmp.join(name)).map(|_| ()).map_err(|e| format!("{}: {e}", from.display()))
     };
-    for entry in std::fs::read_dir(dir().join("clip-tiny")).map_err(|e| e.to_string())? {
+    for entry in std::fs::read_dir(checkpoint).map_err(|e| format!("{}: {e}", checkpoint.display()))? {
         let entry = entry.map_err(|e| e.to_string())?;
         copy(entry.path(), &entry.file_name())?;
     }
