@@ -160,7 +160,13 @@ enum Fed {
     Cached(crate::features::CachedBatch),
 }
 
-pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec<StepMetrics>> {
+/// What a finished training run reports: its logged steps and the final validation (summed over ranks).
+pub struct Trained {
+    pub history: Vec<StepMetrics>,
+    pub validation: avexpr_data::metric::Confusion,
+}
+
+pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Trained> {
     let accumulation = job.accumulation(dist.world_size)?;
     let slots = dist.world_size * accumulation;
     set_threads(job);
@@ -405,28 +411,25 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
     if dist.rank == 0 && phases.steps > 0 {
         tracing::info!("{}", phases.report(dist.world_size, accumulation));
     }
-    if last_eval.is_none() {
+    let validation = match last_eval {
+        Some(confusion) => confusion,
         // Resumed from the final checkpoint: nothing left to train, but the table is still wanted.
-        last_eval = Some(
-            evaluate(&model, mixed, dist, &store, &manifest, Split::Validation, &sampler_cfg, &loader_cfg)?.confusion,
-        );
-    }
-    if dist.rank == 0 {
-        if let Some(confusion) = &last_eval {
-            println!("validation after step {step}: {}", summary(confusion));
-            print!("{}", confusion.render(&avexpr_data::affwild2::PAPER_TRAIN_RATIOS));
+        None => {
+            evaluate(&model, mixed, dist, &store, &manifest, Split::Validation, &sampler_cfg, &loader_cfg)?.confusion
         }
+    };
+    if dist.rank == 0 {
+        println!("validation after step {step}: {}", summary(&validation));
+        print!("{}", validation.render(&avexpr_data::affwild2::PAPER_TRAIN_RATIOS));
         for (file, result) in [
             ("curves.png", crate::plots::curves_png(&job.run_dir.join("curves.png"), &history)),
             (
                 "confusion.png",
-                last_eval.as_ref().map_or(Ok(()), |c| {
-                    crate::plots::confusion_png(
-                        &job.run_dir.join("confusion.png"),
-                        c,
-                        &format!("validation, step {step}: {}", summary(c)),
-                    )
-                }),
+                crate::plots::confusion_png(
+                    &job.run_dir.join("confusion.png"),
+                    &validation,
+                    &format!("validation, step {step}: {}", summary(&validation)),
+                ),
             ),
         ] {
             match result {
@@ -442,7 +445,7 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Vec
         }
     }
     crate::heartbeat::update(|h| h.phase = "done".into());
-    Ok(history)
+    Ok(Trained { history, validation })
 }
 
 /// Every slot's cursor on every rank (each rank knows its own slots').
