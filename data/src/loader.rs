@@ -244,6 +244,8 @@ impl Batch {
 pub struct LoaderStats {
     pub shards_fetched: u64,
     pub bytes_fetched: u64,
+    /// Distinct shards skipped because they were missing or corrupt (each is tried again by every window that
+    /// needs it).
     pub shards_skipped_missing: u64,
     pub shards_skipped_corrupt: u64,
     pub clips: u64,
@@ -267,6 +269,8 @@ struct Counters {
     batches: AtomicU64,
     peak_resident_kib: AtomicU64,
     wait_nanos: AtomicU64,
+    /// Shards skipped so far: a shard that two windows need fails (and is counted) once.
+    skipped: std::sync::Mutex<HashSet<ShardId>>,
 }
 
 /// A shard request in flight, holding its share of the budget.
@@ -416,13 +420,15 @@ impl Shared {
                 held.insert(id, Arc::new(Resident { samples, _permit: permit }));
             }
             Err(e @ (FetchError::Missing { .. } | FetchError::Corrupt { .. })) if self.cfg.skip_bad => {
-                tracing::warn!("{e}; its clips are skipped (data.skip_bad)");
-                let counter = if matches!(e, FetchError::Missing { .. }) {
-                    &c.shards_skipped_missing
-                } else {
-                    &c.shards_skipped_corrupt
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
+                if c.skipped.lock().expect("no panic holds it").insert(id) {
+                    tracing::warn!("{e}; its clips are skipped (data.skip_bad)");
+                    let counter = if matches!(e, FetchError::Missing { .. }) {
+                        &c.shards_skipped_missing
+                    } else {
+                        &c.shards_skipped_corrupt
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Err(e) => return Err(e.into()),
         }
