@@ -23,7 +23,7 @@ fn write_tone(path: &Path, rate: u32, seconds: f64) {
 #[test]
 fn embed_writes_image_prompt_and_audio_embeddings() {
     let tmp = tempfile::tempdir().unwrap();
-    let (clip, _) = fixtures::quickstart_encoders().unwrap();
+    let clip = fixtures::clip_tiny_with_tokenizer().unwrap();
     let wav = tmp.path().join("speech.wav");
     write_tone(&wav, 16_000, 1.0);
     let out = tmp.path().join("out").join("emb.safetensors");
