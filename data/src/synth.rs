@@ -3,11 +3,11 @@
 //! Each video shows a drawn face (two faces for the one `_left`/`_right` video) whose expression follows a
 //! track of class segments drawn with the Aff-Wild2 training ratios (after two segments of every class in
 //! training, and `val_segments_per_class` of every class in validation, so that every class can be learned and
-//! scored). Each class has a visual signature (mouth
-//! curve and opening, brows, eyes) and an audio signature (pitch, pitch contour, rhythm, timbre); face
-//! position, scale, lighting and noise vary, and the face moves smoothly between expressions. Anger and Disgust
-//! look the same and differ only in the audio; Fear/Surprise and Happiness/Other sound the same and differ only
-//! in the video: a model needs both modalities to separate all eight.
+//! scored). Each class has a visual signature (mouth curve and opening, brows, eyes) and an audio signature
+//! (pitch, pitch contour, rhythm, timbre); face position, scale, lighting and noise vary, and the face moves
+//! smoothly between expressions. Anger and Disgust look the same and differ only in the audio; Fear/Surprise
+//! and Happiness/Other sound the same and differ only in the video: a model needs both modalities to separate
+//! all eight.
 //!
 //! Written: H.264 + AAC mp4 (ffmpeg CLI) at 25 or 30 fps in `videos/batch1|2/`, 112x112 JPEG crops with gaps in
 //! `cropped_aligned/`, annotation files with header, -1 runs and two label/frame count mismatches, and the
