@@ -37,8 +37,10 @@ fn clip_text_embeds_and_hidden_states() {
     assert_close("text last_hidden_state", &last, &exp["clip.text_last_hidden_state"], ATOL);
 }
 
-/// The image processor against transformers' PIL-based `CLIPImageProcessor` on real PNG files: PIL's
-/// fixed-point bicubic and the `image` crate's float one may round a pixel differently, by one level at most.
+/// The image processor against transformers' PIL-based `CLIPImageProcessor` on real PNG files, both ways we
+/// preprocess: `preprocess` (images, `worker embed`) and `preprocess_tensor` (uint8 batches, the training and
+/// evaluation path). PIL's fixed-point bicubic and our float ones may round a pixel differently, by one level
+/// at most.
 #[test]
 fn clip_preprocessing_matches_pil_processor() {
     let exp = expected();
@@ -47,14 +49,21 @@ fn clip_preprocessing_matches_pil_processor() {
     let enc = ClipVisionEncoder::load(&fixture("clip-tiny"), EncoderOptions::default()).unwrap();
     for k in 0..3 {
         let image = ClipImageProcessor::open(&fixture(&format!("image{k}.png"))).unwrap();
-        let ours = processor.preprocess(std::slice::from_ref(&image)).get(0);
+        let rgb = image.to_rgb8();
+        let (w, h) = rgb.dimensions();
+        let batch = Tensor::from_slice(rgb.as_raw()).view([1, h as i64, w as i64, 3]).permute([0, 3, 1, 2]);
         let reference = &exp[&format!("clip.image{k}.pixel_values")];
-        // Back to 8-bit levels: (normalised difference) * std * 255.
-        let std = Tensor::from_slice(&processor.image_std).view([3, 1, 1]).to_kind(tch::Kind::Float);
-        let levels = ((&ours - reference) * std * 255.0).abs();
-        let (max, mean) = (levels.max().double_value(&[]), levels.mean(tch::Kind::Double).double_value(&[]));
-        assert!(max <= 1.0 + 1e-3, "image{k}: a pixel differs from PIL's by {max} levels");
-        assert!(mean <= 0.3, "image{k}: mean difference {mean} levels");
+        for (path, ours) in [
+            ("preprocess", processor.preprocess(std::slice::from_ref(&image)).get(0)),
+            ("preprocess_tensor", processor.preprocess_tensor(&batch).get(0)),
+        ] {
+            // Back to 8-bit levels: (normalised difference) * std * 255.
+            let std = Tensor::from_slice(&processor.image_std).view([3, 1, 1]).to_kind(tch::Kind::Float);
+            let levels = ((&ours - reference) * std * 255.0).abs();
+            let (max, mean) = (levels.max().double_value(&[]), levels.mean(tch::Kind::Double).double_value(&[]));
+            assert!(max <= 1.0 + 1e-3, "{path}, image{k}: a pixel differs from PIL's by {max} levels");
+            assert!(mean <= 0.3, "{path}, image{k}: mean difference {mean} levels");
+        }
         let embeds = enc.encode_images(std::slice::from_ref(&image)).get(0);
         let embed_diff = max_abs_diff(&embeds, &exp[&format!("clip.image{k}.image_embeds")]);
         assert!(embed_diff <= 0.05, "image{k}: image_embeds differ by {embed_diff}");
