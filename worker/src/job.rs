@@ -238,7 +238,7 @@ struct JobFile {
     run_dir: Option<PathBuf>,
     #[serde(default)]
     data: DataSection,
-    model: serde_yaml::Value,
+    model: ModelConfig,
     #[serde(default)]
     train: TrainSection,
     #[serde(default)]
@@ -269,11 +269,13 @@ impl JobConfig {
                 let path = e.path().to_string();
                 // serde_yaml's message may already start with the path.
                 let reason = e.into_inner().to_string();
-                let reason = reason.strip_prefix(&format!("{path}: ")).map_or(reason.clone(), str::to_string);
+                let reason = match reason.split_once(": ") {
+                    Some((at, rest)) if path.starts_with(at) => rest.to_string(),
+                    _ => reason,
+                };
                 err(&path, reason)
             })?;
-        let model_yaml = serde_yaml::to_string(&file.model).map_err(|e| err("model", e.to_string()))?;
-        let model = ModelConfig::from_yaml(&model_yaml, path).map_err(|e| match e {
+        file.model.validate().map_err(|e| match e {
             avexpr_model::ModelError::BadConfig { field, reason, .. } => err(&field, reason),
             other => err("model", other.to_string()),
         })?;
@@ -284,7 +286,14 @@ impl JobConfig {
         if checkpoint.uri.is_empty() {
             checkpoint.uri = run_dir.join("checkpoints").display().to_string();
         }
-        let job = JobConfig { run_dir, data: file.data, model, train: file.train, checkpoint, launch: file.launch };
+        let job = JobConfig {
+            run_dir,
+            data: file.data,
+            model: file.model,
+            train: file.train,
+            checkpoint,
+            launch: file.launch,
+        };
         job.validate().map_err(|(field, reason)| err(field, reason))?;
         Ok(job)
     }
@@ -309,6 +318,10 @@ impl JobConfig {
                 ));
             }
         }
+        // The loader's batch size is train.micro_batch: checked here, where the user writes it.
+        if self.train.micro_batch == 0 {
+            return Err(("train.micro_batch", "must be positive".into()));
+        }
         self.sampler().validate().map_err(|e| match e {
             avexpr_data::sampler::SamplerError::Config { field, reason } => (field, reason),
             other => ("data", other.to_string()),
@@ -318,9 +331,6 @@ impl JobConfig {
             other => ("data", other.to_string()),
         })?;
         let t = &self.train;
-        if t.micro_batch == 0 {
-            return Err(("train.micro_batch", "must be positive".into()));
-        }
         if t.global_batch == 0 || !t.global_batch.is_multiple_of(t.micro_batch) {
             return Err((
                 "train.global_batch",

@@ -1,0 +1,49 @@
+//! The job file's errors name the field the user wrote, as a dotted path into the YAML, and point at the
+//! user's own line.
+
+use avexpr_worker::job::JobConfig;
+
+/// `configs/quickstart.yaml` with `edit` applied to its YAML tree: the error `JobConfig::from_file` gives,
+/// without the file's path, and the file's text.
+fn error_of(edit: impl FnOnce(&mut serde_yaml::Value)) -> (String, String) {
+    let quickstart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/quickstart.yaml");
+    let mut job: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(quickstart).unwrap()).unwrap();
+    edit(&mut job);
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("job.yaml");
+    let text = serde_yaml::to_string(&job).unwrap();
+    std::fs::write(&path, &text).unwrap();
+    let e = JobConfig::from_file(&path).expect_err("the edited config was accepted").to_string();
+    let prefix = format!("{}: ", path.display());
+    (e.strip_prefix(&prefix).unwrap_or_else(|| panic!("the error does not start with the file: {e}")).into(), text)
+}
+
+/// The line that `... at line N column M` points at.
+fn line_pointed_at<'a>(e: &str, text: &'a str) -> &'a str {
+    let n: usize = e.split("at line ").nth(1).and_then(|r| r.split(' ').next()?.parse().ok()).expect("a line number");
+    text.lines().nth(n - 1).unwrap()
+}
+
+#[test]
+fn a_zero_micro_batch_is_reported_as_train_micro_batch() {
+    // It was reported as `data.batch_size`, the loader's name for it, which no job file has.
+    let (e, _) = error_of(|j| j["train"]["micro_batch"] = 0.into());
+    assert_eq!(e, "train.micro_batch: must be positive");
+}
+
+#[test]
+fn model_errors_name_the_field_once_and_point_at_the_users_line() {
+    // The model section was written back to YAML and parsed again: the path was repeated and the line was
+    // the rewritten section's.
+    let (e, text) = error_of(|j| j["model"]["head"]["target"] = "middle".into());
+    assert!(e.starts_with("model.head.target: unknown variant `middle`, expected `last` or `center`"), "{e}");
+    assert!(line_pointed_at(&e, &text).trim_start().starts_with("target: middle"), "{e}");
+
+    let (e, text) = error_of(|j| j["model"]["tcn"]["kernel"] = 3.into());
+    assert!(e.starts_with("model.tcn.kernel: unknown field `kernel`, expected one of"), "{e}");
+    assert!(line_pointed_at(&e, &text).trim_start().starts_with("kernel: 3"), "{e}");
+
+    // Checks serde cannot make keep their names.
+    let (e, _) = error_of(|j| j["model"]["fusion"]["heads"] = 3.into());
+    assert_eq!(e, "model.fusion.heads: 3 must divide model.fusion.dim (64)");
+}
