@@ -8,7 +8,8 @@ use avexpr_data::store::Store;
 use avexpr_worker::checkpoint::CheckpointStore;
 use avexpr_worker::job::JobConfig;
 
-use crate::launch::{Attempt, Job, Target};
+use crate::launch::Attempt;
+use crate::spec::{Job, Target};
 use crate::watch::{RECORD_KEY, RunRecord, Watcher};
 use crate::{k8s, plan};
 

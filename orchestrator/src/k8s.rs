@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result};
 use serde_yaml::{Mapping, Value};
 
-use crate::launch::Job;
+use crate::spec::Job;
 
 pub const MPIJOB: &str = include_str!("../../k8s/mpijob.yaml");
 pub const CONFIGMAP: &str = include_str!("../../k8s/configmap.yaml");

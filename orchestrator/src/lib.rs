@@ -7,4 +7,5 @@ pub mod jobs;
 pub mod k8s;
 pub mod launch;
 pub mod plan;
+pub mod spec;
 pub mod watch;

@@ -14,7 +14,8 @@ use avexpr_data::store::Store;
 use avexpr_worker::heartbeat::{self, Heartbeat};
 use serde::{Deserialize, Serialize};
 
-use crate::launch::{Attempt, Job};
+use crate::launch::Attempt;
+use crate::spec::Job;
 
 pub const RECORD_KEY: &str = "orchestrator.json";
 

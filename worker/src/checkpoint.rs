@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use tch::Tensor;
 
 use crate::job::JobConfig;
-use crate::train::StepMetrics;
+use crate::metrics::StepMetrics;
 
 pub const COMMIT: &str = "COMMIT.json";
 const OBJECTS: [&str; 3] = ["variables.safetensors", "optimizer.safetensors", "state.json"];

@@ -2,19 +2,14 @@
 //! target position (the last frame for the paper's causal head), the videos sharded across ranks; the
 //! confusion matrices are summed over ranks, so every rank ends with the split's macro F1.
 
-use std::sync::Arc;
-
 use anyhow::{Context, Result};
-use avexpr_data::ingest::Manifest;
 use avexpr_data::layout::Split;
 use avexpr_data::loader::{Loader, LoaderConfig, Source};
 use avexpr_data::metric::Confusion;
 use avexpr_data::sampler::{Cursor, RankSampler, SamplerConfig};
-use avexpr_data::store::Store;
 use avexpr_model::ExprModel;
 
-use crate::dist::Dist;
-use crate::train::raw_batch;
+use crate::session::{Session, raw_batch};
 
 /// One frame's prediction.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,28 +26,20 @@ pub struct Evaluation {
     pub predictions: Vec<FramePrediction>,
 }
 
-/// Predicts every frame of `split` on this rank's share of the videos; the head under bf16 autocast when
-/// `mixed_precision`.
-#[allow(clippy::too_many_arguments)]
-pub fn evaluate(
-    model: &ExprModel,
-    mixed_precision: bool,
-    dist: &Dist,
-    store: &Store,
-    manifest: &Arc<Manifest>,
-    split: Split,
-    sampler: &SamplerConfig,
-    loader: &LoaderConfig,
-) -> Result<Evaluation> {
-    let cfg = SamplerConfig { dense: true, class_balanced: false, ..sampler.clone() };
+/// Predicts every frame of `split` on this rank's share of the videos, from a dense sliding window with the
+/// job's clip settings and no augmentation; the head under bf16 autocast when the session's mixed precision
+/// is on.
+pub fn evaluate(session: &Session, model: &ExprModel, split: Split) -> Result<Evaluation> {
+    let (job, dist, manifest) = (session.job, session.dist, &session.manifest);
+    let cfg = SamplerConfig { dense: true, class_balanced: false, ..job.sampler() };
     let offset = cfg.target_offset() as i64;
-    let loader_cfg = LoaderConfig { augment: None, ..loader.clone() };
+    let loader_cfg = LoaderConfig { augment: None, ..job.loader() };
     let rank_sampler = RankSampler::new(manifest, split, dist.rank, dist.world_size, &cfg, None)?;
     let mut confusion = Confusion::default();
     let mut predictions = Vec::with_capacity(rank_sampler.len());
     if !rank_sampler.is_empty() {
         let stream = Loader::start(
-            Source::Store(store.clone()),
+            Source::Store(session.store.clone()),
             manifest.clone(),
             rank_sampler,
             &loader_cfg,
@@ -66,7 +53,7 @@ pub fn evaluate(
             let feats = tch::no_grad(|| model.encode(&raw))?;
             let device = feats.image_embeds.device();
             let logits = tch::no_grad(|| {
-                avexpr_model::autocast::bf16(device, mixed_precision, || model.forward_t(&feats, false).logits)
+                avexpr_model::autocast::bf16(device, session.mixed_precision, || model.forward_t(&feats, false).logits)
             })
             .to_kind(tch::Kind::Float);
             // A per-frame head scores every frame of the window: take the target frame's.

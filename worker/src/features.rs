@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use avexpr_data::ingest::{Manifest, VideoRecord, read_manifest_bytes};
+use avexpr_data::ingest::{Manifest, VideoRecord};
 use avexpr_data::layout::Split;
 use avexpr_data::loader::{Loader, LoaderConfig, Source};
 use avexpr_data::sampler::{Clip, Cursor, Plan, RankSampler, SamplerConfig, unit_of, units_of};
@@ -37,7 +37,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::dist::Dist;
 use crate::job::{FeatureDtype, JobConfig};
-use crate::train::{build_model, device_for, raw_batch};
+use crate::session::{Session, raw_batch};
 
 pub const CACHE_MANIFEST: &str = "features.json";
 /// Written first: the settings the units in the store were made with (so a resumed extraction cannot mix).
@@ -314,12 +314,9 @@ pub struct ExtractReport {
 /// `worker extract`: this rank's share of the training clips through the frozen encoders, into the cache.
 pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
     let features = job.data.features.as_ref().context("data.features: say where the cache goes (uri)")?;
-    crate::train::set_threads(job);
-    let device = device_for(dist);
-    let shards = Store::open(&job.data.shards).context("data.shards")?;
-    let (manifest_bytes, manifest) = read_manifest_bytes(&shards).context("data.shards")?;
-    let manifest = Arc::new(manifest);
-    let key = CacheKey::of(job, &manifest_bytes)?;
+    let session = Session::open(job, dist)?;
+    let (device, manifest) = (session.device, &session.manifest);
+    let key = CacheKey::of(job, &session.manifest_bytes)?;
     let cache = Store::open(&features.uri).context("data.features.uri")?;
     let rt = runtime()?;
     rt.block_on(cache.check_reachable(CACHE_KEY)).context("data.features.uri")?;
@@ -332,7 +329,7 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
         other => check_key(&key, &serde_json::from_slice(&other?)?, cache.uri())?,
     }
 
-    let model = build_model(job, &manifest, device)?;
+    let model = session.build_model()?;
     let cfg = SamplerConfig { shuffle_shards: 1, class_balanced: false, dense: false, ..job.sampler() };
     let videos: Vec<&VideoRecord> = manifest.videos.iter().filter(|v| v.split == Split::Train).collect();
     let plan = Plan::balanced(&videos, dist.world_size);
@@ -369,11 +366,17 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
     let started = Instant::now();
     let (mut clips_encoded, mut frames_encoded) = (0, 0);
     if done.len() < expected.len() {
-        let sampler = RankSampler::new(&manifest, Split::Train, dist.rank, dist.world_size, &cfg, None)?;
+        let sampler = RankSampler::new(manifest, Split::Train, dist.rank, dist.world_size, &cfg, None)?;
         let loader_cfg = LoaderConfig { augment: None, ..job.loader() };
         let index: HashMap<&str, &VideoRecord> = videos.iter().map(|v| (v.name.as_str(), *v)).collect();
-        let loader =
-            Loader::start(Source::Store(shards), manifest.clone(), sampler, &loader_cfg, Cursor::default(), Some(1))?;
+        let loader = Loader::start(
+            Source::Store(session.store.clone()),
+            manifest.clone(),
+            sampler,
+            &loader_cfg,
+            Cursor::default(),
+            Some(1),
+        )?;
         let mut pending: HashMap<(String, usize), Vec<ClipFeatures>> = HashMap::new();
         for batch in loader {
             let batch = batch.context("extraction data")?;

@@ -4,6 +4,7 @@
 pub mod ablate;
 pub mod allocator;
 pub mod bench;
+pub mod buckets;
 pub mod checkpoint;
 pub mod dist;
 pub mod embed;
@@ -11,11 +12,13 @@ pub mod eval;
 pub mod features;
 pub mod heartbeat;
 pub mod job;
+pub mod metrics;
 pub mod nccl;
 pub mod optim;
 pub mod plan;
 pub mod plots;
 pub mod predict;
+pub mod session;
 pub mod train;
 pub use avexpr_data::logging;
 

@@ -292,7 +292,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::BenchAllreduce { bytes, bucket_bytes, iters, rounds } => {
             let dist = avexpr_worker::dist::Dist::init()?;
-            let f = avexpr_worker::dist::bench_all_reduce(&dist, bytes, bucket_bytes, iters, rounds)?;
+            let f = avexpr_worker::buckets::bench_all_reduce(&dist, bytes, bucket_bytes, iters, rounds)?;
             if dist.rank == 0 {
                 println!(
                     "all-reduce of {} bytes over {} ranks ({} buckets of <= {bucket_bytes} bytes)\n\

@@ -3,20 +3,17 @@
 //! frequent class in a centred window); on a labelled split, the class-wise table as well.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use avexpr_data::ingest::read_manifest;
 use avexpr_data::layout::Split;
 use avexpr_data::metric::Confusion;
 use avexpr_data::predictions::{Predictions, write_predictions};
-use avexpr_data::store::Store;
 
 use crate::checkpoint::CheckpointStore;
 use crate::dist::Dist;
 use crate::eval::{FramePrediction, evaluate, summary};
 use crate::job::JobConfig;
-use crate::train::{build_model, device_for};
+use crate::session::Session;
 
 /// The most frequent class in a window of `window` frames centred on each frame (ties: the lower class).
 pub fn smooth(labels: &[u8], window: usize) -> Vec<u8> {
@@ -42,36 +39,34 @@ pub struct PredictOptions<'a> {
     pub smooth: usize,
 }
 
-/// The job's model with a checkpoint's variables, its shard store and manifest.
-pub struct Loaded {
+/// The job's session and its model with a checkpoint's variables.
+pub struct Loaded<'a> {
+    pub session: Session<'a>,
     pub model: avexpr_model::ExprModel,
-    pub store: Store,
-    pub manifest: Arc<avexpr_data::ingest::Manifest>,
     pub checkpoint: String,
 }
 
-pub fn load(job: &JobConfig, dist: &Dist, checkpoint: &str) -> Result<Loaded> {
-    let store = Store::open(&job.data.shards).context("data.shards")?;
-    let manifest = Arc::new(read_manifest(&store).context("data.shards")?);
+pub fn load<'a>(job: &'a JobConfig, dist: &'a Dist, checkpoint: &str) -> Result<Loaded<'a>> {
+    let session = Session::open(job, dist)?;
     let ckpt = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?.select(checkpoint)?;
-    let model = build_model(job, &manifest, device_for(dist))?;
+    let model = session.build_model()?;
     let named: Vec<(String, tch::Tensor)> = model.trainable_groups().into_values().flatten().collect();
     ckpt.restore_variables(&named)?;
-    Ok(Loaded { model, store, manifest, checkpoint: ckpt.name })
+    Ok(Loaded { session, model, checkpoint: ckpt.name })
 }
 
 /// Returns the split's confusion (meaningful on labelled splits) on every rank.
 pub fn predict(job: &JobConfig, dist: &Dist, o: &PredictOptions) -> Result<Confusion> {
-    let Loaded { model, store, manifest, checkpoint } = load(job, dist, o.checkpoint)?;
+    let Loaded { session, model, checkpoint } = load(job, dist, o.checkpoint)?;
     if dist.rank == 0 {
         tracing::info!(checkpoint = %checkpoint, split = ?o.split, "predicting");
     }
-    let mixed = job.train.mixed_precision.enabled(device_for(dist));
-    let eval = evaluate(&model, mixed, dist, &store, &manifest, o.split, &job.sampler(), &job.loader())?;
+    let eval = evaluate(&session, &model, o.split)?;
     let lines: String = eval.predictions.iter().map(|p| format!("{}\t{}\t{}\n", p.video, p.frame, p.class)).collect();
     let Some(parts) = dist.gather_bytes(lines.as_bytes()) else { return Ok(eval.confusion) };
 
-    let mut predictions: Predictions = manifest
+    let mut predictions: Predictions = session
+        .manifest
         .videos
         .iter()
         .filter(|v| v.split == o.split)
@@ -107,9 +102,8 @@ pub fn predict(job: &JobConfig, dist: &Dist, o: &PredictOptions) -> Result<Confu
 
 /// `worker evaluate`: the class-wise table, `eval.json` and `confusion.png` of a split, from a checkpoint.
 pub fn evaluate_to(job: &JobConfig, dist: &Dist, checkpoint: &str, split: Split, out: &Path) -> Result<Confusion> {
-    let Loaded { model, store, manifest, checkpoint } = load(job, dist, checkpoint)?;
-    let mixed = job.train.mixed_precision.enabled(device_for(dist));
-    let eval = evaluate(&model, mixed, dist, &store, &manifest, split, &job.sampler(), &job.loader())?;
+    let Loaded { session, model, checkpoint } = load(job, dist, checkpoint)?;
+    let eval = evaluate(&session, &model, split)?;
     let c = &eval.confusion;
     if dist.rank == 0 {
         anyhow::ensure!(c.frames() > 0, "the {split:?} split has no labelled frames to score");

@@ -15,74 +15,20 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use avexpr_data::ingest::{Manifest, read_manifest_bytes};
 use avexpr_data::layout::Split;
 use avexpr_data::loader::{Batch, Loader, Source};
 use avexpr_data::sampler::{Cursor, RankSampler};
 use avexpr_data::store::Store;
-use avexpr_model::{EncoderOptions, Encoders, ExprModel, RawBatch};
-use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
+use crate::buckets::Buckets;
 use crate::checkpoint::{Best, CheckpointState, CheckpointStore};
-use crate::dist::{Buckets, Dist};
+use crate::dist::Dist;
 use crate::eval::{evaluate, summary};
 use crate::job::JobConfig;
+use crate::metrics::StepMetrics;
 use crate::optim::{AdamW, clip_grad_norm, learning_rate};
-
-/// One logged step (a line of `metrics.jsonl`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepMetrics {
-    pub step: u64,
-    pub loss: f64,
-    pub classification: f64,
-    pub contrastive: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
-    /// Validation macro F1, on the steps that evaluated.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub val_macro_f1: Option<f64>,
-}
-
-/// A loader batch as the model's input tensors, and the per-frame labels.
-pub fn raw_batch(b: &Batch) -> (RawBatch, Tensor) {
-    let (n, f, s) = (b.len() as i64, b.frames as i64, b.image_size as i64);
-    let frames = Tensor::from_slice(&b.faces).view([n, f, 3, s, s]);
-    let face_mask = Tensor::from_slice(&b.face_mask).view([n, f]).to_kind(Kind::Bool);
-    let audio = Tensor::from_slice(&b.audio).view([n, b.samples as i64]);
-    let audio_mask = Tensor::from_slice(&b.audio_mask).view([n, b.samples as i64]).to_kind(Kind::Bool);
-    let labels = Tensor::from_slice(&b.labels).view([n, f]).to_kind(Kind::Int64);
-    let fps = b.clips.iter().map(|c| c.fps).collect();
-    (RawBatch { frames, face_mask, audio, audio_mask, fps }, labels)
-}
-
-/// Training-set frames per class, from the manifest (for the class weights).
-fn class_counts(manifest: &Manifest) -> [f64; avexpr_data::NUM_CLASSES] {
-    let mut counts = [0.0; avexpr_data::NUM_CLASSES];
-    for v in manifest.videos.iter().filter(|v| v.split == Split::Train) {
-        for (c, n) in counts.iter_mut().zip(v.label_histogram) {
-            *c += n as f64;
-        }
-    }
-    counts
-}
-
-/// The frozen encoders and the trainable head on `device`, initialised from `train.seed`.
-pub fn build_model(job: &JobConfig, manifest: &Manifest, device: Device) -> Result<ExprModel> {
-    let precision = if device.is_cuda() { avexpr_model::Precision::Bf16 } else { avexpr_model::Precision::F32 };
-    let encoders = Encoders::load(&job.model, EncoderOptions { device, precision })?;
-    // The initial variables come from the seed (and are rank 0's everywhere after the broadcast).
-    tch::manual_seed(job.train.seed as i64);
-    Ok(ExprModel::new(&job.model, encoders, Some(class_counts(manifest)), device)?)
-}
-
-pub fn device_for(dist: &Dist) -> Device {
-    if tch::Cuda::is_available() {
-        Device::Cuda(dist.local_rank % tch::Cuda::device_count().max(1) as usize)
-    } else {
-        Device::Cpu
-    }
-}
+use crate::session::{Session, raw_batch};
 
 /// Where a rank's step time goes (seconds, summed over steps); CUDA work is synchronised before each reading.
 struct Phases {
@@ -135,19 +81,6 @@ pub struct TrainOptions {
     pub plan: Option<crate::plan::JobPlan>,
 }
 
-/// Torch threads: `train.threads`, else the host's cores divided among its ranks.
-pub fn set_threads(job: &JobConfig) {
-    let threads = if job.train.threads > 0 {
-        job.train.threads
-    } else {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        // Ranks of one host share its cores.
-        let local = std::env::var("OMPI_COMM_WORLD_LOCAL_SIZE").ok().and_then(|s| s.parse().ok()).unwrap_or(1usize);
-        (cores / local.max(1)).max(1)
-    };
-    tch::set_num_threads(threads as i32);
-}
-
 /// Where a data slot's training batches come from.
 enum Feed {
     Frames(Loader),
@@ -169,16 +102,11 @@ pub struct Trained {
 pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Trained> {
     let accumulation = job.accumulation(dist.world_size)?;
     let slots = dist.world_size * accumulation;
-    set_threads(job);
-    let device = device_for(dist);
-    let mixed = job.train.mixed_precision.enabled(device);
-
-    let store = Store::open(&job.data.shards).context("data.shards")?;
-    let (manifest_bytes, manifest) = read_manifest_bytes(&store).context("data.shards")?;
-    let manifest = std::sync::Arc::new(manifest);
+    let session = Session::open(job, dist)?;
+    let (device, mixed, manifest) = (session.device, session.mixed_precision, &session.manifest);
     let checkpoints = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?;
     let cache = match &job.data.features {
-        Some(_) => Some(crate::features::open_cache(job, &manifest_bytes)?),
+        Some(_) => Some(crate::features::open_cache(job, &session.manifest_bytes)?),
         None => None,
     };
     if let Some(plan) = &options.plan {
@@ -192,7 +120,7 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Tra
         std::time::Duration::from_secs_f64(job.launch.heartbeat_every_s),
     );
 
-    let model = build_model(job, &manifest, device)?;
+    let model = session.build_model()?;
     let named: Vec<(String, Tensor)> = model.trainable_groups().into_values().flatten().collect();
     let mut vars: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     let mut buckets = Buckets::new(&vars, job.train.bucket_bytes);
@@ -243,11 +171,11 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Tra
     for a in 0..accumulation {
         let slot = dist.rank * accumulation + a;
         let plan = options.plan.as_ref().map(|p| &p.train);
-        let sampler = RankSampler::new(&manifest, Split::Train, slot, slots, &sampler_cfg, plan)?;
+        let sampler = RankSampler::new(manifest, Split::Train, slot, slots, &sampler_cfg, plan)?;
         anyhow::ensure!(!sampler.is_empty(), "data slot {slot} of {slots} has no training clips: too few videos");
         feeds.push(match &cache {
             None => Feed::Frames(Loader::start(
-                Source::Store(store.clone()),
+                Source::Store(session.store.clone()),
                 manifest.clone(),
                 sampler,
                 &loader_cfg,
@@ -362,7 +290,7 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Tra
             }
         });
         let m = if t.eval_every > 0 && step.is_multiple_of(t.eval_every) || step == t.steps {
-            let eval = evaluate(&model, mixed, dist, &store, &manifest, Split::Validation, &sampler_cfg, &loader_cfg)?;
+            let eval = evaluate(&session, &model, Split::Validation)?;
             let f1 = eval.confusion.macro_f1();
             if dist.rank == 0 {
                 tracing::info!("step {step}: validation {}", summary(&eval.confusion));
@@ -414,9 +342,7 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Tra
     let validation = match last_eval {
         Some(confusion) => confusion,
         // Resumed from the final checkpoint: nothing left to train, but the table is still wanted.
-        None => {
-            evaluate(&model, mixed, dist, &store, &manifest, Split::Validation, &sampler_cfg, &loader_cfg)?.confusion
-        }
+        None => evaluate(&session, &model, Split::Validation)?.confusion,
     };
     if dist.rank == 0 {
         println!("validation after step {step}: {}", summary(&validation));

@@ -1,7 +1,7 @@
 //! Gradients as bucket views: training through the buckets is exactly training without them, and the buckets
 //! hold the gradients' values (so reducing them reduces the gradients).
 
-use avexpr_worker::dist::Buckets;
+use avexpr_worker::buckets::Buckets;
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 

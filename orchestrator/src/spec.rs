@@ -1,0 +1,87 @@
+//! What every attempt of a launch runs: the job's config, its world (nodes x GPUs per node), where it runs
+//! ([`Target`]) and the command line of its ranks.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use avexpr_worker::job::JobConfig;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `mpirun -np N*G` on this machine.
+    Local,
+    /// `mpirun --hostfile F --npernode G -np N*G`.
+    Hostfile(PathBuf),
+    /// An MPIJob (`kubeflow.org/v2beta1`) rendered from `k8s/` and applied with `kubectl`.
+    K8s,
+}
+
+impl Target {
+    pub fn parse(name: &str, hostfile: Option<&Path>) -> Result<Target> {
+        match (name, hostfile) {
+            ("local", None) => Ok(Target::Local),
+            ("hostfile", Some(f)) => Ok(Target::Hostfile(f.to_path_buf())),
+            ("hostfile", None) => anyhow::bail!("--target hostfile needs --hostfile FILE"),
+            ("k8s", None) => Ok(Target::K8s),
+            ("local" | "k8s", Some(_)) => anyhow::bail!("--hostfile is only for --target hostfile"),
+            (other, _) => anyhow::bail!("--target: `{other}` is not one of local, hostfile, k8s"),
+        }
+    }
+}
+
+/// What every attempt of a launch runs.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The config file (absolute), as the ranks read it.
+    pub config: PathBuf,
+    pub job: JobConfig,
+    pub nodes: usize,
+    pub gpus_per_node: usize,
+    pub target: Target,
+    /// The worker binary (default: beside this orchestrator).
+    pub worker: PathBuf,
+    /// The plan's URI (in the checkpoint store).
+    pub plan: String,
+}
+
+impl Job {
+    pub fn world_size(&self) -> usize {
+        self.nodes * self.gpus_per_node
+    }
+
+    /// `worker train ...` as every rank runs it.
+    pub fn worker_args(&self, config: &str) -> Vec<String> {
+        vec![
+            "train".into(),
+            "--config".into(),
+            config.into(),
+            "--resume".into(),
+            "auto".into(),
+            "--plan".into(),
+            self.plan.clone(),
+        ]
+    }
+
+    /// The full `mpirun` command line of the local and hostfile targets.
+    pub fn mpirun_argv(&self) -> Vec<String> {
+        let world = self.world_size();
+        let mut argv = vec!["mpirun".to_string(), "-np".into(), world.to_string()];
+        match &self.target {
+            Target::Local => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                if world > cores {
+                    argv.push("--oversubscribe".into());
+                }
+            }
+            Target::Hostfile(file) => {
+                argv.extend(["--hostfile".into(), file.display().to_string()]);
+                argv.extend(["--npernode".into(), self.gpus_per_node.to_string()]);
+            }
+            Target::K8s => {}
+        }
+        argv.extend(self.job.launch.mpirun_args.iter().cloned());
+        argv.push(self.worker.display().to_string());
+        argv.extend(self.worker_args(&self.config.display().to_string()));
+        argv
+    }
+}
