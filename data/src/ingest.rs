@@ -511,12 +511,8 @@ pub fn read_manifest(store: &Store) -> Result<Manifest, IngestError> {
 
 /// Reads a manifest back with its bytes (whose hash identifies the dataset, e.g. in a feature cache's key).
 pub fn read_manifest_bytes(store: &Store) -> Result<(Bytes, Manifest), IngestError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| IngestError::Other(e.to_string()))?;
-    rt.block_on(store.check_reachable(MANIFEST))?;
-    let bytes = rt.block_on(store.get(MANIFEST))?;
+    store.blocking().check_reachable(MANIFEST)?;
+    let bytes = store.blocking().get(MANIFEST)?;
     let manifest =
         serde_json::from_slice(&bytes).map_err(|e| IngestError::Other(format!("{}/{MANIFEST}: {e}", store.uri())))?;
     Ok((bytes, manifest))

@@ -152,10 +152,9 @@ pub enum Source {
 impl Source {
     /// Every shard of `videos`, fetched and verified into memory.
     pub fn preload(store: &Store, videos: &[&VideoRecord]) -> Result<Source, LoaderError> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
         let mut map = HashMap::new();
         for shard in videos.iter().flat_map(|v| &v.shards) {
-            map.insert(shard.key.clone(), Arc::new(rt.block_on(fetch_shard(store, shard))?));
+            map.insert(shard.key.clone(), Arc::new(crate::store::block_on(fetch_shard(store, shard))?));
         }
         Ok(Source::Memory(Arc::new(map)))
     }

@@ -211,3 +211,60 @@ impl Store {
         self.inner.delete(&self.path(key)).await.map_err(|e| self.request_err(key, e))
     }
 }
+
+/// The runtime every [`Blocking`] call runs on: one per process, made on first use, never dropped (so
+/// pooled connections are never left to a runtime that is gone).
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("store-io")
+            .enable_all()
+            .build()
+            .expect("the store's tokio runtime")
+    })
+}
+
+/// Runs `future` to completion on the store's runtime, for synchronous callers (not from async code).
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    runtime().block_on(future)
+}
+
+impl Store {
+    /// The same calls for synchronous code (checkpoints, plans, heartbeats, the feature cache, the
+    /// orchestrator), each run to completion on one runtime the process shares. Not for use inside async code:
+    /// the loader's fetch stage calls the async methods.
+    pub fn blocking(&self) -> Blocking<'_> {
+        Blocking(self)
+    }
+}
+
+/// [`Store::blocking`].
+pub struct Blocking<'a>(&'a Store);
+
+impl Blocking<'_> {
+    pub fn check_reachable(&self, key: &str) -> Result<(), StoreError> {
+        block_on(self.0.check_reachable(key))
+    }
+
+    pub fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+        block_on(self.0.put(key, bytes))
+    }
+
+    pub fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        block_on(self.0.get(key))
+    }
+
+    pub fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        block_on(self.0.exists(key))
+    }
+
+    pub fn list_dirs(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        block_on(self.0.list_dirs(dir))
+    }
+
+    pub fn delete(&self, key: &str) -> Result<(), StoreError> {
+        block_on(self.0.delete(key))
+    }
+}

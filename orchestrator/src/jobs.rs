@@ -175,10 +175,9 @@ pub fn status(run: &str) -> Result<String> {
         (run.to_string(), 1, None)
     };
     let store = Store::open(&uri)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(store.check_reachable(RECORD_KEY))?;
+    store.blocking().check_reachable(RECORD_KEY)?;
     let mut text = format!("run {uri}\n");
-    match rt.block_on(store.get(RECORD_KEY)) {
+    match store.blocking().get(RECORD_KEY) {
         Ok(bytes) => {
             let r: RunRecord = serde_json::from_slice(&bytes).context("orchestrator.json")?;
             text += &format!(
@@ -214,12 +213,13 @@ pub fn status(run: &str) -> Result<String> {
         }
         None => text += "no committed checkpoint yet\n",
     }
-    let world = rt
-        .block_on(store.get(avexpr_worker::plan::PLAN_KEY))
+    let world = store
+        .blocking()
+        .get(avexpr_worker::plan::PLAN_KEY)
         .ok()
         .and_then(|b| serde_json::from_slice::<avexpr_worker::plan::JobPlan>(&b).ok().map(|p| p.ranks));
     for r in 0..world.unwrap_or(0) {
-        if let Ok(Some(b)) = rt.block_on(avexpr_worker::heartbeat::read(&store, r)) {
+        if let Ok(Some(b)) = avexpr_data::store::block_on(avexpr_worker::heartbeat::read(&store, r)) {
             text +=
                 &format!("  rank {r}: {} at step {}/{} (host {}, pid {})\n", b.phase, b.step, b.steps, b.host, b.pid);
         }

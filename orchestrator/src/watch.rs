@@ -47,7 +47,6 @@ pub struct RunRecord {
 
 pub struct Watcher {
     store: Store,
-    rt: tokio::runtime::Runtime,
     world: usize,
     steps: u64,
     timeout: Duration,
@@ -60,7 +59,6 @@ impl Watcher {
     pub fn new(job: &Job) -> Result<Watcher> {
         Ok(Watcher {
             store: Store::open(&job.job.checkpoint.uri).context("checkpoint.uri")?,
-            rt: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
             world: job.world_size(),
             steps: job.job.train.steps,
             timeout: Duration::from_secs_f64(job.job.launch.heartbeat_timeout_s),
@@ -71,13 +69,13 @@ impl Watcher {
 
     pub fn save(&self, record: &RunRecord) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(record)?;
-        self.rt.block_on(self.store.put(RECORD_KEY, bytes.into())).context("writing orchestrator.json")?;
+        self.store.blocking().put(RECORD_KEY, bytes.into()).context("writing orchestrator.json")?;
         Ok(())
     }
 
     /// Every rank's newest heartbeat, read concurrently (hundreds of ranks on S3 must not take a second each).
     fn beats(&self) -> Vec<Option<Heartbeat>> {
-        self.rt.block_on(async {
+        avexpr_data::store::block_on(async {
             let mut reads = tokio::task::JoinSet::new();
             for r in 0..self.world {
                 let store = self.store.clone();
@@ -93,7 +91,7 @@ impl Watcher {
 
     fn clear_beats(&self) {
         for r in 0..self.world {
-            let _ = self.rt.block_on(self.store.delete(&heartbeat::key(r)));
+            let _ = self.store.blocking().delete(&heartbeat::key(r));
         }
     }
 

@@ -105,14 +105,12 @@ fn read_safetensors(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
 pub struct CheckpointStore {
     store: Store,
     keep_last_k: usize,
-    rt: tokio::runtime::Runtime,
 }
 
 impl CheckpointStore {
     pub fn open(uri: &str, keep_last_k: usize) -> Result<Self> {
         let store = Store::open(uri).with_context(|| format!("checkpoint.uri {uri}"))?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        Ok(Self { store, keep_last_k, rt })
+        Ok(Self { store, keep_last_k })
     }
 
     /// Writes the objects, then the commit; then prunes old checkpoints.
@@ -136,18 +134,17 @@ impl CheckpointStore {
                 bytes: bytes.len() as u64,
                 sha256: hex::encode(Sha256::digest(&bytes)),
             });
-            self.rt.block_on(self.store.put(&key, bytes))?;
+            self.store.blocking().put(&key, bytes)?;
         }
         let commit = Commit { step: state.step, objects: entries };
-        self.rt
-            .block_on(self.store.put(&format!("{dir}/{COMMIT}"), Bytes::from(serde_json::to_vec_pretty(&commit)?)))?;
+        self.store.blocking().put(&format!("{dir}/{COMMIT}"), Bytes::from(serde_json::to_vec_pretty(&commit)?))?;
         self.prune(state.best.map(|b| name(b.step)))
     }
 
     fn committed(&self) -> Result<Vec<String>> {
         let mut names = Vec::new();
-        for dir in self.rt.block_on(self.store.list_dirs(""))? {
-            if dir.starts_with("step-") && self.rt.block_on(self.store.exists(&format!("{dir}/{COMMIT}")))? {
+        for dir in self.store.blocking().list_dirs("")? {
+            if dir.starts_with("step-") && self.store.blocking().exists(&format!("{dir}/{COMMIT}"))? {
                 names.push(dir);
             }
         }
@@ -161,9 +158,9 @@ impl CheckpointStore {
             if Some(dir) == keep.as_ref() {
                 continue;
             }
-            self.rt.block_on(self.store.delete(&format!("{dir}/{COMMIT}")))?;
+            self.store.blocking().delete(&format!("{dir}/{COMMIT}"))?;
             for file in OBJECTS {
-                self.rt.block_on(self.store.delete(&format!("{dir}/{file}")))?;
+                self.store.blocking().delete(&format!("{dir}/{file}"))?;
             }
         }
         Ok(())
@@ -171,11 +168,11 @@ impl CheckpointStore {
 
     /// Reads and verifies one committed checkpoint.
     pub fn load(&self, dir: &str) -> Result<Checkpoint> {
-        let commit: Commit = serde_json::from_slice(&self.rt.block_on(self.store.get(&format!("{dir}/{COMMIT}")))?)
+        let commit: Commit = serde_json::from_slice(&self.store.blocking().get(&format!("{dir}/{COMMIT}"))?)
             .with_context(|| format!("{dir}/{COMMIT} is malformed"))?;
         let mut objects = BTreeMap::new();
         for e in &commit.objects {
-            let bytes = self.rt.block_on(self.store.get(&e.key))?;
+            let bytes = self.store.blocking().get(&e.key)?;
             anyhow::ensure!(
                 bytes.len() as u64 == e.bytes,
                 "{} has {} bytes, the commit says {}",

@@ -299,10 +299,6 @@ fn read_unit(key: &str, bytes: &[u8]) -> Result<Unit> {
     })
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
-}
-
 pub struct ExtractReport {
     pub units_written: usize,
     pub units_skipped: usize,
@@ -318,12 +314,11 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
     let (device, manifest) = (session.device, &session.manifest);
     let key = CacheKey::of(job, &session.manifest_bytes)?;
     let cache = Store::open(&features.uri).context("data.features.uri")?;
-    let rt = runtime()?;
-    rt.block_on(cache.check_reachable(CACHE_KEY)).context("data.features.uri")?;
+    cache.blocking().check_reachable(CACHE_KEY).context("data.features.uri")?;
     // No collective here: ranks start extracting independently (a stopped rank cannot hold the others).
-    match rt.block_on(cache.get(CACHE_KEY)) {
+    match cache.blocking().get(CACHE_KEY) {
         Err(StoreError::NotFound { .. }) if dist.rank == 0 => {
-            rt.block_on(cache.put(CACHE_KEY, serde_json::to_vec_pretty(&key)?.into()))?;
+            cache.blocking().put(CACHE_KEY, serde_json::to_vec_pretty(&key)?.into())?;
         }
         Err(StoreError::NotFound { .. }) => {} // rank 0 writes it; its key is this key
         other => check_key(&key, &serde_json::from_slice(&other?)?, cache.uri())?,
@@ -344,7 +339,7 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
     let mut done = std::collections::BTreeSet::new();
     for ((video, unit), &clips) in &expected {
         let k = unit_key(video, *unit);
-        let bytes = match rt.block_on(cache.get(&k)) {
+        let bytes = match cache.blocking().get(&k) {
             Err(StoreError::NotFound { .. }) => continue,
             other => other?,
         };
@@ -437,7 +432,7 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
                     let k = unit_key(&unit.0, unit.1);
                     let sha256 = hex::encode(Sha256::digest(&bytes));
                     let len = bytes.len() as u64;
-                    rt.block_on(cache.put(&k, bytes.into()))?;
+                    cache.blocking().put(&k, bytes.into())?;
                     records.push(UnitRecord {
                         key: k,
                         video: unit.0.clone(),
@@ -466,7 +461,7 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
         let precision = if device.is_cuda() { "bf16" } else { "f32" };
         let m =
             CacheManifest { key: key.clone(), extracted_with: format!("{device:?}, encoders in {precision}"), units };
-        rt.block_on(cache.put(CACHE_MANIFEST, serde_json::to_vec_pretty(&m)?.into()))?;
+        cache.blocking().put(CACHE_MANIFEST, serde_json::to_vec_pretty(&m)?.into())?;
     }
     dist.barrier();
     Ok(ExtractReport { units_written: written, units_skipped: skipped, clips_encoded, frames_encoded, seconds })
@@ -494,9 +489,8 @@ pub struct Cache {
 pub fn open_cache(job: &JobConfig, manifest_bytes: &[u8]) -> Result<Cache> {
     let features = job.data.features.as_ref().context("data.features")?;
     let cache = Store::open(&features.uri).context("data.features.uri")?;
-    let rt = runtime()?;
-    rt.block_on(cache.check_reachable(CACHE_MANIFEST)).context("data.features.uri")?;
-    let bytes = match rt.block_on(cache.get(CACHE_MANIFEST)) {
+    cache.blocking().check_reachable(CACHE_MANIFEST).context("data.features.uri")?;
+    let bytes = match cache.blocking().get(CACHE_MANIFEST) {
         Err(StoreError::NotFound { .. }) => anyhow::bail!(
             "data.features.uri: {} holds no committed feature cache ({CACHE_MANIFEST}): run `worker extract --config ...` first",
             cache.uri()
@@ -572,7 +566,6 @@ impl FeatureLoader {
         let Cache { store: cache, manifest: cache_manifest } = cache;
         let records: HashMap<String, UnitRecord> =
             cache_manifest.units.iter().map(|u| (u.key.clone(), u.clone())).collect();
-        let rt = runtime()?;
         std::thread::Builder::new().name("features".into()).spawn(move || {
             let cfg = sampler.config().clone();
             let keep = cfg.shuffle_shards + 1;
@@ -586,7 +579,7 @@ impl FeatureLoader {
                 }
                 let record =
                     records.get(key).with_context(|| format!("feature cache: no unit {key} in {CACHE_MANIFEST}"))?;
-                let bytes = rt.block_on(cache.get(key)).with_context(|| format!("feature unit {key}"))?;
+                let bytes = cache.blocking().get(key).with_context(|| format!("feature unit {key}"))?;
                 let sha = hex::encode(Sha256::digest(&bytes));
                 anyhow::ensure!(
                     bytes.len() as u64 == record.bytes && sha == record.sha256,

@@ -81,10 +81,6 @@ impl Beacon {
         let thread = std::thread::Builder::new()
             .name("heartbeat".into())
             .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt,
-                    Err(e) => return tracing::warn!("heartbeat: no runtime: {e}"),
-                };
                 loop {
                     let (beat, stop) = {
                         let mut guard = writer.state.lock().expect("heartbeat lock");
@@ -96,7 +92,7 @@ impl Beacon {
                     };
                     let bytes = serde_json::to_vec_pretty(&beat).expect("a heartbeat serializes");
                     // Losing a beat is harmless; failing the job over it is not.
-                    if let Err(e) = rt.block_on(store.put(&key(beat.rank), bytes.into())) {
+                    if let Err(e) = store.blocking().put(&key(beat.rank), bytes.into()) {
                         tracing::warn!("heartbeat not written: {e}");
                     }
                     if stop {

@@ -60,8 +60,7 @@ impl JobPlan {
     /// Writes `plan.json` to `store`; returns its URI.
     pub fn save(&self, store: &Store) -> Result<String> {
         let bytes = serde_json::to_vec_pretty(self)?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        rt.block_on(store.put(PLAN_KEY, bytes.into()))?;
+        store.blocking().put(PLAN_KEY, bytes.into())?;
         Ok(format!("{}/{PLAN_KEY}", store.uri().trim_end_matches('/')))
     }
 
@@ -69,8 +68,7 @@ impl JobPlan {
     pub fn load(uri: &str) -> Result<JobPlan> {
         let (dir, file) = uri.rsplit_once('/').unwrap_or((".", uri));
         let store = Store::open(if dir.is_empty() { "/" } else { dir }).with_context(|| format!("plan {uri}"))?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let bytes = rt.block_on(store.get(file)).with_context(|| format!("plan {uri}"))?;
+        let bytes = store.blocking().get(file).with_context(|| format!("plan {uri}"))?;
         serde_json::from_slice(&bytes).with_context(|| format!("plan {uri}: not a plan"))
     }
 }
