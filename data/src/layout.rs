@@ -17,7 +17,7 @@ pub const CROP_DIRS: [&str; 2] = ["cropped_aligned", "cropped_aligned_new_50_vid
 pub const TEST_LIST_DIR: &str = "names_of_videos_in_each_test_set";
 const VIDEO_EXTENSIONS: [&str; 2] = ["mp4", "avi"];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Split {
     Train,

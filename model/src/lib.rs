@@ -1,6 +1,6 @@
 //! avexpr's model: the frozen encoders of the paper (CLIP image and text towers, Wav2Vec 2.0) ported to tch from
-//! the Hugging Face `transformers` implementations and loading their checkpoints directly, plus (later) the
-//! trainable TCN / adapter / fusion / prompt head.
+//! the Hugging Face `transformers` implementations and loading their checkpoints directly, and the trainable
+//! TCN / adapter / fusion / head / prompt parts with the loss, assembled in [`expr::ExprModel`].
 //!
 //! Variable paths of the encoders are the Hugging Face state-dict keys, so a `model.safetensors` loads
 //! without renaming; the trainable variables live in four groups: `tcn`, `adapter`, `fusion`, `prompt`.

@@ -1,6 +1,9 @@
 //! Dense evaluation: a prediction for every frame of a split, each from the window that has the frame at its
 //! target position (the last frame for the paper's causal head), the videos sharded across ranks; the
-//! confusion matrices are summed over ranks, so every rank ends with the split's macro F1.
+//! confusion matrices are summed over ranks, so every rank ends with the split's macro F1. Used by training's
+//! validation, `worker predict`, and `worker evaluate` ([`evaluate_to`]: table, eval.json, confusion.png).
+
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use avexpr_data::layout::Split;
@@ -9,6 +12,8 @@ use avexpr_data::metric::Confusion;
 use avexpr_data::sampler::{Cursor, RankSampler, SamplerConfig};
 use avexpr_model::ExprModel;
 
+use crate::dist::Dist;
+use crate::job::JobConfig;
 use crate::session::{Session, raw_batch};
 
 /// One frame's prediction.
@@ -85,4 +90,38 @@ pub fn summary(confusion: &Confusion) -> String {
         confusion.frames(),
         confusion.accuracy()
     )
+}
+
+/// `worker evaluate`: the class-wise table, `eval.json` and `confusion.png` of a split, from a checkpoint.
+pub fn evaluate_to(job: &JobConfig, dist: &Dist, checkpoint: &str, split: Split, out: &Path) -> Result<Confusion> {
+    let session = Session::open(job, dist)?;
+    let (model, checkpoint) = session.load_checkpoint(checkpoint)?;
+    let eval = evaluate(&session, &model, split)?;
+    let c = &eval.confusion;
+    if dist.rank == 0 {
+        anyhow::ensure!(c.frames() > 0, "the {split:?} split has no labelled frames to score");
+        std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
+        let table = c.render(&avexpr_data::affwild2::PAPER_TRAIN_RATIOS);
+        std::fs::write(out.join("table.txt"), &table)?;
+        let f1 = c.f1_per_class();
+        let report = serde_json::json!({
+            "checkpoint": checkpoint,
+            "split": format!("{split:?}").to_lowercase(),
+            "macro_f1": c.macro_f1(),
+            "accuracy": c.accuracy(),
+            "frames": c.frames(),
+            "f1": avexpr_data::Expression::ALL.iter().zip(f1).map(|(e, f)| (e.name(), f)).collect::<std::collections::BTreeMap<_, _>>(),
+            "classes": avexpr_data::Expression::ALL.map(|e| e.name()),
+            "confusion": c.counts,
+        });
+        std::fs::write(out.join("eval.json"), serde_json::to_string_pretty(&report)?)?;
+        crate::plots::confusion_png(
+            &out.join("confusion.png"),
+            c,
+            &format!("{split:?}, {checkpoint}: {}", summary(c)),
+        )?;
+        print!("{table}");
+        println!("wrote {}/{{table.txt,eval.json,confusion.png}}", out.display());
+    }
+    Ok(eval.confusion)
 }

@@ -1,5 +1,6 @@
-//! One avexpr rank. For now: the frozen-encoder commands (`embed`, `bench-encoders`); training, evaluation and
-//! prediction under mpirun build on them.
+//! One avexpr rank: training (`train`, `ablate`), the feature cache (`extract`), evaluation and prediction,
+//! each opening a [`session::Session`]; the frozen-encoder commands (`embed`, benchmarks); and what ranks share
+//! (MPI and NCCL in `dist`, `nccl` and `buckets`, checkpoints, plans and heartbeats in the job's store).
 
 pub mod ablate;
 pub mod allocator;
@@ -26,8 +27,17 @@ use tch::Device;
 
 use avexpr_model::{EncoderOptions, Precision};
 
-/// Parses `--device` (`auto`, `cpu`, `cuda`, `cuda:N`) and `--precision` (`f32`, `bf16`).
-pub fn encoder_options(device: &str, precision: &str) -> anyhow::Result<EncoderOptions> {
+/// `--precision` of the encoder commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrecisionChoice {
+    /// bf16 on CUDA, f32 on CPU.
+    Auto,
+    F32,
+    Bf16,
+}
+
+/// Parses `--device` (`auto`, `cpu`, `cuda`, `cuda:N`) and resolves `--precision` on it.
+pub fn encoder_options(device: &str, precision: PrecisionChoice) -> anyhow::Result<EncoderOptions> {
     let device = match device {
         "auto" => EncoderOptions::best_available().device,
         "cpu" => Device::Cpu,
@@ -43,11 +53,10 @@ pub fn encoder_options(device: &str, precision: &str) -> anyhow::Result<EncoderO
         anyhow::bail!("--device: cuda:{n} requested but {} CUDA device(s) are visible", tch::Cuda::device_count());
     }
     let precision = match precision {
-        "f32" => Precision::F32,
-        "bf16" => Precision::Bf16,
-        "auto" if device.is_cuda() => Precision::Bf16,
-        "auto" => Precision::F32,
-        other => anyhow::bail!("--precision: `{other}` is not one of auto, f32, bf16"),
+        PrecisionChoice::F32 => Precision::F32,
+        PrecisionChoice::Bf16 => Precision::Bf16,
+        PrecisionChoice::Auto if device.is_cuda() => Precision::Bf16,
+        PrecisionChoice::Auto => Precision::F32,
     };
     Ok(EncoderOptions { device, precision })
 }

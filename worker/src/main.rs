@@ -4,14 +4,24 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use avexpr_worker::{bench, embed, encoder_options, logging};
-use clap::{Parser, Subcommand};
+use avexpr_data::layout::Split;
+use avexpr_worker::{PrecisionChoice, bench, embed, encoder_options, logging};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(name = "worker", version, about = "avexpr worker: one rank of an audio-visual expression recognition job")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// `worker train --resume`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Resume {
+    /// Continue from the newest valid checkpoint if there is one.
+    Auto,
+    /// Start afresh.
+    None,
 }
 
 #[derive(Subcommand)]
@@ -36,9 +46,8 @@ enum Command {
         /// auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
-        /// auto (bf16 on CUDA, f32 on CPU), f32 or bf16.
-        #[arg(long, default_value = "auto")]
-        precision: String,
+        #[arg(long, value_enum, default_value_t = PrecisionChoice::Auto)]
+        precision: PrecisionChoice,
         /// Output safetensors file.
         #[arg(long)]
         out: PathBuf,
@@ -47,9 +56,8 @@ enum Command {
     Train {
         #[arg(long)]
         config: PathBuf,
-        /// `auto`: continue from the newest valid checkpoint if there is one; `none`: start afresh.
-        #[arg(long, default_value = "auto")]
-        resume: String,
+        #[arg(long, value_enum, default_value_t = Resume::Auto)]
+        resume: Resume,
         /// A shard plan written by `orchestrator plan` (URI or path); default: the balanced plan.
         #[arg(long)]
         plan: Option<String>,
@@ -67,9 +75,8 @@ enum Command {
         /// best, latest or a checkpoint name (step-00001200).
         #[arg(long, default_value = "best")]
         checkpoint: String,
-        /// test, validation or train.
-        #[arg(long, default_value = "test")]
-        split: String,
+        #[arg(long, value_enum, default_value_t = Split::Test)]
+        split: Split,
         #[arg(long)]
         out: PathBuf,
         /// Temporal smoothing: the most frequent class in a centred window of this many frames (1: none).
@@ -92,9 +99,9 @@ enum Command {
         /// best, latest or a checkpoint name (step-00001200).
         #[arg(long, default_value = "best")]
         checkpoint: String,
-        /// validation or train.
-        #[arg(long, default_value = "validation")]
-        split: String,
+        /// A labelled split: validation or train.
+        #[arg(long, value_enum, default_value_t = Split::Validation)]
+        split: Split,
         /// Output folder.
         #[arg(long)]
         out: PathBuf,
@@ -135,8 +142,8 @@ enum Command {
         rounds: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
-        #[arg(long, default_value = "f32")]
-        precision: String,
+        #[arg(long, value_enum, default_value_t = PrecisionChoice::F32)]
+        precision: PrecisionChoice,
         /// Python with torch and transformers for the reference side (default: $AVEXPR_PYTHON, else the scripts/setup venv).
         #[arg(long)]
         python: Option<String>,
@@ -188,7 +195,7 @@ fn model_config(config: Option<&std::path::Path>) -> Result<avexpr_model::ModelC
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Embed { clip, wav2vec2, images, audio, template, device, precision, out } => {
-            let options = encoder_options(&device, &precision)?;
+            let options = encoder_options(&device, precision)?;
             let req = embed::EmbedRequest { clip, wav2vec2, images, audio, template, options, out };
             let summary = embed::run(&req)?;
             for (name, shape) in &summary.tensors {
@@ -215,7 +222,7 @@ fn run(cli: Cli) -> Result<()> {
             python,
             no_reference,
         } => {
-            let options = encoder_options(&device, &precision)?;
+            let options = encoder_options(&device, precision)?;
             let threads = threads.unwrap_or_else(all_cores);
             let cfg = bench::EncoderBench {
                 threads,
@@ -234,11 +241,7 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", bench::encoders(&cfg, options, (!no_reference).then_some(python.as_str()), rounds)?);
         }
         Command::Train { config, resume, plan } => {
-            let resume = match resume.as_str() {
-                "auto" => true,
-                "none" => false,
-                other => anyhow::bail!("--resume: `{other}` is not one of auto, none"),
-            };
+            let resume = resume == Resume::Auto;
             // The config is checked before MPI starts: a bad one fails every rank at once, with its message.
             let job = avexpr_worker::job::JobConfig::from_file(&config)?;
             let plan = plan.as_deref().map(avexpr_worker::plan::JobPlan::load).transpose()?;
@@ -263,7 +266,6 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Predict { config, checkpoint, split, out, smooth } => {
-            let split = parse_split(&split)?;
             let job = avexpr_worker::job::JobConfig::from_file(&config)?;
             let dist = avexpr_worker::dist::Dist::init()?;
             let options = avexpr_worker::predict::PredictOptions { checkpoint: &checkpoint, split, out: &out, smooth };
@@ -278,10 +280,9 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Evaluate { config, checkpoint, split, out } => {
-            let split = parse_split(&split)?;
             let job = avexpr_worker::job::JobConfig::from_file(&config)?;
             let dist = avexpr_worker::dist::Dist::init()?;
-            avexpr_worker::predict::evaluate_to(&job, &dist, &checkpoint, split, &out)?;
+            avexpr_worker::eval::evaluate_to(&job, &dist, &checkpoint, split, &out)?;
         }
         Command::NcclCheck => {
             let dist = avexpr_worker::dist::Dist::init()?;
@@ -339,15 +340,6 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn parse_split(split: &str) -> Result<avexpr_data::layout::Split> {
-    Ok(match split {
-        "test" => avexpr_data::layout::Split::Test,
-        "validation" => avexpr_data::layout::Split::Validation,
-        "train" => avexpr_data::layout::Split::Train,
-        other => anyhow::bail!("--split: `{other}` is not one of test, validation, train"),
-    })
 }
 
 fn main() -> ExitCode {

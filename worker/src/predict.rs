@@ -9,7 +9,6 @@ use avexpr_data::layout::Split;
 use avexpr_data::metric::Confusion;
 use avexpr_data::predictions::{Predictions, write_predictions};
 
-use crate::checkpoint::CheckpointStore;
 use crate::dist::Dist;
 use crate::eval::{FramePrediction, evaluate, summary};
 use crate::job::JobConfig;
@@ -39,25 +38,10 @@ pub struct PredictOptions<'a> {
     pub smooth: usize,
 }
 
-/// The job's session and its model with a checkpoint's variables.
-pub struct Loaded<'a> {
-    pub session: Session<'a>,
-    pub model: avexpr_model::ExprModel,
-    pub checkpoint: String,
-}
-
-pub fn load<'a>(job: &'a JobConfig, dist: &'a Dist, checkpoint: &str) -> Result<Loaded<'a>> {
-    let session = Session::open(job, dist)?;
-    let ckpt = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?.select(checkpoint)?;
-    let model = session.build_model()?;
-    let named: Vec<(String, tch::Tensor)> = model.trainable_groups().into_values().flatten().collect();
-    ckpt.restore_variables(&named)?;
-    Ok(Loaded { session, model, checkpoint: ckpt.name })
-}
-
 /// Returns the split's confusion (meaningful on labelled splits) on every rank.
 pub fn predict(job: &JobConfig, dist: &Dist, o: &PredictOptions) -> Result<Confusion> {
-    let Loaded { session, model, checkpoint } = load(job, dist, o.checkpoint)?;
+    let session = Session::open(job, dist)?;
+    let (model, checkpoint) = session.load_checkpoint(o.checkpoint)?;
     if dist.rank == 0 {
         tracing::info!(checkpoint = %checkpoint, split = ?o.split, "predicting");
     }
@@ -96,39 +80,6 @@ pub fn predict(job: &JobConfig, dist: &Dist, o: &PredictOptions) -> Result<Confu
     println!("wrote {} ({} videos, {frames} frames) from checkpoint {checkpoint}", o.out.display(), predictions.len());
     if eval.confusion.frames() > 0 {
         println!("{:?} before smoothing: {}", o.split, summary(&eval.confusion));
-    }
-    Ok(eval.confusion)
-}
-
-/// `worker evaluate`: the class-wise table, `eval.json` and `confusion.png` of a split, from a checkpoint.
-pub fn evaluate_to(job: &JobConfig, dist: &Dist, checkpoint: &str, split: Split, out: &Path) -> Result<Confusion> {
-    let Loaded { session, model, checkpoint } = load(job, dist, checkpoint)?;
-    let eval = evaluate(&session, &model, split)?;
-    let c = &eval.confusion;
-    if dist.rank == 0 {
-        anyhow::ensure!(c.frames() > 0, "the {split:?} split has no labelled frames to score");
-        std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
-        let table = c.render(&avexpr_data::affwild2::PAPER_TRAIN_RATIOS);
-        std::fs::write(out.join("table.txt"), &table)?;
-        let f1 = c.f1_per_class();
-        let report = serde_json::json!({
-            "checkpoint": checkpoint,
-            "split": format!("{split:?}").to_lowercase(),
-            "macro_f1": c.macro_f1(),
-            "accuracy": c.accuracy(),
-            "frames": c.frames(),
-            "f1": avexpr_data::Expression::ALL.iter().zip(f1).map(|(e, f)| (e.name(), f)).collect::<std::collections::BTreeMap<_, _>>(),
-            "classes": avexpr_data::Expression::ALL.map(|e| e.name()),
-            "confusion": c.counts,
-        });
-        std::fs::write(out.join("eval.json"), serde_json::to_string_pretty(&report)?)?;
-        crate::plots::confusion_png(
-            &out.join("confusion.png"),
-            c,
-            &format!("{split:?}, {checkpoint}: {}", summary(c)),
-        )?;
-        print!("{table}");
-        println!("wrote {}/{{table.txt,eval.json,confusion.png}}", out.display());
     }
     Ok(eval.confusion)
 }

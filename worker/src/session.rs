@@ -12,6 +12,7 @@ use avexpr_model::{EncoderOptions, Encoders, ExprModel, RawBatch};
 use bytes::Bytes;
 use tch::{Device, Kind, Tensor};
 
+use crate::checkpoint::CheckpointStore;
 use crate::dist::Dist;
 use crate::job::JobConfig;
 
@@ -54,6 +55,19 @@ impl<'a> Session<'a> {
         // The initial variables come from the seed (and are rank 0's everywhere after the broadcast).
         tch::manual_seed(self.job.train.seed as i64);
         Ok(ExprModel::new(&self.job.model, encoders, Some(class_counts(&self.manifest)), self.device)?)
+    }
+}
+
+impl Session<'_> {
+    /// The model with the trainable variables of a checkpoint of the job (`best`, `latest` or a name), and
+    /// the checkpoint's name.
+    pub fn load_checkpoint(&self, checkpoint: &str) -> Result<(ExprModel, String)> {
+        let job = self.job;
+        let ckpt = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?.select(checkpoint)?;
+        let model = self.build_model()?;
+        let named: Vec<(String, Tensor)> = model.trainable_groups().into_values().flatten().collect();
+        ckpt.restore_variables(&named)?;
+        Ok((model, ckpt.name))
     }
 }
 
