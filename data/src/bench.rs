@@ -131,7 +131,7 @@ struct EpochRun {
 
 fn run_epoch(
     source: &crate::loader::Source,
-    manifest: &std::sync::Arc<crate::ingest::Manifest>,
+    manifest: &std::sync::Arc<crate::manifest::Manifest>,
     b: &LoaderBench,
     loader: &crate::loader::LoaderConfig,
     step: Option<std::time::Duration>,
@@ -175,11 +175,11 @@ fn run_epoch(
 /// Fetch, verify and parse every shard of `videos`, `concurrency` requests at a time, nothing else: seconds.
 fn fetch_only(
     store: &crate::store::Store,
-    videos: &[&crate::ingest::VideoRecord],
+    videos: &[&crate::manifest::VideoRecord],
     concurrency: usize,
 ) -> anyhow::Result<f64> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let shards: Vec<crate::ingest::ShardRecord> = videos.iter().flat_map(|v| v.shards.clone()).collect();
+    let shards: Vec<crate::manifest::ShardRecord> = videos.iter().flat_map(|v| v.shards.clone()).collect();
     let start = std::time::Instant::now();
     rt.block_on(async {
         let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
@@ -208,8 +208,9 @@ fn median(mut x: Vec<f64>) -> f64 {
 /// 2 decode threads, interleaved over rounds (medians); the consumer's waiting share at given step times; peak
 /// memory.
 pub fn loader(b: &LoaderBench) -> anyhow::Result<String> {
-    use crate::ingest::{IngestConfig, ingest, read_manifest};
+    use crate::ingest::{IngestConfig, ingest};
     use crate::loader::Source;
+    use crate::manifest::read_manifest;
     use crate::store::Store;
     use std::sync::Arc;
 
@@ -249,7 +250,7 @@ pub fn loader(b: &LoaderBench) -> anyhow::Result<String> {
     };
     anyhow::ensure!(*manifest == read_manifest(&s3_store)?, "the S3 manifest differs from the local one");
 
-    let train: Vec<&crate::ingest::VideoRecord> =
+    let train: Vec<&crate::manifest::VideoRecord> =
         manifest.videos.iter().filter(|v| v.split == crate::layout::Split::Train).collect();
     let shard_bytes: u64 = train.iter().flat_map(|v| &v.shards).map(|s| s.bytes).sum();
     let memory = Source::preload(&local_store, &train)?;

@@ -2,7 +2,7 @@
 //! [`crate::store::RETRY_FOR`]), check its size and SHA-256 against the manifest, parse it. A missing or corrupt shard is an error naming its key; a loader configured to tolerate
 //! them skips it and counts it.
 
-use crate::ingest::ShardRecord;
+use crate::manifest::ShardRecord;
 use crate::shard::{Sample, read_shard};
 use crate::store::{Store, StoreError};
 use sha2::{Digest, Sha256};

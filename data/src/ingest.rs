@@ -1,5 +1,6 @@
 //! `data ingest --root DIR --out URI`: decodes each video once and writes WebDataset-style tar shards
-//! (readable with plain `tar`) of fixed-length segments of one video to an object store, then a JSON manifest.
+//! (readable with plain `tar`) of fixed-length segments of one video to an object store, then the JSON manifest
+//! ([`crate::manifest`]).
 //!
 //! A sample (one segment) is the files `<key>.<i>.jpg` (face of frame `first + i`), `<key>.audio.f32` (16 kHz
 //! mono little-endian PCM of exactly those frames: `[first / fps, (first + n) / fps)`), `<key>.labels.i8` (per
@@ -19,28 +20,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::affwild2::NUM_CLASSES;
-use crate::annotation::{IGNORE, LabelAlignment, align_labels, read_annotation};
+use crate::annotation::{IGNORE, align_labels, read_annotation};
 use crate::decode::{AUDIO_RATE, audio_samples, decode_audio, decode_video};
 use crate::layout::{Layout, Split, VideoEntry, crop_frames};
+use crate::manifest::{FORMAT, FaceSource, Failure, LABEL_POLICY, MANIFEST, Manifest, ShardRecord, VideoRecord};
 use crate::store::{Store, StoreError};
-
-pub const MANIFEST: &str = "manifest.json";
-pub const FORMAT: &str = "avexpr-shards-2";
-pub const LABEL_POLICY: &str = "label line i belongs to decoded frame i; labels beyond the last frame are dropped; \
-                                frames beyond the last label are labelled -1 (ignored)";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FaceSource {
-    /// The dataset's aligned crops (`cropped_aligned*`); a frame without a crop gets the nearest earlier one.
-    Crops,
-    /// The whole decoded frame, resized to `face_size` x `face_size`.
-    FullFrame,
-}
 
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
@@ -67,59 +54,6 @@ impl IngestConfig {
         let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self { root, out, segment_frames: 32, shard_frames: 1024, face: FaceSource::Crops, face_size: 112, jobs }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ShardRecord {
-    pub key: String,
-    pub bytes: u64,
-    pub sha256: String,
-    pub first_frame: usize,
-    pub frames: usize,
-    pub segments: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VideoRecord {
-    pub name: String,
-    /// [`IngestConfig::settings`] of the run that wrote it.
-    pub settings: String,
-    pub split: Split,
-    /// Relative to the dataset root.
-    pub media: String,
-    pub frames: usize,
-    pub fps: f64,
-    pub audio_samples: usize,
-    pub has_audio: bool,
-    /// `None` for test videos (no annotation).
-    pub labels: Option<LabelAlignment>,
-    pub label_histogram: [u64; NUM_CLASSES],
-    /// The per-frame labels after the mismatch policy, run-length encoded as (label, run length): what the
-    /// loader plans clips from without reading shards.
-    pub label_runs: Vec<(i8, u32)>,
-    pub ignored_frames: u64,
-    pub face_missing: u64,
-    pub shards: Vec<ShardRecord>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Failure {
-    pub video: String,
-    pub error: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format: String,
-    pub segment_frames: usize,
-    pub face_source: FaceSource,
-    pub face_size: u32,
-    pub audio_rate: u32,
-    pub label_policy: String,
-    pub videos: Vec<VideoRecord>,
-    pub failures: Vec<Failure>,
-    /// Share of each class among the labelled training frames.
-    pub class_ratios: [f64; NUM_CLASSES],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -373,13 +307,6 @@ fn run_length(labels: &[i8]) -> Vec<(i8, u32)> {
     runs
 }
 
-impl VideoRecord {
-    /// The per-frame labels (after the mismatch policy), expanded from `label_runs`.
-    pub fn labels(&self) -> Vec<i8> {
-        self.label_runs.iter().flat_map(|&(l, n)| std::iter::repeat_n(l, n as usize)).collect()
-    }
-}
-
 /// A video's record or error, and whether it was already ingested by an earlier run.
 type Outcome = (Result<VideoRecord, String>, bool);
 
@@ -502,18 +429,4 @@ pub fn ingest(cfg: &IngestConfig) -> Result<IngestReport, IngestError> {
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| IngestError::Other(e.to_string()))?;
     handle.block_on(store.put(MANIFEST, Bytes::from(json)))?;
     Ok(IngestReport { manifest, ingested, skipped })
-}
-
-/// Reads a manifest back.
-pub fn read_manifest(store: &Store) -> Result<Manifest, IngestError> {
-    Ok(read_manifest_bytes(store)?.1)
-}
-
-/// Reads a manifest back with its bytes (whose hash identifies the dataset, e.g. in a feature cache's key).
-pub fn read_manifest_bytes(store: &Store) -> Result<(Bytes, Manifest), IngestError> {
-    store.blocking().check_reachable(MANIFEST)?;
-    let bytes = store.blocking().get(MANIFEST)?;
-    let manifest =
-        serde_json::from_slice(&bytes).map_err(|e| IngestError::Other(format!("{}/{MANIFEST}: {e}", store.uri())))?;
-    Ok((bytes, manifest))
 }

@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod layout;
 pub mod loader;
 pub mod logging;
+pub mod manifest;
 pub mod metric;
 pub mod predictions;
 pub mod sampler;

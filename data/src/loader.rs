@@ -37,7 +37,7 @@ pub use crate::augment::AugmentConfig;
 use crate::augment::{Augmentation, bilinear, to_chw};
 use crate::decode::{AUDIO_RATE, audio_samples};
 use crate::fetch::{FetchError, fetch_shard};
-use crate::ingest::{Manifest, VideoRecord};
+use crate::manifest::{Manifest, VideoRecord};
 use crate::sampler::{Clip, Cursor, RankSampler, SamplerError};
 use crate::shard::Sample;
 use crate::store::Store;

@@ -222,10 +222,10 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn face_source(name: &str) -> Result<avexpr_data::ingest::FaceSource> {
+fn face_source(name: &str) -> Result<avexpr_data::manifest::FaceSource> {
     Ok(match name {
-        "crops" => avexpr_data::ingest::FaceSource::Crops,
-        "full-frame" => avexpr_data::ingest::FaceSource::FullFrame,
+        "crops" => avexpr_data::manifest::FaceSource::Crops,
+        "full-frame" => avexpr_data::manifest::FaceSource::FullFrame,
         other => anyhow::bail!("--face: `{other}` is not one of crops, full-frame"),
     })
 }

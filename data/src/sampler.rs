@@ -26,8 +26,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::affwild2::NUM_CLASSES;
-use crate::ingest::{Manifest, VideoRecord};
 use crate::layout::Split;
+use crate::manifest::{Manifest, VideoRecord};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -6,7 +6,8 @@ mod garage;
 use std::path::Path;
 
 use avexpr_data::fetch::{FetchError, FetchStats, fetch_or_skip, fetch_shard};
-use avexpr_data::ingest::{IngestConfig, ShardRecord, ingest, read_manifest};
+use avexpr_data::ingest::{IngestConfig, ingest};
+use avexpr_data::manifest::{ShardRecord, read_manifest};
 use avexpr_data::store::Store;
 use avexpr_data::synth::{SynthConfig, synth};
 

@@ -8,8 +8,9 @@ use std::path::Path;
 
 use avexpr_data::annotation::align_labels;
 use avexpr_data::decode::audio_samples;
-use avexpr_data::ingest::{FaceSource, IngestConfig, Manifest, ingest, read_manifest};
+use avexpr_data::ingest::{IngestConfig, ingest};
 use avexpr_data::layout::Split;
+use avexpr_data::manifest::{FaceSource, Manifest, read_manifest};
 use avexpr_data::shard::read_shard;
 use avexpr_data::store::Store;
 use avexpr_data::synth::{SynthConfig, SynthVideo, synth};

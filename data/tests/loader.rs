@@ -7,9 +7,10 @@ mod garage;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use avexpr_data::ingest::{IngestConfig, Manifest, ingest, read_manifest};
+use avexpr_data::ingest::{IngestConfig, ingest};
 use avexpr_data::layout::Split;
 use avexpr_data::loader::{AugmentConfig, Batch, Loader, LoaderConfig, LoaderError, Source};
+use avexpr_data::manifest::{Manifest, read_manifest};
 use avexpr_data::sampler::{Cursor, RankSampler, SamplerConfig};
 use avexpr_data::shard::{Sample, read_shard};
 use avexpr_data::store::Store;

@@ -6,9 +6,9 @@
 use std::process::Command;
 use std::sync::Arc;
 
-use avexpr_data::ingest::read_manifest;
 use avexpr_data::layout::Split;
 use avexpr_data::loader::{Loader, LoaderConfig, Source};
+use avexpr_data::manifest::read_manifest;
 use avexpr_data::sampler::{Cursor, RankSampler, SamplerConfig};
 use avexpr_data::store::Store;
 

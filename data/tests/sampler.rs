@@ -3,8 +3,8 @@
 
 use std::collections::BTreeSet;
 
-use avexpr_data::ingest::{FaceSource, Manifest, VideoRecord};
 use avexpr_data::layout::Split;
+use avexpr_data::manifest::{FaceSource, Manifest, VideoRecord};
 use avexpr_data::sampler::{Clip, Cursor, Plan, RankSampler, SamplerConfig, SamplerError, Target};
 use rand::{Rng, SeedableRng};
 
@@ -259,7 +259,7 @@ fn windows_hold_the_clips_of_a_few_shards() {
     let mut m = manifest(12, 9);
     for v in &mut m.videos {
         v.shards = (0..v.frames.div_ceil(32))
-            .map(|i| avexpr_data::ingest::ShardRecord {
+            .map(|i| avexpr_data::manifest::ShardRecord {
                 key: format!("{}-{i}", v.name),
                 bytes: 1,
                 sha256: String::new(),

@@ -127,19 +127,14 @@ pub enum Pooling {
     Attention,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TargetFrame {
-    /// The clip's last frame (causal, as the TCN).
-    Last,
-    Center,
-}
+/// The frame of a clip that its label and prediction belong to: the sampler's (one enum for data and model).
+pub use avexpr_data::sampler::Target;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HeadConfig {
     pub pooling: Pooling,
-    pub target: TargetFrame,
+    pub target: Target,
     /// Logits for every frame of the clip from the fused sequence, instead of one per clip.
     pub per_frame: bool,
     pub hidden: i64,
@@ -148,7 +143,7 @@ pub struct HeadConfig {
 
 impl Default for HeadConfig {
     fn default() -> Self {
-        Self { pooling: Pooling::Mean, target: TargetFrame::Last, per_frame: false, hidden: 256, dropout: 0.1 }
+        Self { pooling: Pooling::Mean, target: Target::Last, per_frame: false, hidden: 256, dropout: 0.1 }
     }
 }
 

@@ -17,7 +17,7 @@ use tch::{Device, Kind, Tensor, nn};
 use crate::EncoderOptions;
 use crate::adapter::{AudioAdapter, AudioTiming};
 use crate::clip::{ClipTextConfig, ClipTextEncoder, ClipVisionConfig, ClipVisionEncoder};
-use crate::config::{AudioLayers, Modalities, ModelConfig, TargetFrame};
+use crate::config::{AudioLayers, Modalities, ModelConfig, Target};
 use crate::error::{ModelError, Result};
 use crate::fusion::BiCrossAttention;
 use crate::head::Head;
@@ -172,8 +172,8 @@ impl ExprHead {
     pub fn clip_targets(&self, frame_labels: &Tensor) -> Tensor {
         let frames = frame_labels.size()[1];
         let index = match self.cfg.head.target {
-            TargetFrame::Last => frames - 1,
-            TargetFrame::Center => frames / 2,
+            Target::Last => frames - 1,
+            Target::Center => frames / 2,
         };
         frame_labels.select(1, index)
     }

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use avexpr_model::checkpoint::{KeyMap, load_into};
 use avexpr_model::config::{
-    AudioLayers, ClassWeights, ClassificationLoss, LossConfig, ModelConfig, Pooling, TargetFrame, TcnConfig,
+    AudioLayers, ClassWeights, ClassificationLoss, LossConfig, ModelConfig, Pooling, Target, TcnConfig,
 };
 use avexpr_model::expr::{EncoderDims, GROUPS, parameter_counts};
 use avexpr_model::loss::{ExprLoss, class_weights, focal_loss};
@@ -348,7 +348,7 @@ fn options_per_frame_head_attention_pooling_centre_target_last_layer() {
     let mut cfg = tiny_config();
     cfg.head.per_frame = true;
     cfg.head.pooling = Pooling::Attention;
-    cfg.head.target = TargetFrame::Center;
+    cfg.head.target = Target::Center;
     cfg.adapter.layers = AudioLayers::Last;
     cfg.prompt.templates = vec!["A face expressing {}".into(), "a photo of a {} face".into()];
     let model = tiny_model(&cfg);

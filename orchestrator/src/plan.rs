@@ -2,7 +2,7 @@
 //! checkpoint store (`plan.json`) where every rank (on any host) reads it.
 
 use anyhow::{Context, Result};
-use avexpr_data::ingest::{Manifest, read_manifest};
+use avexpr_data::manifest::{Manifest, read_manifest};
 use avexpr_data::store::Store;
 use avexpr_worker::job::JobConfig;
 use avexpr_worker::plan::JobPlan;

@@ -219,7 +219,7 @@ fn the_synthetic_task_is_learned() {
     predict("test", &test, "best", 3);
     let lines = std::fs::read_to_string(&test).unwrap().lines().count();
     let store = avexpr_data::store::Store::open(&d.shards.display().to_string()).unwrap();
-    let manifest = avexpr_data::ingest::read_manifest(&store).unwrap();
+    let manifest = avexpr_data::manifest::read_manifest(&store).unwrap();
     let frames: usize =
         manifest.videos.iter().filter(|v| v.split == avexpr_data::layout::Split::Test).map(|v| v.frames).sum();
     assert!(frames > 0);

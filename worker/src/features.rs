@@ -23,10 +23,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use avexpr_data::ingest::{Manifest, VideoRecord};
 use avexpr_data::layout::Split;
 use avexpr_data::loader::{Loader, LoaderConfig, Source};
-use avexpr_data::sampler::{Clip, Cursor, Plan, RankSampler, SamplerConfig, unit_of, units_of};
+use avexpr_data::manifest::{Manifest, VideoRecord};
+use avexpr_data::sampler::{Clip, Cursor, Plan, RankSampler, SamplerConfig, Target, unit_of, units_of};
 use avexpr_data::store::{Store, StoreError};
 use avexpr_model::FeatureBatch;
 use avexpr_model::config::AudioLayers;
@@ -58,10 +58,18 @@ pub struct Preprocessing {
     pub frames_per_clip: usize,
     pub stride: usize,
     /// `last` or `center`: which frame a clip is labelled by (decides the unit a clip belongs to).
-    pub target: String,
+    pub target: Target,
     /// `last` or `weighted_sum`: which Wav2Vec 2.0 states are kept.
-    pub audio_states: String,
+    pub audio_states: AudioLayers,
     pub dtype: FeatureDtype,
+}
+
+/// A setting's value as the job file writes it (`last`, `weighted_sum`, `f16`).
+fn yaml_name(value: &impl Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => format!("{other:?}"),
+    }
 }
 
 impl CacheKey {
@@ -76,11 +84,8 @@ impl CacheKey {
                 image_size: job.data.image_size,
                 frames_per_clip: job.data.frames_per_clip,
                 stride: job.data.stride,
-                target: format!("{:?}", job.model.head.target).to_lowercase(),
-                audio_states: match job.model.adapter.layers {
-                    AudioLayers::Last => "last".into(),
-                    AudioLayers::WeightedSum => "weighted_sum".into(),
-                },
+                target: job.model.head.target,
+                audio_states: job.model.adapter.layers,
                 dtype,
             },
         })
@@ -103,9 +108,9 @@ impl CacheKey {
             ("data.image_size", a.image_size.to_string(), b.image_size.to_string()),
             ("data.frames_per_clip", a.frames_per_clip.to_string(), b.frames_per_clip.to_string()),
             ("data.stride", a.stride.to_string(), b.stride.to_string()),
-            ("model.head.target", a.target.clone(), b.target.clone()),
-            ("model.adapter.layers", a.audio_states.clone(), b.audio_states.clone()),
-            ("data.features.dtype", format!("{:?}", a.dtype), format!("{:?}", b.dtype)),
+            ("model.head.target", yaml_name(&a.target), yaml_name(&b.target)),
+            ("model.adapter.layers", yaml_name(&a.audio_states), yaml_name(&b.audio_states)),
+            ("data.features.dtype", yaml_name(&a.dtype), yaml_name(&b.dtype)),
         ];
         for (field, now, then) in fields {
             if now != then {

@@ -4,9 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use avexpr_data::loader::{AugmentConfig, LoaderConfig};
-use avexpr_data::sampler::{SamplerConfig, Target};
+use avexpr_data::sampler::SamplerConfig;
 use avexpr_model::ModelConfig;
-use avexpr_model::config::TargetFrame;
 use serde::{Deserialize, Serialize};
 
 use crate::optim::AdamWConfig;
@@ -394,10 +393,7 @@ impl JobConfig {
         SamplerConfig {
             frames_per_clip: self.data.frames_per_clip,
             stride: self.data.stride,
-            target: match self.model.head.target {
-                TargetFrame::Last => Target::Last,
-                TargetFrame::Center => Target::Center,
-            },
+            target: self.model.head.target,
             class_balanced: self.data.class_balanced,
             dense: false,
             shuffle_shards: self.data.shuffle_shards,

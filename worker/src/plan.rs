@@ -6,9 +6,8 @@
 //! video to a slot; slot `s` belongs to rank `s / accumulation` (with no accumulation, slot = rank).
 
 use anyhow::{Context, Result};
-use avexpr_data::ingest::Manifest;
-use avexpr_data::ingest::VideoRecord;
 use avexpr_data::layout::Split;
+use avexpr_data::manifest::{Manifest, VideoRecord};
 use avexpr_data::sampler::Plan;
 use avexpr_data::store::Store;
 use serde::{Deserialize, Serialize};

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use avexpr_data::ingest::{Manifest, read_manifest_bytes};
 use avexpr_data::layout::Split;
 use avexpr_data::loader::Batch;
+use avexpr_data::manifest::{Manifest, read_manifest_bytes};
 use avexpr_data::store::Store;
 use avexpr_model::{EncoderOptions, Encoders, ExprModel, RawBatch};
 use bytes::Bytes;
