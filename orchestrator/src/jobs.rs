@@ -29,24 +29,22 @@ pub struct LaunchArgs {
 }
 
 /// The job's micro-batches per step on `world` ranks; the error names the config file.
-fn check_ranks(config: &Path, job: &JobConfig, world: usize) -> Result<()> {
-    job.accumulation(world)
-        .map_err(|e| avexpr_worker::job::JobError { path: config.to_path_buf(), ..e })
-        .with_context(|| format!("{world} ranks"))?;
+fn check_ranks(job: &JobConfig, world: usize) -> Result<()> {
+    job.accumulation(world).with_context(|| format!("{world} ranks"))?;
     Ok(())
 }
 
-fn load_job(config: &Path) -> Result<(PathBuf, JobConfig)> {
+/// The job file, read by its absolute path (`source`), as the ranks will read it.
+fn load_job(config: &Path) -> Result<JobConfig> {
     let abs = std::fs::canonicalize(config).with_context(|| format!("--config {}", config.display()))?;
-    let job = JobConfig::from_file(&abs)?;
-    Ok((abs, job))
+    Ok(JobConfig::from_file(&abs)?)
 }
 
 /// `orchestrator plan`.
 pub fn plan(config: &Path, nodes: usize, gpus_per_node: usize) -> Result<String> {
     let world = plan::world_size(nodes, gpus_per_node)?;
-    let (path, job) = load_job(config)?;
-    check_ranks(&path, &job, world)?;
+    let job = load_job(config)?;
+    check_ranks(&job, world)?;
     let manifest = plan::read_job_manifest(&job)?;
     let (p, uri) = plan::make(&job, &manifest, world)?;
     Ok(format!("wrote {uri}\n{}", plan::describe(&p, &manifest)))
@@ -69,8 +67,9 @@ fn k8s_name(config: &Path) -> String {
 pub fn launch(a: &LaunchArgs) -> Result<String> {
     let world = plan::world_size(a.nodes, a.gpus_per_node)?;
     let target = Target::parse(&a.target, a.hostfile.as_deref())?;
-    let (config, job_cfg) = load_job(&a.config)?;
-    check_ranks(&config, &job_cfg, world)?;
+    let job_cfg = load_job(&a.config)?;
+    let config = job_cfg.source.clone();
+    check_ranks(&job_cfg, world)?;
     if let Target::Hostfile(file) = &target {
         crate::launch::check_hostfile(file, a.nodes)?;
     }
@@ -169,7 +168,7 @@ fn summary(job: &JobConfig, record: &RunRecord) -> Result<String> {
 /// `orchestrator status RUN`: RUN is a job's config file or its checkpoint store URI.
 pub fn status(run: &str) -> Result<String> {
     let (uri, keep, steps) = if Path::new(run).is_file() {
-        let (_, job) = load_job(Path::new(run))?;
+        let job = load_job(Path::new(run))?;
         (job.checkpoint.uri.clone(), job.checkpoint.keep_last_k, Some(job.train.steps))
     } else {
         (run.to_string(), 1, None)

@@ -257,6 +257,9 @@ pub struct JobConfig {
     pub checkpoint: CheckpointSection,
     #[serde(default)]
     pub launch: LaunchSection,
+    /// The file it was read from, for messages (not saved with checkpoints).
+    #[serde(skip)]
+    pub source: PathBuf,
 }
 
 impl JobConfig {
@@ -292,6 +295,7 @@ impl JobConfig {
             train: file.train,
             checkpoint,
             launch: file.launch,
+            source: path.to_path_buf(),
         };
         job.validate().map_err(|(field, reason)| err(field, reason))?;
         Ok(job)
@@ -378,7 +382,7 @@ impl JobConfig {
         let per_step = self.train.micro_batch * world_size;
         if !self.train.global_batch.is_multiple_of(per_step) {
             return Err(JobError {
-                path: PathBuf::from("<config>"),
+                path: self.source.clone(),
                 field: "train.global_batch".into(),
                 reason: format!(
                     "{} is not a multiple of train.micro_batch ({}) x ranks ({world_size})",

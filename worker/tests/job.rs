@@ -47,3 +47,19 @@ fn model_errors_name_the_field_once_and_point_at_the_users_line() {
     let (e, _) = error_of(|j| j["model"]["fusion"]["heads"] = 3.into());
     assert_eq!(e, "model.fusion.heads: 3 must divide model.fusion.dim (64)");
 }
+
+#[test]
+fn a_global_batch_that_the_world_cannot_split_names_the_file() {
+    // The error was reported against a placeholder file, `<config>`.
+    let quickstart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/quickstart.yaml");
+    let job = JobConfig::from_file(&quickstart).unwrap();
+    assert_eq!(job.accumulation(2).unwrap(), 1);
+    let e = job.accumulation(3).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "{}: train.global_batch: 16 is not a multiple of train.micro_batch (8) x ranks (3)",
+            quickstart.display()
+        )
+    );
+}
