@@ -4,8 +4,8 @@ use std::path::Path;
 
 use tch::{Device, Kind, nn, nn::VarStore};
 
-use crate::checkpoint::{KeyMap, load_into};
 use crate::error::Result;
+use crate::hf::{KeyMap, load_into};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {

@@ -6,11 +6,11 @@ mod common;
 
 use std::path::Path;
 
-use avexpr_model::checkpoint::{KeyMap, load_into};
 use avexpr_model::config::{
     AudioLayers, ClassWeights, ClassificationLoss, LossConfig, ModelConfig, Pooling, Target, TcnConfig,
 };
 use avexpr_model::expr::{EncoderDims, GROUPS, parameter_counts};
+use avexpr_model::hf::{KeyMap, load_into};
 use avexpr_model::loss::{ExprLoss, class_weights, focal_loss};
 use avexpr_model::prompt::{LOGIT_SCALE_INIT, cosine_logits};
 use avexpr_model::tcn::{Tcn, TemporalBlock};

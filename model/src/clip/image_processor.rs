@@ -61,7 +61,7 @@ impl ClipImageProcessor {
         if !path.is_file() {
             return Ok(p);
         }
-        let raw: RawProcessorConfig = crate::checkpoint::read_json(&path)?;
+        let raw: RawProcessorConfig = crate::hf::read_json(&path)?;
         match raw.size {
             Some(SizeField::Int(s)) | Some(SizeField::Map { shortest_edge: Some(s), .. }) => p.shortest_edge = s,
             Some(SizeField::Map { .. }) => {

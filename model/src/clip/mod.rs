@@ -19,9 +19,9 @@ pub use text_model::ClipTextModelWithProjection;
 pub use tokenizer::ClipTokenizer;
 pub use vision_model::ClipVisionModelWithProjection;
 
-use crate::checkpoint::{KeyMap, weights_file};
 use crate::encoders::{EncoderOptions, build_frozen};
 use crate::error::{ModelError, Result};
+use crate::hf::{KeyMap, weights_file};
 
 /// CLIP checkpoints need no key mapping: both `CLIPModel` and the single-tower classes use the same keys.
 pub const KEY_MAP: KeyMap = KeyMap { strip_prefixes: &[], renames: &[] };

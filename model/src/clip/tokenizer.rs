@@ -92,7 +92,7 @@ fn pad_token(dir: &Path) -> Result<Option<String>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let config: serde_json::Value = crate::checkpoint::read_json(&path)?;
+    let config: serde_json::Value = crate::hf::read_json(&path)?;
     Ok(match config.get("pad_token") {
         Some(serde_json::Value::String(s)) => Some(s.clone()),
         Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),

@@ -6,8 +6,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::activation::{self, Activation};
-use crate::checkpoint::read_json;
 use crate::error::{ModelError, Result};
+use crate::hf::read_json;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

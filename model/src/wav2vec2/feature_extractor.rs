@@ -41,7 +41,7 @@ impl Wav2Vec2FeatureExtractor {
         if !path.is_file() {
             return Ok(Self::default());
         }
-        let fe: Self = crate::checkpoint::read_json(&path)?;
+        let fe: Self = crate::hf::read_json(&path)?;
         if fe.sampling_rate == 0 {
             return Err(ModelError::config(&path, "sampling_rate", "must be positive"));
         }

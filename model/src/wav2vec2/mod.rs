@@ -35,7 +35,7 @@ impl Wav2Vec2Encoder {
         let feature_extractor = Wav2Vec2FeatureExtractor::from_dir(dir)?;
         let (feat_act, hidden_act) =
             (config.feat_extract_activation(&config_path)?, config.hidden_activation(&config_path)?);
-        let weights = crate::checkpoint::weights_file(dir)?;
+        let weights = crate::hf::weights_file(dir)?;
         let (vs, mut model) = build_frozen(Some((&weights, &KEY_MAP)), &options, |p| {
             Wav2Vec2Model::new(p, &config, feat_act, hidden_act)
         })?;

@@ -9,7 +9,7 @@ use tch::{Kind, Tensor, nn, nn::Module};
 use super::config::{FeatExtractNorm, Wav2Vec2Config};
 use crate::activation::Activation;
 use crate::attention::SelfAttention;
-use crate::checkpoint::KeyMap;
+use crate::hf::KeyMap;
 use crate::weight_norm::{WeightNormConv1d, WeightNormConv1dConfig};
 
 /// The one key mapping of Wav2Vec 2.0 checkpoints: `Wav2Vec2ForCTC`-style prefixes, and the pre-parametrization

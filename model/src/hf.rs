@@ -1,5 +1,6 @@
-//! Loading Hugging Face checkpoint directories: `config.json`, and weights from `model.safetensors`
-//! (memory-mapped) or, for older repositories, `pytorch_model.bin`.
+//! Loading Hugging Face checkpoint directories (the pretrained encoders; training checkpoints are the worker's
+//! `checkpoint` module): `config.json`, and weights from `model.safetensors` (memory-mapped) or, for older
+//! repositories, `pytorch_model.bin`.
 //!
 //! Every variable of the VarStore must be found under its HF key (after the model's [`KeyMap`]) with exactly
 //! the variable's shape; extra tensors in the file (the other tower of a `CLIPModel`, a CTC head) are ignored.
