@@ -1,0 +1,223 @@
+//! Training from a committed cache: opening it (its key must match the job's) and the loader that yields
+//! the frame loader's batches, in the same order, from the stored features.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use avexpr_data::manifest::{Manifest, VideoRecord};
+use avexpr_data::sampler::{Cursor, RankSampler, unit_of};
+use avexpr_data::store::{Store, StoreError};
+use avexpr_model::FeatureBatch;
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+use crate::job::JobConfig;
+
+use super::key::{CACHE_MANIFEST, CacheKey, CacheManifest, UnitRecord, check_key};
+use super::unit::{Unit, read_unit, unit_key};
+
+/// A committed cache: its store and its `features.json`.
+#[derive(Clone)]
+pub struct Cache {
+    pub store: Store,
+    pub manifest: Arc<CacheManifest>,
+}
+
+/// Opens the job's cache for training: committed, and made with this job's settings.
+pub fn open_cache(job: &JobConfig, manifest_bytes: &[u8]) -> Result<Cache> {
+    let features = job.data.features.as_ref().context("data.features")?;
+    let cache = Store::open(&features.uri).context("data.features.uri")?;
+    cache.blocking().check_reachable(CACHE_MANIFEST).context("data.features.uri")?;
+    let bytes = match cache.blocking().get(CACHE_MANIFEST) {
+        Err(StoreError::NotFound { .. }) => anyhow::bail!(
+            "data.features.uri: {} holds no committed feature cache ({CACHE_MANIFEST}): run `worker extract --config ...` first",
+            cache.uri()
+        ),
+        other => other?,
+    };
+    let m: CacheManifest =
+        serde_json::from_slice(&bytes).with_context(|| format!("{}/{CACHE_MANIFEST}", cache.uri()))?;
+    check_key(&CacheKey::of(job, manifest_bytes)?, &m.key, cache.uri())?;
+    Ok(Cache { store: cache, manifest: Arc::new(m) })
+}
+
+/// A batch read from the cache: what the encoders would have produced, and the per-frame labels.
+pub struct CachedBatch {
+    pub features: FeatureBatch,
+    pub labels: Tensor,
+    pub cursor: Cursor,
+    pub len: usize,
+}
+
+struct RawCached {
+    frames: usize,
+    image_dim: usize,
+    states: usize,
+    hidden: usize,
+    audio_frames: usize,
+    image: Vec<f32>,
+    face_mask: Vec<u8>,
+    labels: Vec<i8>,
+    audio: Vec<f32>,
+    valid: Vec<i64>,
+    fps: Vec<f64>,
+    cursor: Cursor,
+}
+
+impl RawCached {
+    fn into_batch(self, device: Device) -> CachedBatch {
+        let n = self.fps.len() as i64;
+        let (f, t) = (self.frames as i64, self.audio_frames as i64);
+        let image_embeds = Tensor::from_slice(&self.image).view([n, f, self.image_dim as i64]).to_device(device);
+        let face_mask = Tensor::from_slice(&self.face_mask).view([n, f]).to_kind(Kind::Bool).to_device(device);
+        let audio_states =
+            Tensor::from_slice(&self.audio).view([n, self.states as i64, t, self.hidden as i64]).to_device(device);
+        let audio_mask = avexpr_model::length_mask(&Tensor::from_slice(&self.valid).to_device(device), t);
+        let labels = Tensor::from_slice(&self.labels).view([n, f]).to_kind(Kind::Int64);
+        CachedBatch {
+            features: FeatureBatch { image_embeds, face_mask, audio_states, audio_mask, fps: self.fps },
+            labels,
+            cursor: self.cursor,
+            len: n as usize,
+        }
+    }
+}
+
+/// Training batches from the cache, in the sampler's order (the same clips, batches and cursors as the frame
+/// loader), prepared by a background thread that holds at most `shuffle_shards + 1` units.
+pub struct FeatureLoader {
+    batches: std::sync::mpsc::Receiver<Result<RawCached>>,
+    device: Device,
+}
+
+impl FeatureLoader {
+    pub fn start(
+        cache: Cache,
+        manifest: Arc<Manifest>,
+        sampler: RankSampler,
+        batch_size: usize,
+        cursor: Cursor,
+        ready: usize,
+        device: Device,
+    ) -> Result<FeatureLoader> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(ready.max(1));
+        let Cache { store: cache, manifest: cache_manifest } = cache;
+        let records: HashMap<String, UnitRecord> =
+            cache_manifest.units.iter().map(|u| (u.key.clone(), u.clone())).collect();
+        std::thread::Builder::new().name("features".into()).spawn(move || {
+            let cfg = sampler.config().clone();
+            let keep = cfg.shuffle_shards + 1;
+            let epoch_len = sampler.len();
+            let index: HashMap<&str, &VideoRecord> = manifest.videos.iter().map(|v| (v.name.as_str(), v)).collect();
+            let mut resident: VecDeque<(String, Arc<Unit>)> = VecDeque::new();
+            let mut picked: Vec<(Arc<Unit>, usize)> = Vec::with_capacity(batch_size);
+            let mut load = |key: &str| -> Result<Arc<Unit>> {
+                if let Some((_, u)) = resident.iter().find(|(k, _)| k == key) {
+                    return Ok(u.clone());
+                }
+                let record =
+                    records.get(key).with_context(|| format!("feature cache: no unit {key} in {CACHE_MANIFEST}"))?;
+                let bytes = cache.blocking().get(key).with_context(|| format!("feature unit {key}"))?;
+                let sha = hex::encode(Sha256::digest(&bytes));
+                anyhow::ensure!(
+                    bytes.len() as u64 == record.bytes && sha == record.sha256,
+                    "feature unit {}/{key}: {} bytes, SHA-256 {sha}; {CACHE_MANIFEST} says {} bytes, {}",
+                    cache.uri(),
+                    bytes.len(),
+                    record.bytes,
+                    record.sha256
+                );
+                let unit = Arc::new(read_unit(key, &bytes)?);
+                resident.push_back((key.to_string(), unit.clone()));
+                if resident.len() > keep {
+                    resident.pop_front();
+                }
+                Ok(unit)
+            };
+            for (clip, cursor) in sampler.stream(cursor) {
+                let step = (|| -> Result<Option<RawCached>> {
+                    let video = index
+                        .get(clip.video.as_str())
+                        .with_context(|| format!("video {} not in the manifest", clip.video))?;
+                    let key = unit_key(&clip.video, unit_of(&cfg, video, &clip));
+                    let unit = load(&key)?;
+                    let row = *unit
+                        .rows
+                        .get(&clip.start)
+                        .with_context(|| format!("feature unit {key}: no clip starting at frame {}", clip.start))?;
+                    anyhow::ensure!(
+                        unit.target[row] == clip.target,
+                        "feature unit {key}: clip at frame {} is labelled {} in the cache, {} in the dataset",
+                        clip.start,
+                        unit.target[row],
+                        clip.target
+                    );
+                    picked.push((unit, row));
+                    if picked.len() == batch_size || cursor.position == epoch_len {
+                        return Ok(Some(gather(std::mem::take(&mut picked), cursor)));
+                    }
+                    Ok(None)
+                })();
+                let failed = step.is_err();
+                match step {
+                    Ok(None) => continue,
+                    Ok(Some(b)) => {
+                        if tx.send(Ok(b)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+                if failed {
+                    return;
+                }
+            }
+        })?;
+        Ok(FeatureLoader { batches: rx, device })
+    }
+
+    pub fn next_batch(&mut self) -> Result<CachedBatch> {
+        let raw = self.batches.recv().context("the feature loader stopped")??;
+        Ok(raw.into_batch(self.device))
+    }
+}
+
+/// Stacks the picked rows, padding the audio to the longest.
+fn gather(picked: Vec<(Arc<Unit>, usize)>, cursor: Cursor) -> RawCached {
+    let first = &picked[0].0;
+    let (frames, image_dim, states, hidden) = (first.frames, first.image_dim, first.states, first.hidden);
+    let t = picked.iter().map(|(u, r)| u.audio_valid[*r] as usize).max().unwrap_or(0).max(1);
+    let n = picked.len();
+    let mut out = RawCached {
+        frames,
+        image_dim,
+        states,
+        hidden,
+        audio_frames: t,
+        image: Vec::with_capacity(n * frames * image_dim),
+        face_mask: Vec::with_capacity(n * frames),
+        labels: Vec::with_capacity(n * frames),
+        audio: vec![0.0; n * states * t * hidden],
+        valid: Vec::with_capacity(n),
+        fps: Vec::with_capacity(n),
+        cursor,
+    };
+    for (i, (u, r)) in picked.iter().enumerate() {
+        let r = *r;
+        out.image.extend_from_slice(&u.image[r * frames * image_dim..(r + 1) * frames * image_dim]);
+        out.face_mask.extend_from_slice(&u.face_mask[r * frames..(r + 1) * frames]);
+        out.labels.extend_from_slice(&u.labels[r * frames..(r + 1) * frames]);
+        let v = u.audio_valid[r] as usize;
+        for s in 0..states {
+            let src = (r * u.states + s) * u.audio_frames * hidden;
+            let dst = (i * states + s) * t * hidden;
+            out.audio[dst..dst + v * hidden].copy_from_slice(&u.audio[src..src + v * hidden]);
+        }
+        out.valid.push(u.audio_valid[r]);
+        out.fps.push(u.fps[r]);
+    }
+    out
+}
