@@ -56,9 +56,7 @@ impl<'a> Session<'a> {
         tch::manual_seed(self.job.train.seed as i64);
         Ok(ExprModel::new(&self.job.model, encoders, Some(class_counts(&self.manifest)), self.device)?)
     }
-}
 
-impl Session<'_> {
     /// The model with the trainable variables of a checkpoint of the job (`best`, `latest` or a name), and
     /// the checkpoint's name.
     pub fn load_checkpoint(&self, checkpoint: &str) -> Result<(ExprModel, String)> {
