@@ -203,6 +203,15 @@ impl Default for LossConfig {
     }
 }
 
+/// A serde error message without the path (or the part of it) it may start with, `<path>: ...`: the caller
+/// names the field itself, from `serde_path_to_error`'s path.
+pub fn without_path(path: &str, message: String) -> String {
+    match message.split_once(": ") {
+        Some((at, rest)) if path.starts_with(at) => rest.to_string(),
+        _ => message,
+    }
+}
+
 /// A field-naming validation failure.
 fn bad(field: &str, reason: String) -> ModelError {
     ModelError::config(Path::new("<config>"), field, reason)
@@ -239,7 +248,8 @@ impl ModelConfig {
         let de = serde_yaml::Deserializer::from_str(text);
         let cfg: Self = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            ModelError::config(origin, format!("model.{path}"), e.into_inner().to_string())
+            let reason = without_path(&path, e.into_inner().to_string());
+            ModelError::config(origin, format!("model.{path}"), reason)
         })?;
         cfg.validate().map_err(|e| match e {
             ModelError::BadConfig { field, reason, .. } => {

@@ -408,6 +408,8 @@ fn bad_configs_name_the_field() {
     assert!(e.contains("model.fusion.heads") && e.contains("must divide model.fusion.dim (256)"), "{e}");
     let e = err("head: {pooling: max}");
     assert!(e.contains("model.head.pooling") && e.contains("unknown variant `max`"), "{e}");
+    // The field is named once (serde_yaml's message starts with its own copy of the path).
+    assert!(e.contains("`model.head.pooling`: unknown variant `max`"), "{e}");
     let e = err("tcn: {dilations: [1, 2]}");
     assert!(e.contains("model.tcn") && e.contains("unknown field `dilations`"), "{e}");
     let e = err("loss: {classification: focal, label_smoothing: 0.1}");

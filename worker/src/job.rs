@@ -269,13 +269,7 @@ impl JobConfig {
         let file: JobFile =
             serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text)).map_err(|e| {
                 let path = e.path().to_string();
-                // serde_yaml's message may already start with the path.
-                let reason = e.into_inner().to_string();
-                let reason = match reason.split_once(": ") {
-                    Some((at, rest)) if path.starts_with(at) => rest.to_string(),
-                    _ => reason,
-                };
-                err(&path, reason)
+                err(&path, avexpr_model::config::without_path(&path, e.into_inner().to_string()))
             })?;
         file.model.validate().map_err(|e| match e {
             avexpr_model::ModelError::BadConfig { field, reason, .. } => err(&field, reason),
