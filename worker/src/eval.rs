@@ -106,7 +106,7 @@ pub fn evaluate_to(job: &JobConfig, dist: &Dist, checkpoint: &str, split: Split,
         let f1 = c.f1_per_class();
         let report = serde_json::json!({
             "checkpoint": checkpoint,
-            "split": format!("{split:?}").to_lowercase(),
+            "split": split,
             "macro_f1": c.macro_f1(),
             "accuracy": c.accuracy(),
             "frames": c.frames(),
