@@ -12,13 +12,16 @@
 //!   cursor, the resolved config and the metrics so far; `--resume auto` continues from the newest valid one.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use avexpr_data::layout::Split;
 use avexpr_data::loader::{Batch, Loader, Source};
+use avexpr_data::metric::Confusion;
 use avexpr_data::sampler::{Cursor, RankSampler};
 use avexpr_data::store::Store;
+use avexpr_model::ExprModel;
 use tch::{Device, Tensor};
 
 use crate::buckets::Buckets;
@@ -26,54 +29,9 @@ use crate::checkpoint::{Best, CheckpointState, CheckpointStore};
 use crate::dist::Dist;
 use crate::eval::{evaluate, summary};
 use crate::job::JobConfig;
-use crate::metrics::StepMetrics;
+use crate::metrics::{Phases, StepMetrics};
 use crate::optim::{AdamW, clip_grad_norm, learning_rate};
 use crate::session::{Session, raw_batch};
-
-/// Where a rank's step time goes (seconds, summed over steps); CUDA work is synchronised before each reading.
-struct Phases {
-    device: Device,
-    steps: u64,
-    data: f64,
-    encoders: f64,
-    head: f64,
-    all_reduce: f64,
-    optimizer: f64,
-}
-
-impl Phases {
-    fn new(device: Device) -> Self {
-        Self { device, steps: 0, data: 0.0, encoders: 0.0, head: 0.0, all_reduce: 0.0, optimizer: 0.0 }
-    }
-
-    fn time<T>(&mut self, field: impl Fn(&mut Self) -> &mut f64, f: impl FnOnce() -> T) -> T {
-        let t = Instant::now();
-        let out = f();
-        if let Device::Cuda(i) = self.device {
-            tch::Cuda::synchronize(i as i64);
-        }
-        *field(self) += t.elapsed().as_secs_f64();
-        out
-    }
-
-    fn report(&self, world: usize, accumulation: usize) -> String {
-        let n = self.steps as f64;
-        let ms = |x: f64| 1e3 * x / n;
-        let total = self.data + self.encoders + self.head + self.all_reduce + self.optimizer;
-        format!(
-            "step time breakdown over {} steps ({world} rank(s) x {accumulation} micro-batch(es)), ms per step: \
-             data wait {:.1}, frozen encoders {:.1}, trainable forward+backward {:.1}, all-reduce {:.1}, \
-             clip+optimizer {:.1}; total {:.1}",
-            self.steps,
-            ms(self.data),
-            ms(self.encoders),
-            ms(self.head),
-            ms(self.all_reduce),
-            ms(self.optimizer),
-            ms(total)
-        )
-    }
-}
 
 pub struct TrainOptions {
     pub resume: bool,
@@ -99,180 +57,205 @@ pub struct Trained {
     pub validation: avexpr_data::metric::Confusion,
 }
 
+/// Trains the job on this rank: the loop of [`Trainer`].
 pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Trained> {
-    let accumulation = job.accumulation(dist.world_size)?;
-    let slots = dist.world_size * accumulation;
-    let session = Session::open(job, dist)?;
-    let (device, mixed, manifest) = (session.device, session.mixed_precision, &session.manifest);
-    let checkpoints = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?;
-    let cache = match &job.data.features {
-        Some(_) => Some(crate::features::open_cache(job, &session.manifest_bytes)?),
-        None => None,
-    };
-    if let Some(plan) = &options.plan {
-        plan.check(job, dist.world_size)?;
+    let mut trainer = Trainer::new(job, dist, options)?;
+    while !trainer.finished() {
+        let metrics = trainer.step()?;
+        let metrics = trainer.maybe_evaluate(metrics)?;
+        trainer.log(metrics)?;
+        trainer.maybe_checkpoint()?;
     }
-    let _beacon = crate::heartbeat::Beacon::start(
-        Store::open(&job.checkpoint.uri)?,
-        dist.rank,
-        dist.world_size,
-        job.train.steps,
-        std::time::Duration::from_secs_f64(job.launch.heartbeat_every_s),
-    );
+    trainer.finish()
+}
 
-    let model = session.build_model()?;
-    let named: Vec<(String, Tensor)> = model.trainable_groups().into_values().flatten().collect();
-    let mut vars: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
-    let mut buckets = Buckets::new(&vars, job.train.bucket_bytes);
-    if let Device::Cuda(ordinal) = device
-        && dist.world_size > 1
-    {
-        buckets.use_nccl(crate::nccl::NcclComm::new(dist, ordinal)?);
-        if dist.rank == 0 {
-            tracing::info!(version = crate::nccl::version().unwrap_or(0), "gradients all-reduced with NCCL");
+/// One rank's training state: the model and its optimizer, the data feeds, the checkpoints and what has been
+/// measured so far.
+pub struct Trainer<'a> {
+    job: &'a JobConfig,
+    dist: &'a Dist,
+    session: Session<'a>,
+    model: ExprModel,
+    /// The trainable variables by name (what checkpoints hold and the optimizer steps).
+    named: Vec<(String, Tensor)>,
+    buckets: Buckets,
+    opt: AdamW,
+    checkpoints: CheckpointStore,
+    /// Micro-batches per step on this rank (one data slot each).
+    accumulation: usize,
+    feeds: Vec<Feed>,
+    /// Every data slot's loader position (only this rank's slots are current between checkpoints).
+    cursors: Vec<Cursor>,
+    /// Steps done so far (the next step is `step + 1`).
+    step: u64,
+    history: Vec<StepMetrics>,
+    best: Option<Best>,
+    last_eval: Option<Confusion>,
+    metrics_path: PathBuf,
+    throughput: Throughput,
+    phases: Phases,
+    _beacon: crate::heartbeat::Beacon,
+}
+
+/// Clips trained and seconds waited for data since this process started training.
+struct Throughput {
+    started: Instant,
+    first_step: u64,
+    clips: usize,
+    waited: f64,
+}
+
+impl<'a> Trainer<'a> {
+    /// Opens the session, builds the model, restores the newest valid checkpoint when resuming and starts one
+    /// data feed per micro-batch.
+    pub fn new(job: &'a JobConfig, dist: &'a Dist, options: &TrainOptions) -> Result<Self> {
+        let accumulation = job.accumulation(dist.world_size)?;
+        let slots = dist.world_size * accumulation;
+        let session = Session::open(job, dist)?;
+        let device = session.device;
+        let checkpoints = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?;
+        if let Some(plan) = &options.plan {
+            plan.check(job, dist.world_size)?;
         }
-    }
-    buckets.broadcast_from_root(dist, &mut vars)?;
-    buckets.attach_grads(&vars)?;
-    let mut opt = AdamW::new(job.train.optimizer, &named);
-
-    let mut cursors = vec![Cursor::default(); slots];
-    let mut history: Vec<StepMetrics> = Vec::new();
-    let mut step = 0u64;
-    let mut best: Option<Best> = None;
-    let mut last_eval = None;
-    if options.resume
-        && let Some(ckpt) = checkpoints.latest_valid()?
-    {
-        anyhow::ensure!(
-            ckpt.state.cursors.len() == slots,
-            "checkpoint {}: made with {} data slots (ranks x accumulation), this job has {slots}",
-            ckpt.name,
-            ckpt.state.cursors.len()
+        let beacon = crate::heartbeat::Beacon::start(
+            Store::open(&job.checkpoint.uri)?,
+            dist.rank,
+            dist.world_size,
+            job.train.steps,
+            std::time::Duration::from_secs_f64(job.launch.heartbeat_every_s),
         );
-        ckpt.restore_variables(&named)?;
-        opt.load_state(&ckpt.optimizer, ckpt.state.step)?;
-        cursors = ckpt.state.cursors.clone();
-        history = ckpt.state.metrics.clone();
-        best = ckpt.state.best;
-        step = ckpt.state.step;
-        if dist.rank == 0 {
-            tracing::info!(checkpoint = %ckpt.name, step, "resumed");
-        }
-    }
-    crate::heartbeat::update(|h| {
-        h.resumed_from = step;
-        h.step = step;
-    });
 
-    let sampler_cfg = job.sampler();
-    let loader_cfg = job.loader();
-    let mut feeds = Vec::with_capacity(accumulation);
-    for a in 0..accumulation {
-        let slot = dist.rank * accumulation + a;
-        let plan = options.plan.as_ref().map(|p| &p.train);
-        let sampler = RankSampler::new(manifest, Split::Train, slot, slots, &sampler_cfg, plan)?;
-        anyhow::ensure!(!sampler.is_empty(), "data slot {slot} of {slots} has no training clips: too few videos");
-        feeds.push(match &cache {
-            None => Feed::Frames(Loader::start(
-                Source::Store(session.store.clone()),
-                manifest.clone(),
-                sampler,
-                &loader_cfg,
-                cursors[slot],
-                None,
-            )?),
-            Some(cache) => Feed::Cached(crate::features::FeatureLoader::start(
-                cache.clone(),
-                manifest.clone(),
-                sampler,
-                loader_cfg.batch_size,
-                cursors[slot],
-                loader_cfg.ready_batches,
-                device,
-            )?),
+        let model = session.build_model()?;
+        let named: Vec<(String, Tensor)> = model.trainable_groups().into_values().flatten().collect();
+        let mut vars: Vec<Tensor> = named.iter().map(|(_, v)| v.shallow_clone()).collect();
+        let mut buckets = Buckets::new(&vars, job.train.bucket_bytes);
+        if let Device::Cuda(ordinal) = device
+            && dist.world_size > 1
+        {
+            buckets.use_nccl(crate::nccl::NcclComm::new(dist, ordinal)?);
+            if dist.rank == 0 {
+                tracing::info!(version = crate::nccl::version().unwrap_or(0), "gradients all-reduced with NCCL");
+            }
+        }
+        buckets.broadcast_from_root(dist, &mut vars)?;
+        buckets.attach_grads(&vars)?;
+        let mut opt = AdamW::new(job.train.optimizer, &named);
+
+        let resumed = if options.resume { resume(&checkpoints, slots, &named, &mut opt, dist)? } else { None };
+        let Start { step, cursors, history, best } = resumed.unwrap_or_else(|| Start::fresh(slots));
+        crate::heartbeat::update(|h| {
+            h.resumed_from = step;
+            h.step = step;
         });
-    }
 
-    std::fs::create_dir_all(&job.run_dir).with_context(|| format!("run_dir {}", job.run_dir.display()))?;
-    let metrics_path = job.run_dir.join("metrics.jsonl");
-    if dist.rank == 0 {
-        // The file says what the checkpoint says: a resumed run continues it without repeats.
-        let mut file = std::fs::File::create(&metrics_path)?;
-        for m in &history {
-            writeln!(file, "{}", serde_json::to_string(m)?)?;
+        let feeds = start_feeds(&session, options, accumulation, &cursors)?;
+
+        std::fs::create_dir_all(&job.run_dir).with_context(|| format!("run_dir {}", job.run_dir.display()))?;
+        let metrics_path = job.run_dir.join("metrics.jsonl");
+        if dist.rank == 0 {
+            // The file says what the checkpoint says: a resumed run continues it without repeats.
+            let mut file = std::fs::File::create(&metrics_path)?;
+            for m in &history {
+                writeln!(file, "{}", serde_json::to_string(m)?)?;
+            }
         }
+
+        Ok(Trainer {
+            job,
+            dist,
+            session,
+            model,
+            named,
+            buckets,
+            opt,
+            checkpoints,
+            accumulation,
+            feeds,
+            cursors,
+            step,
+            history,
+            best,
+            last_eval: None,
+            metrics_path,
+            throughput: Throughput { started: Instant::now(), first_step: step, clips: 0, waited: 0.0 },
+            phases: Phases::new(device),
+            _beacon: beacon,
+        })
     }
 
-    let (mut clips, mut waited, started) = (0usize, 0.0f64, Instant::now());
-    let first_step = step;
-    let mut phases = Phases::new(device);
-    while step < job.train.steps {
-        buckets.zero_grads();
+    /// Whether every step of `train.steps` is done.
+    pub fn finished(&self) -> bool {
+        self.step >= self.job.train.steps
+    }
+
+    /// One optimizer step: every micro-batch forward and backward, gradients averaged over ranks, clipped, and
+    /// AdamW at this step's learning rate. Returns the step's losses averaged over ranks.
+    pub fn step(&mut self) -> Result<StepMetrics> {
+        let (job, dist, device) = (self.job, self.dist, self.session.device);
+        let model = &self.model;
+        self.buckets.zero_grads();
         let mut sums = [0.0f64; 3];
-        for (a, feed) in feeds.iter_mut().enumerate() {
-            let slot = dist.rank * accumulation + a;
-            let t = Instant::now();
+        for (a, feed) in self.feeds.iter_mut().enumerate() {
+            let slot = dist.rank * self.accumulation + a;
+            let waiting = Instant::now();
             let fed = match feed {
                 Feed::Frames(loader) => Fed::Frames(loader.next().context("the training loader ended")??),
                 Feed::Cached(loader) => Fed::Cached(loader.next_batch()?),
             };
-            let wait = t.elapsed().as_secs_f64();
-            waited += wait;
-            phases.data += wait;
+            let wait = waiting.elapsed().as_secs_f64();
+            self.throughput.waited += wait;
+            self.phases.data += wait;
             let (feats, labels) = match fed {
                 Fed::Frames(batch) => {
-                    clips += batch.len();
-                    cursors[slot] = batch.cursor;
+                    self.throughput.clips += batch.len();
+                    self.cursors[slot] = batch.cursor;
                     let (raw, labels) = raw_batch(&batch);
-                    (phases.time(|p| &mut p.encoders, || model.encode(&raw))?, labels)
+                    (self.phases.time(|p| &mut p.encoders, || model.encode(&raw))?, labels)
                 }
                 Fed::Cached(cached) => {
-                    clips += cached.len;
-                    cursors[slot] = cached.cursor;
+                    self.throughput.clips += cached.len;
+                    self.cursors[slot] = cached.cursor;
                     (cached.features, cached.labels)
                 }
             };
-            tch::manual_seed((job.train.seed ^ (step << 20) ^ slot as u64) as i64);
-            let terms = phases.time(
+            tch::manual_seed((job.train.seed ^ (self.step << 20) ^ slot as u64) as i64);
+            let accumulation = self.accumulation as f64;
+            let terms = self.phases.time(
                 |p| &mut p.head,
                 || {
-                    let terms = avexpr_model::autocast::bf16(device, mixed, || {
+                    let terms = avexpr_model::autocast::bf16(device, self.session.mixed_precision, || {
                         let out = model.forward_t(&feats, true);
                         model.loss(&out, &labels.to_device(device))
                     });
-                    (&terms.total / accumulation as f64).backward();
+                    (&terms.total / accumulation).backward();
                     terms
                 },
             );
-            for (s, t) in sums.iter_mut().zip([&terms.total, &terms.classification, &terms.contrastive]) {
-                *s += t.double_value(&[]) / accumulation as f64;
+            for (sum, term) in sums.iter_mut().zip([&terms.total, &terms.classification, &terms.contrastive]) {
+                *sum += term.double_value(&[]) / accumulation;
             }
         }
-        phases.time(|p| &mut p.all_reduce, || buckets.all_reduce_mean(dist))?;
-        let t = &job.train;
-        let lr = learning_rate(step, t.optimizer.lr, t.warmup_steps, t.steps, t.min_lr_ratio);
-        let grad_norm = phases.time(
+        let buckets = &mut self.buckets;
+        self.phases.time(|p| &mut p.all_reduce, || buckets.all_reduce_mean(dist))?;
+        let cfg = &job.train;
+        let lr = learning_rate(self.step, cfg.optimizer.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio);
+        let opt = &mut self.opt;
+        let grad_norm = self.phases.time(
             |p| &mut p.optimizer,
             || {
-                let max = if t.clip_grad_norm > 0.0 { t.clip_grad_norm } else { f64::INFINITY };
+                let max = if cfg.clip_grad_norm > 0.0 { cfg.clip_grad_norm } else { f64::INFINITY };
                 let norm = clip_grad_norm(buckets.buffers_mut(), max);
                 opt.step(lr);
                 norm
             },
         );
-        phases.steps += 1;
-        step += 1;
+        self.phases.steps += 1;
+        self.step += 1;
 
         dist.all_reduce_sum_f64(&mut sums);
         let world = dist.world_size as f64;
-        // (elapsed s, clips/s over all ranks, ETA s), as of now.
-        let progress = || {
-            let elapsed = started.elapsed().as_secs_f64();
-            (elapsed, clips as f64 * world / elapsed, elapsed / (step - first_step) as f64 * (t.steps - step) as f64)
-        };
-        let m = StepMetrics {
-            step,
+        let metrics = StepMetrics {
+            step: self.step,
             loss: sums[0] / world,
             classification: sums[1] / world,
             contrastive: sums[2] / world,
@@ -280,98 +263,219 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Tra
             grad_norm,
             val_macro_f1: None,
         };
+        let progress = (dist.rank == 0).then(|| self.progress());
         crate::heartbeat::update(|h| {
             h.phase = "training".into();
-            h.step = step;
-            h.loss = Some(m.loss);
-            if dist.rank == 0 {
-                let (_, rate, eta) = progress();
+            h.step = metrics.step;
+            h.loss = Some(metrics.loss);
+            if let Some((_, rate, eta)) = progress {
                 (h.clips_per_s, h.eta_s) = (Some(rate), Some(eta));
             }
         });
-        let m = if t.eval_every > 0 && step.is_multiple_of(t.eval_every) || step == t.steps {
-            let eval = evaluate(&session, &model, Split::Validation)?;
-            let f1 = eval.confusion.macro_f1();
-            if dist.rank == 0 {
-                tracing::info!("step {step}: validation {}", summary(&eval.confusion));
-            }
-            if best.as_ref().is_none_or(|b| f1 > b.macro_f1) {
-                best = Some(Best { step, macro_f1: f1 });
-            }
-            last_eval = Some(eval.confusion);
-            crate::heartbeat::update(|h| {
-                h.phase = "training".into();
-                h.val_macro_f1 = Some(f1);
-            });
-            StepMetrics { val_macro_f1: Some(f1), ..m }
-        } else {
-            m
-        };
-        if step.is_multiple_of(t.log_every) || step == t.steps || m.val_macro_f1.is_some() {
-            history.push(m.clone());
-            if dist.rank == 0 {
-                let (elapsed, rate, eta) = progress();
-                tracing::info!(
-                    "step {step}/{} loss {:.4} (cls {:.4}, prompt {:.4}) lr {lr:.2e} |g| {grad_norm:.3} \
-                     {rate:.1} clips/s data-wait {:.1}% ETA {eta:.0} s",
-                    t.steps,
-                    m.loss,
-                    m.classification,
-                    m.contrastive,
-                    100.0 * waited / elapsed,
-                );
-                let mut file = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
-                writeln!(file, "{}", serde_json::to_string(&m)?)?;
-            }
-        }
-        if step.is_multiple_of(job.checkpoint.every) || step == t.steps {
-            crate::heartbeat::update(|h| h.phase = "checkpointing".into());
-            let all = gather_cursors(dist, &cursors, accumulation);
-            if dist.rank == 0 {
-                let state = CheckpointState { step, cursors: all, config: job.clone(), metrics: history.clone(), best };
-                checkpoints.save(&state, &named, &opt.state())?;
-                tracing::info!(step, uri = %job.checkpoint.uri, "checkpoint committed");
-            }
-            dist.barrier();
-            crate::heartbeat::update(|h| h.phase = "training".into());
-        }
+        Ok(metrics)
     }
-    if dist.rank == 0 && phases.steps > 0 {
-        tracing::info!("{}", phases.report(dist.world_size, accumulation));
+
+    /// (elapsed s, clips/s over all ranks, ETA s), as of now.
+    fn progress(&self) -> (f64, f64, f64) {
+        let t = &self.throughput;
+        let elapsed = t.started.elapsed().as_secs_f64();
+        let rate = t.clips as f64 * self.dist.world_size as f64 / elapsed;
+        let eta = elapsed / (self.step - t.first_step) as f64 * (self.job.train.steps - self.step) as f64;
+        (elapsed, rate, eta)
     }
-    let validation = match last_eval {
-        Some(confusion) => confusion,
-        // Resumed from the final checkpoint: nothing left to train, but the table is still wanted.
-        None => evaluate(&session, &model, Split::Validation)?.confusion,
-    };
-    if dist.rank == 0 {
-        println!("validation after step {step}: {}", summary(&validation));
-        print!("{}", validation.render(&avexpr_data::affwild2::PAPER_TRAIN_RATIOS));
-        for (file, result) in [
-            ("curves.png", crate::plots::curves_png(&job.run_dir.join("curves.png"), &history)),
-            (
-                "confusion.png",
-                crate::plots::confusion_png(
-                    &job.run_dir.join("confusion.png"),
-                    &validation,
-                    &format!("validation, step {step}: {}", summary(&validation)),
-                ),
-            ),
-        ] {
-            match result {
-                Ok(()) => tracing::info!("wrote {}", job.run_dir.join(file).display()),
-                Err(e) => tracing::warn!("{file} not written: {e:#}"),
-            }
+
+    /// Evaluates on the validation split every `train.eval_every` steps and after the last, keeping the best.
+    pub fn maybe_evaluate(&mut self, metrics: StepMetrics) -> Result<StepMetrics> {
+        let cfg = &self.job.train;
+        let step = self.step;
+        if !(cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every) || step == cfg.steps) {
+            return Ok(metrics);
         }
-        if let Some(b) = best {
-            println!(
-                "best validation macro F1 {:.4} at step {} (kept as checkpoint step-{:08})",
-                b.macro_f1, b.step, b.step
+        let eval = evaluate(&self.session, &self.model, Split::Validation)?;
+        let f1 = eval.confusion.macro_f1();
+        if self.dist.rank == 0 {
+            tracing::info!("step {step}: validation {}", summary(&eval.confusion));
+        }
+        if self.best.as_ref().is_none_or(|b| f1 > b.macro_f1) {
+            self.best = Some(Best { step, macro_f1: f1 });
+        }
+        self.last_eval = Some(eval.confusion);
+        crate::heartbeat::update(|h| {
+            h.phase = "training".into();
+            h.val_macro_f1 = Some(f1);
+        });
+        Ok(StepMetrics { val_macro_f1: Some(f1), ..metrics })
+    }
+
+    /// Keeps the step's metrics every `train.log_every` steps, after an evaluation and after the last step;
+    /// rank 0 prints them and appends them to `metrics.jsonl`.
+    pub fn log(&mut self, m: StepMetrics) -> Result<()> {
+        let cfg = &self.job.train;
+        let step = self.step;
+        if !(step.is_multiple_of(cfg.log_every) || step == cfg.steps || m.val_macro_f1.is_some()) {
+            return Ok(());
+        }
+        if self.dist.rank == 0 {
+            let (elapsed, rate, eta) = self.progress();
+            tracing::info!(
+                "step {step}/{} loss {:.4} (cls {:.4}, prompt {:.4}) lr {:.2e} |g| {:.3} \
+                 {rate:.1} clips/s data-wait {:.1}% ETA {eta:.0} s",
+                cfg.steps,
+                m.loss,
+                m.classification,
+                m.contrastive,
+                m.lr,
+                m.grad_norm,
+                100.0 * self.throughput.waited / elapsed,
             );
+            let mut file = std::fs::OpenOptions::new().append(true).open(&self.metrics_path)?;
+            writeln!(file, "{}", serde_json::to_string(&m)?)?;
         }
+        self.history.push(m);
+        Ok(())
     }
-    crate::heartbeat::update(|h| h.phase = "done".into());
-    Ok(Trained { history, validation })
+
+    /// Commits a checkpoint every `checkpoint.every` steps and after the last (rank 0 writes; all ranks wait).
+    pub fn maybe_checkpoint(&mut self) -> Result<()> {
+        let (job, dist, step) = (self.job, self.dist, self.step);
+        if !(step.is_multiple_of(job.checkpoint.every) || step == job.train.steps) {
+            return Ok(());
+        }
+        crate::heartbeat::update(|h| h.phase = "checkpointing".into());
+        let cursors = gather_cursors(dist, &self.cursors, self.accumulation);
+        if dist.rank == 0 {
+            let state =
+                CheckpointState { step, cursors, config: job.clone(), metrics: self.history.clone(), best: self.best };
+            self.checkpoints.save(&state, &self.named, &self.opt.state())?;
+            tracing::info!(step, uri = %job.checkpoint.uri, "checkpoint committed");
+        }
+        dist.barrier();
+        crate::heartbeat::update(|h| h.phase = "training".into());
+        Ok(())
+    }
+
+    /// The final validation (evaluated now if the run was resumed with nothing left to train); rank 0 prints the
+    /// table and draws `curves.png` and `confusion.png`.
+    pub fn finish(self) -> Result<Trained> {
+        let (job, dist, step) = (self.job, self.dist, self.step);
+        if dist.rank == 0 && self.phases.steps > 0 {
+            tracing::info!("{}", self.phases.report(dist.world_size, self.accumulation));
+        }
+        let validation = match self.last_eval {
+            Some(confusion) => confusion,
+            None => evaluate(&self.session, &self.model, Split::Validation)?.confusion,
+        };
+        if dist.rank == 0 {
+            println!("validation after step {step}: {}", summary(&validation));
+            print!("{}", validation.render(&avexpr_data::affwild2::PAPER_TRAIN_RATIOS));
+            for (file, result) in [
+                ("curves.png", crate::plots::curves_png(&job.run_dir.join("curves.png"), &self.history)),
+                (
+                    "confusion.png",
+                    crate::plots::confusion_png(
+                        &job.run_dir.join("confusion.png"),
+                        &validation,
+                        &format!("validation, step {step}: {}", summary(&validation)),
+                    ),
+                ),
+            ] {
+                match result {
+                    Ok(()) => tracing::info!("wrote {}", job.run_dir.join(file).display()),
+                    Err(e) => tracing::warn!("{file} not written: {e:#}"),
+                }
+            }
+            if let Some(b) = self.best {
+                println!(
+                    "best validation macro F1 {:.4} at step {} (kept as checkpoint step-{:08})",
+                    b.macro_f1, b.step, b.step
+                );
+            }
+        }
+        crate::heartbeat::update(|h| h.phase = "done".into());
+        Ok(Trained { history: self.history, validation })
+    }
+}
+
+/// Where training starts: step 0, or a checkpoint's step, loader cursors, metrics and best validation.
+struct Start {
+    step: u64,
+    cursors: Vec<Cursor>,
+    history: Vec<StepMetrics>,
+    best: Option<Best>,
+}
+
+impl Start {
+    fn fresh(slots: usize) -> Self {
+        Start { step: 0, cursors: vec![Cursor::default(); slots], history: Vec::new(), best: None }
+    }
+}
+
+/// Restores the newest valid checkpoint's variables and optimizer state; `None` when there is none.
+fn resume(
+    checkpoints: &CheckpointStore,
+    slots: usize,
+    named: &[(String, Tensor)],
+    opt: &mut AdamW,
+    dist: &Dist,
+) -> Result<Option<Start>> {
+    let Some(ckpt) = checkpoints.latest_valid()? else { return Ok(None) };
+    anyhow::ensure!(
+        ckpt.state.cursors.len() == slots,
+        "checkpoint {}: made with {} data slots (ranks x accumulation), this job has {slots}",
+        ckpt.name,
+        ckpt.state.cursors.len()
+    );
+    ckpt.restore_variables(named)?;
+    opt.load_state(&ckpt.optimizer, ckpt.state.step)?;
+    if dist.rank == 0 {
+        tracing::info!(checkpoint = %ckpt.name, step = ckpt.state.step, "resumed");
+    }
+    let state = ckpt.state;
+    Ok(Some(Start { step: state.step, cursors: state.cursors, history: state.metrics, best: state.best }))
+}
+
+/// One training feed per micro-batch of this rank, each positioned at its slot's cursor.
+fn start_feeds(
+    session: &Session,
+    options: &TrainOptions,
+    accumulation: usize,
+    cursors: &[Cursor],
+) -> Result<Vec<Feed>> {
+    let (job, dist) = (session.job, session.dist);
+    let slots = dist.world_size * accumulation;
+    let cache = match &job.data.features {
+        Some(_) => Some(crate::features::open_cache(job, &session.manifest_bytes)?),
+        None => None,
+    };
+    let sampler_cfg = job.sampler();
+    let loader_cfg = job.loader();
+    let mut feeds = Vec::with_capacity(accumulation);
+    for a in 0..accumulation {
+        let slot = dist.rank * accumulation + a;
+        let plan = options.plan.as_ref().map(|p| &p.train);
+        let sampler = RankSampler::new(&session.manifest, Split::Train, slot, slots, &sampler_cfg, plan)?;
+        anyhow::ensure!(!sampler.is_empty(), "data slot {slot} of {slots} has no training clips: too few videos");
+        feeds.push(match &cache {
+            None => Feed::Frames(Loader::start(
+                Source::Store(session.store.clone()),
+                session.manifest.clone(),
+                sampler,
+                &loader_cfg,
+                cursors[slot],
+                None,
+            )?),
+            Some(cache) => Feed::Cached(crate::features::FeatureLoader::start(
+                cache.clone(),
+                session.manifest.clone(),
+                sampler,
+                loader_cfg.batch_size,
+                cursors[slot],
+                loader_cfg.ready_batches,
+                session.device,
+            )?),
+        });
+    }
+    Ok(feeds)
 }
 
 /// Every slot's cursor on every rank (each rank knows its own slots').
