@@ -6,6 +6,7 @@ pub mod affwild2;
 pub mod annotation;
 pub mod augment;
 pub mod bench;
+pub mod config;
 pub mod decode;
 pub mod error;
 pub mod fetch;

@@ -63,17 +63,9 @@ pub struct LoaderConfig {
 }
 
 impl Default for LoaderConfig {
+    /// The `data` section's defaults, 32 clips per batch.
     fn default() -> Self {
-        Self {
-            batch_size: 32,
-            image_size: 0,
-            augment: Some(AugmentConfig::default()),
-            prefetch_bytes: 512 << 20,
-            fetch_concurrency: 8,
-            decode_threads: std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8)),
-            ready_batches: 2,
-            skip_bad: false,
-        }
+        crate::config::DataConfig::default().loader(32)
     }
 }
 

@@ -52,16 +52,9 @@ pub struct SamplerConfig {
 }
 
 impl Default for SamplerConfig {
+    /// The `data` section's defaults, labelled at the last frame, seed 0.
     fn default() -> Self {
-        Self {
-            frames_per_clip: 16,
-            stride: 8,
-            target: Target::Last,
-            class_balanced: false,
-            dense: false,
-            shuffle_shards: 16,
-            seed: 0,
-        }
+        crate::config::DataConfig::default().sampler(Target::Last, 0)
     }
 }
 

@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use avexpr_data::loader::{AugmentConfig, LoaderConfig};
+use avexpr_data::config::DataConfig;
+use avexpr_data::loader::LoaderConfig;
 use avexpr_data::sampler::SamplerConfig;
 use avexpr_model::ModelConfig;
 use serde::{Deserialize, Serialize};
@@ -16,71 +17,6 @@ pub struct JobError {
     pub path: PathBuf,
     pub field: String,
     pub reason: String,
-}
-
-/// `data`: where the ingested shards are and how clips are cut, read and augmented.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DataSection {
-    /// The ingest output: `s3://bucket/prefix` (AWS_* environment), `file:///dir` or a path.
-    pub shards: String,
-    pub frames_per_clip: usize,
-    pub stride: usize,
-    pub class_balanced: bool,
-    pub shuffle_shards: usize,
-    pub image_size: u32,
-    pub augment: Option<AugmentConfig>,
-    pub prefetch_bytes: u64,
-    pub fetch_concurrency: usize,
-    pub decode_threads: usize,
-    pub ready_batches: usize,
-    pub skip_bad: bool,
-    /// A frozen-encoder feature cache (`worker extract` writes it, training reads it instead of frames).
-    pub features: Option<FeaturesSection>,
-}
-
-/// `data.features`: where the feature cache is and how its values are stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FeaturesSection {
-    /// Store URI of the cache (e.g. next to the shards: `s3://bucket/affwild2-features`).
-    pub uri: String,
-    /// `f32` (exact) or `f16` (half the size).
-    pub dtype: FeatureDtype,
-}
-
-impl Default for FeaturesSection {
-    fn default() -> Self {
-        Self { uri: String::new(), dtype: FeatureDtype::F32 }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FeatureDtype {
-    F32,
-    F16,
-}
-
-impl Default for DataSection {
-    fn default() -> Self {
-        let (s, l) = (SamplerConfig::default(), LoaderConfig::default());
-        Self {
-            shards: String::new(),
-            frames_per_clip: s.frames_per_clip,
-            stride: s.stride,
-            class_balanced: s.class_balanced,
-            shuffle_shards: s.shuffle_shards,
-            image_size: l.image_size,
-            augment: l.augment,
-            prefetch_bytes: l.prefetch_bytes,
-            fetch_concurrency: l.fetch_concurrency,
-            decode_threads: l.decode_threads,
-            ready_batches: l.ready_batches,
-            skip_bad: l.skip_bad,
-            features: None,
-        }
-    }
 }
 
 /// `train`: batch arithmetic, optimizer, schedule.
@@ -236,7 +172,7 @@ struct JobFile {
     #[serde(default)]
     run_dir: Option<PathBuf>,
     #[serde(default)]
-    data: DataSection,
+    data: DataConfig,
     model: ModelConfig,
     #[serde(default)]
     train: TrainSection,
@@ -251,7 +187,7 @@ struct JobFile {
 pub struct JobConfig {
     /// Local folder for metrics and plots.
     pub run_dir: PathBuf,
-    pub data: DataSection,
+    pub data: DataConfig,
     pub model: ModelConfig,
     pub train: TrainSection,
     pub checkpoint: CheckpointSection,
@@ -296,37 +232,11 @@ impl JobConfig {
     }
 
     fn validate(&self) -> Result<(), (&'static str, String)> {
-        if self.data.shards.is_empty() {
-            return Err((
-                "data.shards",
-                "missing: the ingest output (s3://bucket/prefix, file:///dir or a path)".into(),
-            ));
-        }
-        if let Some(f) = &self.data.features {
-            if f.uri.is_empty() {
-                return Err(("data.features.uri", "missing: where `worker extract` writes the cache".into()));
-            }
-            if self.data.augment.is_some() {
-                return Err((
-                    "data.augment",
-                    "train-time augmentation cannot apply to cached features (data.features): set \
-                     `augment: null`, or remove data.features to train from frames"
-                        .into(),
-                ));
-            }
-        }
         // The loader's batch size is train.micro_batch: checked here, where the user writes it.
         if self.train.micro_batch == 0 {
             return Err(("train.micro_batch", "must be positive".into()));
         }
-        self.sampler().validate().map_err(|e| match e {
-            avexpr_data::sampler::SamplerError::Config { field, reason } => (field, reason),
-            other => ("data", other.to_string()),
-        })?;
-        self.loader().validate().map_err(|e| match e {
-            avexpr_data::loader::LoaderError::Config { field, reason } => (field, reason),
-            other => ("data", other.to_string()),
-        })?;
+        self.data.validate().map_err(|e| (e.field, e.reason))?;
         let t = &self.train;
         if t.global_batch == 0 || !t.global_batch.is_multiple_of(t.micro_batch) {
             return Err((
@@ -387,29 +297,13 @@ impl JobConfig {
         Ok(self.train.global_batch / per_step)
     }
 
+    /// The training windows: `data`, labelled at `model.head.target`, shuffled from `train.seed`.
     pub fn sampler(&self) -> SamplerConfig {
-        SamplerConfig {
-            frames_per_clip: self.data.frames_per_clip,
-            stride: self.data.stride,
-            target: self.model.head.target,
-            class_balanced: self.data.class_balanced,
-            dense: false,
-            shuffle_shards: self.data.shuffle_shards,
-            seed: self.train.seed,
-        }
+        self.data.sampler(self.model.head.target, self.train.seed)
     }
 
+    /// The training loader: `data`, `train.micro_batch` clips per batch.
     pub fn loader(&self) -> LoaderConfig {
-        let d = &self.data;
-        LoaderConfig {
-            batch_size: self.train.micro_batch,
-            image_size: d.image_size,
-            augment: d.augment.clone(),
-            prefetch_bytes: d.prefetch_bytes,
-            fetch_concurrency: d.fetch_concurrency,
-            decode_threads: d.decode_threads,
-            ready_batches: d.ready_batches,
-            skip_bad: d.skip_bad,
-        }
+        self.data.loader(self.train.micro_batch)
     }
 }

@@ -5,12 +5,13 @@ use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use avexpr_data::config::FeatureDtype;
 use avexpr_data::sampler::Target;
 use avexpr_model::config::AudioLayers;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::job::{FeatureDtype, JobConfig};
+use crate::job::JobConfig;
 
 pub const CACHE_MANIFEST: &str = "features.json";
 /// Written first: the settings the units in the store were made with (so a resumed extraction cannot mix).

@@ -4,9 +4,8 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, Result};
+use avexpr_data::config::FeatureDtype;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
-
-use crate::job::FeatureDtype;
 
 pub(super) fn unit_key(video: &str, unit: usize) -> String {
     format!("{video}/{unit:05}.safetensors")
