@@ -212,19 +212,33 @@ pub fn without_path(path: &str, message: String) -> String {
     }
 }
 
-/// A field-naming validation failure.
-fn bad(field: &str, reason: String) -> ModelError {
-    ModelError::config(Path::new("<config>"), field, reason)
+/// A `model` field whose value is invalid, by its path in the job file (`model.fusion.heads`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("field `{field}`: {reason}")]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
 }
 
-fn check_dropout(field: &str, p: f64) -> Result<()> {
+impl FieldError {
+    /// As an error of the file the config was read from.
+    pub fn in_file(self, path: &Path) -> ModelError {
+        ModelError::config(path, self.field, self.reason)
+    }
+}
+
+fn bad(field: &str, reason: String) -> FieldError {
+    FieldError { field: field.into(), reason }
+}
+
+fn check_dropout(field: &str, p: f64) -> Result<(), FieldError> {
     if !(0.0..1.0).contains(&p) {
         return Err(bad(field, format!("{p} must be in [0, 1)")));
     }
     Ok(())
 }
 
-fn check_positive(field: &str, v: i64) -> Result<()> {
+fn check_positive(field: &str, v: i64) -> Result<(), FieldError> {
     if v <= 0 {
         return Err(bad(field, format!("{v} must be positive")));
     }
@@ -235,33 +249,26 @@ impl ModelConfig {
     /// Reads the `model` section of a job's YAML file (the other sections belong to other crates). Relative
     /// checkpoint paths are taken relative to the directory the job is started from.
     pub fn from_job_file(path: &Path) -> Result<Self> {
+        /// A job file as this crate sees it: unknown fields are the other sections.
+        #[derive(Deserialize)]
+        struct Job {
+            model: ModelConfig,
+        }
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let root: serde_yaml::Value = serde_yaml::from_str(&text)
-            .map_err(|e| ModelError::config(path, "<root>", format!("malformed YAML: {e}")))?;
-        let section = root.get("model").ok_or_else(|| ModelError::config(path, "model", "section missing"))?;
-        let section = serde_yaml::to_string(section).map_err(|e| ModelError::config(path, "model", e.to_string()))?;
-        Self::from_yaml(&section, path)
+        let cfg = deserialize::<Job>(&text, path, "")?.model;
+        cfg.validate().map_err(|e| e.in_file(path))?;
+        Ok(cfg)
     }
 
     /// Parses the `model` section from YAML text (the section's own mapping, without the `model:` key).
     pub fn from_yaml(text: &str, origin: &Path) -> Result<Self> {
-        let de = serde_yaml::Deserializer::from_str(text);
-        let cfg: Self = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let reason = without_path(&path, e.into_inner().to_string());
-            ModelError::config(origin, format!("model.{path}"), reason)
-        })?;
-        cfg.validate().map_err(|e| match e {
-            ModelError::BadConfig { field, reason, .. } => {
-                ModelError::BadConfig { path: origin.to_path_buf(), field, reason }
-            }
-            other => other,
-        })?;
+        let cfg: Self = deserialize(text, origin, "model.")?;
+        cfg.validate().map_err(|e| e.in_file(origin))?;
         Ok(cfg)
     }
 
     /// Checks what serde cannot: ranges and divisibility. Messages name the field from `model.` down.
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         let t = &self.tcn;
         if t.channels.is_empty() {
             return Err(bad("model.tcn.channels", "must list at least one level".into()));
@@ -332,4 +339,19 @@ impl ModelConfig {
         }
         Ok(())
     }
+}
+
+/// YAML text deserialized; errors name `origin` and the field's path (`prefix` + serde's path:
+/// `model.head.pooling`).
+fn deserialize<T: serde::de::DeserializeOwned>(text: &str, origin: &Path, prefix: &str) -> Result<T> {
+    serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text)).map_err(|e| {
+        let path = e.path().to_string();
+        let reason = without_path(&path, e.into_inner().to_string());
+        let field = match (path.as_str(), prefix.strip_suffix('.')) {
+            (".", Some(section)) => section.to_string(),
+            (".", None) => "<root>".to_string(),
+            _ => format!("{prefix}{path}"),
+        };
+        ModelError::config(origin, field, reason)
+    })
 }

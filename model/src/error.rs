@@ -18,6 +18,9 @@ pub enum ModelError {
     },
     #[error("{path}: field `{field}`: {reason}")]
     BadConfig { path: PathBuf, field: String, reason: String },
+    /// A [`crate::ModelConfig`] built in code (not read from a file) that does not validate.
+    #[error("model config: {0}")]
+    InvalidConfig(#[from] crate::config::FieldError),
     #[error("{path}: unsupported model_type `{found}` (expected {expected})")]
     UnsupportedModelType { path: PathBuf, found: String, expected: String },
     #[error("{dir}: no checkpoint found (looked for model.safetensors and pytorch_model.bin)")]

@@ -207,10 +207,7 @@ impl JobConfig {
                 let path = e.path().to_string();
                 err(&path, avexpr_model::config::without_path(&path, e.into_inner().to_string()))
             })?;
-        file.model.validate().map_err(|e| match e {
-            avexpr_model::ModelError::BadConfig { field, reason, .. } => err(&field, reason),
-            other => err("model", other.to_string()),
-        })?;
+        file.model.validate().map_err(|e| err(&e.field, e.reason))?;
         let run_dir = file.run_dir.unwrap_or_else(|| {
             PathBuf::from("runs").join(path.file_stem().map_or("job".into(), |s| s.to_string_lossy().into_owned()))
         });
