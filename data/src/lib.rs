@@ -20,6 +20,7 @@ pub mod metric;
 pub mod predictions;
 pub mod sampler;
 pub mod shard;
+pub mod stack;
 pub mod store;
 pub mod synth;
 

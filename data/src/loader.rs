@@ -40,6 +40,7 @@ use crate::fetch::{FetchError, fetch_shard};
 use crate::manifest::{Manifest, VideoRecord};
 use crate::sampler::{Clip, Cursor, RankSampler, SamplerError};
 use crate::shard::Sample;
+use crate::stack::{PaddedRow, stack_padded};
 use crate::store::Store;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -203,30 +204,23 @@ impl Batch {
     }
 
     fn from_clips(clips: Vec<DecodedClip>, cursor: Cursor, frames: usize, image_size: usize) -> Batch {
-        let samples = clips.iter().map(|c| c.audio.len()).max().unwrap_or(0);
-        let mut b = Batch {
-            clips: Vec::with_capacity(clips.len()),
+        let audio_rows: Vec<_> = clips.iter().map(|c| PaddedRow::dense(&c.audio[..], c.audio.len())).collect();
+        let (audio, samples) = stack_padded(&audio_rows, 1, 1, 0);
+        let mask_rows: Vec<_> = clips.iter().map(|c| PaddedRow::dense(&c.audio_mask[..], c.audio_mask.len())).collect();
+        let (audio_mask, _) = stack_padded(&mask_rows, 1, 1, 0);
+        Batch {
             frames,
             image_size,
-            faces: Vec::with_capacity(clips.len() * frames * 3 * image_size * image_size),
-            face_mask: Vec::with_capacity(clips.len() * frames),
-            frame_mask: Vec::with_capacity(clips.len() * frames),
-            labels: Vec::with_capacity(clips.len() * frames),
-            audio: vec![0.0; clips.len() * samples],
-            audio_mask: vec![0; clips.len() * samples],
+            faces: clips.iter().flat_map(|c| c.faces.iter().copied()).collect(),
+            face_mask: clips.iter().flat_map(|c| c.face_mask.iter().copied()).collect(),
+            frame_mask: clips.iter().flat_map(|c| c.frame_mask.iter().copied()).collect(),
+            labels: clips.iter().flat_map(|c| c.labels.iter().copied()).collect(),
+            audio,
+            audio_mask,
             samples,
             cursor,
-        };
-        for (i, c) in clips.into_iter().enumerate() {
-            b.faces.extend_from_slice(&c.faces);
-            b.face_mask.extend_from_slice(&c.face_mask);
-            b.frame_mask.extend_from_slice(&c.frame_mask);
-            b.labels.extend_from_slice(&c.labels);
-            b.audio[i * samples..i * samples + c.audio.len()].copy_from_slice(&c.audio);
-            b.audio_mask[i * samples..i * samples + c.audio.len()].copy_from_slice(&c.audio_mask);
-            b.clips.push(c.meta);
+            clips: clips.into_iter().map(|c| c.meta).collect(),
         }
-        b
     }
 }
 

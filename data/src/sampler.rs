@@ -249,17 +249,17 @@ pub fn units_of(cfg: &SamplerConfig, video: &VideoRecord) -> Vec<Vec<Clip>> {
     }
     let mut units = vec![Vec::new(); video.shards.len()];
     for clip in clips {
-        units[unit_of(cfg, video, &clip)].push(clip);
+        units[unit_of(cfg, video, clip.start)].push(clip);
     }
     units
 }
 
-/// The index of the unit of [`units_of`] that holds `clip`.
-pub fn unit_of(cfg: &SamplerConfig, video: &VideoRecord, clip: &Clip) -> usize {
+/// The index of the unit of [`units_of`] that holds the clip starting at frame `start`.
+pub fn unit_of(cfg: &SamplerConfig, video: &VideoRecord, start: i64) -> usize {
     if video.shards.is_empty() {
         return 0;
     }
-    let target = (clip.start + cfg.target_offset() as i64).max(0) as usize;
+    let target = (start + cfg.target_offset() as i64).max(0) as usize;
     video.shards.partition_point(|s| s.first_frame + s.frames <= target).min(video.shards.len() - 1)
 }
 

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use avexpr_data::layout::Split;
 use avexpr_data::loader::{Loader, LoaderConfig, Source};
 use avexpr_data::manifest::VideoRecord;
-use avexpr_data::sampler::{Clip, Cursor, Plan, RankSampler, SamplerConfig, unit_of, units_of};
+use avexpr_data::sampler::{Cursor, Plan, RankSampler, SamplerConfig, unit_of, units_of};
 use avexpr_data::store::{Store, StoreError};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
@@ -18,7 +18,7 @@ use crate::job::JobConfig;
 use crate::session::{Session, raw_batch};
 
 use super::key::{CACHE_KEY, CACHE_MANIFEST, CacheKey, CacheManifest, UnitRecord, check_key};
-use super::unit::{ClipFeatures, read_unit, unit_key, write_unit};
+use super::unit::{ClipFeatures, Dims, read_unit, unit_key, write_unit};
 
 pub struct ExtractReport {
     pub units_written: usize,
@@ -99,17 +99,7 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
             let units: Vec<(String, usize)> = batch
                 .clips
                 .iter()
-                .map(|c| {
-                    let video = index[c.video.as_str()];
-                    let clip = Clip {
-                        video: c.video.clone(),
-                        start: c.start,
-                        frames: c.frames,
-                        video_frames: video.frames,
-                        target: c.target,
-                    };
-                    (c.video.clone(), unit_of(&cfg, video, &clip))
-                })
+                .map(|c| (c.video.clone(), unit_of(&cfg, index[c.video.as_str()], c.start)))
                 .collect();
             if units.iter().all(|u| done.contains(u)) {
                 continue;
@@ -148,7 +138,12 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
                         unit.1,
                         clips,
                         features.dtype,
-                        [f, image_dim as usize, states as usize, hidden as usize],
+                        Dims {
+                            frames: f,
+                            image_dim: image_dim as usize,
+                            states: states as usize,
+                            hidden: hidden as usize,
+                        },
                     )?;
                     let k = unit_key(&unit.0, unit.1);
                     let sha256 = hex::encode(Sha256::digest(&bytes));

@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 use crate::job::JobConfig;
 
 use super::key::{CACHE_MANIFEST, CacheKey, CacheManifest, UnitRecord, check_key};
-use super::unit::{Unit, read_unit, unit_key};
+use super::unit::{Dims, FeatureRows, Unit, read_unit, unit_key};
 
 /// A committed cache: its store and its `features.json`.
 #[derive(Clone)]
@@ -50,33 +50,24 @@ pub struct CachedBatch {
     pub len: usize,
 }
 
-struct RawCached {
-    frames: usize,
-    image_dim: usize,
-    states: usize,
-    hidden: usize,
-    audio_frames: usize,
-    image: Vec<f32>,
-    face_mask: Vec<u8>,
-    labels: Vec<i8>,
-    audio: Vec<f32>,
-    valid: Vec<i64>,
-    fps: Vec<f64>,
+/// A batch gathered on the loader thread, made tensors on the consumer's.
+struct Gathered {
+    rows: FeatureRows,
     cursor: Cursor,
 }
 
-impl RawCached {
+impl Gathered {
     fn into_batch(self, device: Device) -> CachedBatch {
-        let n = self.fps.len() as i64;
-        let (f, t) = (self.frames as i64, self.audio_frames as i64);
-        let image_embeds = Tensor::from_slice(&self.image).view([n, f, self.image_dim as i64]).to_device(device);
-        let face_mask = Tensor::from_slice(&self.face_mask).view([n, f]).to_kind(Kind::Bool).to_device(device);
-        let audio_states =
-            Tensor::from_slice(&self.audio).view([n, self.states as i64, t, self.hidden as i64]).to_device(device);
-        let audio_mask = avexpr_model::length_mask(&Tensor::from_slice(&self.valid).to_device(device), t);
-        let labels = Tensor::from_slice(&self.labels).view([n, f]).to_kind(Kind::Int64);
+        let r = self.rows;
+        let Dims { frames, image_dim, states, hidden } = r.dims;
+        let (n, f, t) = (r.len() as i64, frames as i64, r.audio_frames as i64);
+        let image_embeds = Tensor::from_slice(&r.image).view([n, f, image_dim as i64]).to_device(device);
+        let face_mask = Tensor::from_slice(&r.face_mask).view([n, f]).to_kind(Kind::Bool).to_device(device);
+        let audio_states = Tensor::from_slice(&r.audio).view([n, states as i64, t, hidden as i64]).to_device(device);
+        let audio_mask = avexpr_model::length_mask(&Tensor::from_slice(&r.audio_valid).to_device(device), t);
+        let labels = Tensor::from_slice(&r.labels).view([n, f]).to_kind(Kind::Int64);
         CachedBatch {
-            features: FeatureBatch { image_embeds, face_mask, audio_states, audio_mask, fps: self.fps },
+            features: FeatureBatch { image_embeds, face_mask, audio_states, audio_mask, fps: r.fps },
             labels,
             cursor: self.cursor,
             len: n as usize,
@@ -87,7 +78,7 @@ impl RawCached {
 /// Training batches from the cache, in the sampler's order (the same clips, batches and cursors as the frame
 /// loader), prepared by a background thread that holds at most `shuffle_shards + 1` units.
 pub struct FeatureLoader {
-    batches: std::sync::mpsc::Receiver<Result<RawCached>>,
+    batches: std::sync::mpsc::Receiver<Result<Gathered>>,
     device: Device,
 }
 
@@ -136,26 +127,29 @@ impl FeatureLoader {
                 Ok(unit)
             };
             for (clip, cursor) in sampler.stream(cursor) {
-                let step = (|| -> Result<Option<RawCached>> {
+                let step = (|| -> Result<Option<Gathered>> {
                     let video = index
                         .get(clip.video.as_str())
                         .with_context(|| format!("video {} not in the manifest", clip.video))?;
-                    let key = unit_key(&clip.video, unit_of(&cfg, video, &clip));
+                    let key = unit_key(&clip.video, unit_of(&cfg, video, clip.start));
                     let unit = load(&key)?;
                     let row = *unit
-                        .rows
+                        .by_start
                         .get(&clip.start)
                         .with_context(|| format!("feature unit {key}: no clip starting at frame {}", clip.start))?;
                     anyhow::ensure!(
-                        unit.target[row] == clip.target,
+                        unit.rows.target[row] == clip.target,
                         "feature unit {key}: clip at frame {} is labelled {} in the cache, {} in the dataset",
                         clip.start,
-                        unit.target[row],
+                        unit.rows.target[row],
                         clip.target
                     );
                     picked.push((unit, row));
                     if picked.len() == batch_size || cursor.position == epoch_len {
-                        return Ok(Some(gather(std::mem::take(&mut picked), cursor)));
+                        let rows: Vec<_> = picked.iter().map(|(unit, row)| unit.rows.row(*row)).collect();
+                        let rows = FeatureRows::stack(picked[0].0.rows.dims, &rows);
+                        picked.clear();
+                        return Ok(Some(Gathered { rows, cursor }));
                     }
                     Ok(None)
                 })();
@@ -183,41 +177,4 @@ impl FeatureLoader {
         let raw = self.batches.recv().context("the feature loader stopped")??;
         Ok(raw.into_batch(self.device))
     }
-}
-
-/// Stacks the picked rows, padding the audio to the longest.
-fn gather(picked: Vec<(Arc<Unit>, usize)>, cursor: Cursor) -> RawCached {
-    let first = &picked[0].0;
-    let (frames, image_dim, states, hidden) = (first.frames, first.image_dim, first.states, first.hidden);
-    let t = picked.iter().map(|(u, r)| u.audio_valid[*r] as usize).max().unwrap_or(0).max(1);
-    let n = picked.len();
-    let mut out = RawCached {
-        frames,
-        image_dim,
-        states,
-        hidden,
-        audio_frames: t,
-        image: Vec::with_capacity(n * frames * image_dim),
-        face_mask: Vec::with_capacity(n * frames),
-        labels: Vec::with_capacity(n * frames),
-        audio: vec![0.0; n * states * t * hidden],
-        valid: Vec::with_capacity(n),
-        fps: Vec::with_capacity(n),
-        cursor,
-    };
-    for (i, (u, r)) in picked.iter().enumerate() {
-        let r = *r;
-        out.image.extend_from_slice(&u.image[r * frames * image_dim..(r + 1) * frames * image_dim]);
-        out.face_mask.extend_from_slice(&u.face_mask[r * frames..(r + 1) * frames]);
-        out.labels.extend_from_slice(&u.labels[r * frames..(r + 1) * frames]);
-        let v = u.audio_valid[r] as usize;
-        for s in 0..states {
-            let src = (r * u.states + s) * u.audio_frames * hidden;
-            let dst = (i * states + s) * t * hidden;
-            out.audio[dst..dst + v * hidden].copy_from_slice(&u.audio[src..src + v * hidden]);
-        }
-        out.valid.push(u.audio_valid[r]);
-        out.fps.push(u.fps[r]);
-    }
-    out
 }

@@ -5,13 +5,14 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 use avexpr_data::config::FeatureDtype;
+use avexpr_data::stack::{PaddedRow, stack_padded};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 pub(super) fn unit_key(video: &str, unit: usize) -> String {
     format!("{video}/{unit:05}.safetensors")
 }
 
-/// One clip's features, on the CPU.
+/// One clip's features as extracted, on the CPU.
 pub(super) struct ClipFeatures {
     pub(super) start: i64,
     pub(super) fps: f64,
@@ -24,22 +25,108 @@ pub(super) struct ClipFeatures {
     pub(super) audio_valid: i64,
 }
 
-/// The features of one unit as stored.
-pub(super) struct Unit {
-    /// Clip start -> row.
-    pub(super) rows: HashMap<i64, usize>,
+impl ClipFeatures {
+    fn row(&self) -> Row<'_> {
+        Row {
+            start: self.start,
+            fps: self.fps,
+            target: self.target,
+            image: &self.image,
+            face_mask: &self.face_mask,
+            labels: &self.labels,
+            audio: PaddedRow::dense(&self.audio, self.audio_valid as usize),
+        }
+    }
+}
+
+/// One clip's features, borrowed from an extraction or from a row of [`FeatureRows`].
+pub(super) struct Row<'a> {
+    start: i64,
+    fps: f64,
+    target: i8,
+    image: &'a [f32],
+    face_mask: &'a [u8],
+    labels: &'a [i8],
+    /// `states` runs of `valid x hidden` values.
+    audio: PaddedRow<'a, f32>,
+}
+
+/// The shapes of a cache's rows: frames per clip, CLIP embedding width, Wav2Vec 2.0 states per frame and width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Dims {
     pub(super) frames: usize,
     pub(super) image_dim: usize,
     pub(super) states: usize,
-    pub(super) audio_frames: usize,
     pub(super) hidden: usize,
+}
+
+/// The features of clips stacked per field, the audio padded to the longest: a unit as stored, and a training
+/// batch gathered from units' rows.
+pub(super) struct FeatureRows {
+    pub(super) dims: Dims,
+    /// Audio frames per row, padded (at least 1).
+    pub(super) audio_frames: usize,
+    /// `[n, frames, image_dim]`.
     pub(super) image: Vec<f32>,
+    /// `[n, frames]`.
     pub(super) face_mask: Vec<u8>,
+    /// `[n, frames]`.
     pub(super) labels: Vec<i8>,
+    /// `[n, states, audio_frames, hidden]`.
     pub(super) audio: Vec<f32>,
     pub(super) audio_valid: Vec<i64>,
     pub(super) fps: Vec<f64>,
+    pub(super) start: Vec<i64>,
     pub(super) target: Vec<i8>,
+}
+
+impl FeatureRows {
+    /// Stacks `rows` (each of `dims`).
+    pub(super) fn stack(dims: Dims, rows: &[Row<'_>]) -> Self {
+        let audio: Vec<PaddedRow<'_, f32>> = rows.iter().map(|r| r.audio).collect();
+        let (audio, audio_frames) = stack_padded(&audio, dims.states, dims.hidden, 1);
+        FeatureRows {
+            dims,
+            audio_frames,
+            image: rows.iter().flat_map(|r| r.image.iter().copied()).collect(),
+            face_mask: rows.iter().flat_map(|r| r.face_mask.iter().copied()).collect(),
+            labels: rows.iter().flat_map(|r| r.labels.iter().copied()).collect(),
+            audio,
+            audio_valid: rows.iter().map(|r| r.audio.len as i64).collect(),
+            fps: rows.iter().map(|r| r.fps).collect(),
+            start: rows.iter().map(|r| r.start).collect(),
+            target: rows.iter().map(|r| r.target).collect(),
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.start.len()
+    }
+
+    /// Row `i`, borrowed.
+    pub(super) fn row(&self, i: usize) -> Row<'_> {
+        let Dims { frames, image_dim, states, hidden } = self.dims;
+        let per_audio = states * self.audio_frames * hidden;
+        Row {
+            start: self.start[i],
+            fps: self.fps[i],
+            target: self.target[i],
+            image: &self.image[i * frames * image_dim..(i + 1) * frames * image_dim],
+            face_mask: &self.face_mask[i * frames..(i + 1) * frames],
+            labels: &self.labels[i * frames..(i + 1) * frames],
+            audio: PaddedRow {
+                values: &self.audio[i * per_audio..(i + 1) * per_audio],
+                len: self.audio_valid[i] as usize,
+                stride: self.audio_frames,
+            },
+        }
+    }
+}
+
+/// A stored unit: its rows, and which row holds the clip starting at each frame.
+pub(super) struct Unit {
+    pub(super) rows: FeatureRows,
+    pub(super) by_start: HashMap<i64, usize>,
 }
 
 fn to_bytes(values: &[f32], dtype: FeatureDtype) -> (Dtype, Vec<u8>) {
@@ -71,34 +158,24 @@ pub(super) fn write_unit(
     unit: usize,
     mut clips: Vec<ClipFeatures>,
     dtype: FeatureDtype,
-    dims: [usize; 4],
+    dims: Dims,
 ) -> Result<Vec<u8>> {
     clips.sort_by_key(|c| c.start);
-    let [frames, image_dim, states, hidden] = dims;
-    let n = clips.len();
-    let t = clips.iter().map(|c| c.audio_valid as usize).max().unwrap_or(0).max(1);
-    let mut audio = vec![0f32; n * states * t * hidden];
-    for (i, c) in clips.iter().enumerate() {
-        let v = c.audio_valid as usize;
-        for s in 0..states {
-            let src = &c.audio[s * v * hidden..(s + 1) * v * hidden];
-            let dst = (i * states + s) * t * hidden;
-            audio[dst..dst + v * hidden].copy_from_slice(src);
-        }
-    }
-    let image: Vec<f32> = clips.iter().flat_map(|c| c.image.iter().copied()).collect();
-    let (image_dtype, image_bytes) = to_bytes(&image, dtype);
-    let (audio_dtype, audio_bytes) = to_bytes(&audio, dtype);
-    let face_mask: Vec<u8> = clips.iter().flat_map(|c| c.face_mask.iter().copied()).collect();
-    let labels: Vec<u8> = clips.iter().flat_map(|c| c.labels.iter().map(|&l| l as u8)).collect();
-    let start: Vec<u8> = clips.iter().flat_map(|c| c.start.to_le_bytes()).collect();
-    let valid: Vec<u8> = clips.iter().flat_map(|c| c.audio_valid.to_le_bytes()).collect();
-    let fps: Vec<u8> = clips.iter().flat_map(|c| c.fps.to_le_bytes()).collect();
-    let target: Vec<u8> = clips.iter().map(|c| c.target as u8).collect();
+    let rows: Vec<Row<'_>> = clips.iter().map(ClipFeatures::row).collect();
+    let r = FeatureRows::stack(dims, &rows);
+    let (n, t) = (r.len(), r.audio_frames);
+    let Dims { frames, image_dim, states, hidden } = dims;
+    let (image_dtype, image_bytes) = to_bytes(&r.image, dtype);
+    let (audio_dtype, audio_bytes) = to_bytes(&r.audio, dtype);
+    let labels: Vec<u8> = r.labels.iter().map(|&l| l as u8).collect();
+    let start: Vec<u8> = r.start.iter().flat_map(|s| s.to_le_bytes()).collect();
+    let valid: Vec<u8> = r.audio_valid.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let fps: Vec<u8> = r.fps.iter().flat_map(|f| f.to_le_bytes()).collect();
+    let target: Vec<u8> = r.target.iter().map(|&t| t as u8).collect();
     let tensors = vec![
         ("image", view(image_dtype, vec![n, frames, image_dim], &image_bytes)),
         ("audio", view(audio_dtype, vec![n, states, t, hidden], &audio_bytes)),
-        ("face_mask", view(Dtype::U8, vec![n, frames], &face_mask)),
+        ("face_mask", view(Dtype::U8, vec![n, frames], &r.face_mask)),
         ("labels", view(Dtype::I8, vec![n, frames], &labels)),
         ("start", view(Dtype::I64, vec![n], &start)),
         ("audio_valid", view(Dtype::I64, vec![n], &valid)),
@@ -120,25 +197,19 @@ pub(super) fn read_unit(key: &str, bytes: &[u8]) -> Result<Unit> {
     let i64s = |name: &str| -> Result<Vec<i64>> {
         Ok(get(name)?.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8"))).collect())
     };
-    let start = i64s("start")?;
-    let fps = get("fps")?.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8"))).collect();
-    Ok(Unit {
-        rows: start.iter().enumerate().map(|(i, s)| (*s, i)).collect(),
-        frames,
-        image_dim,
-        states,
+    let rows = FeatureRows {
+        dims: Dims { frames, image_dim, states, hidden },
         audio_frames,
-        hidden,
         image: from_bytes(&image)?,
         face_mask: get("face_mask")?.data().to_vec(),
         labels: get("labels")?.data().iter().map(|&b| b as i8).collect(),
         audio: from_bytes(&audio)?,
         audio_valid: i64s("audio_valid")?,
-        fps,
+        fps: get("fps")?.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8"))).collect(),
+        start: i64s("start")?,
         target: get("target")?.data().iter().map(|&b| b as i8).collect(),
-    })
-    .and_then(|u: Unit| {
-        anyhow::ensure!(u.rows.len() == n, "feature unit {key}: repeated clip starts");
-        Ok(u)
-    })
+    };
+    let by_start: HashMap<i64, usize> = rows.start.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+    anyhow::ensure!(by_start.len() == n, "feature unit {key}: repeated clip starts");
+    Ok(Unit { rows, by_start })
 }
