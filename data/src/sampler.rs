@@ -1,7 +1,7 @@
 //! What each rank reads, in which order: the deterministic planning half of the streaming loader.
 //!
-//! - Plan: videos of a split assigned to ranks, balanced by labelled frames (largest first to the least loaded
-//!   rank, ties by rank), identical on every rank; or an explicit plan (video -> rank) that is honoured.
+//! - Assignment: videos of a split assigned to ranks (data slots), balanced by labelled frames (largest first to
+//!   the least loaded, ties by slot), identical on every rank; or an explicit one (`plan.json`) that is honoured.
 //! - Clips: windows of `frames_per_clip` frames every `stride` frames whose target frame (last or centre) is
 //!   labelled; where that leaves a labelled frame outside every window (its neighbours' targets are -1), a
 //!   window is added around it with the labelled target reaching furthest ahead. So the clips of an epoch cover
@@ -175,50 +175,55 @@ impl SamplerConfig {
     }
 }
 
-/// Video -> rank.
+/// Which data slot reads each video of a split. A slot is one stream of the sampler (a rank, or one micro-batch
+/// of a rank that accumulates: see the worker's training loop); `plan.json` holds one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Plan {
-    pub world_size: usize,
-    pub ranks: BTreeMap<String, usize>,
+pub struct Assignment {
+    /// How many slots the videos are spread over (written as `world_size` before 2026-12).
+    #[serde(alias = "world_size")]
+    pub slots: usize,
+    /// Video -> slot (written as `ranks` before 2026-12).
+    #[serde(alias = "ranks")]
+    pub slot_of: BTreeMap<String, usize>,
 }
 
-impl Plan {
-    /// Largest videos first (by labelled frames, then name), each to the least loaded rank (then the lowest).
+impl Assignment {
+    /// Largest videos first (by labelled frames, then name), each to the least loaded slot (then the lowest).
     /// A split without labels (the test set) is balanced by frames: every frame gets a prediction there.
-    pub fn balanced(videos: &[&VideoRecord], world_size: usize) -> Plan {
+    pub fn balanced(videos: &[&VideoRecord], slots: usize) -> Assignment {
         let mut order: Vec<&VideoRecord> = videos.to_vec();
         let any_labels = videos.iter().any(|v| v.frames as u64 > v.ignored_frames);
         let labelled = |v: &VideoRecord| if any_labels { v.frames as u64 - v.ignored_frames } else { v.frames as u64 };
         order.sort_by(|a, b| labelled(b).cmp(&labelled(a)).then_with(|| a.name.cmp(&b.name)));
-        let mut load = vec![0u64; world_size.max(1)];
-        let mut ranks = BTreeMap::new();
+        let mut load = vec![0u64; slots.max(1)];
+        let mut slot_of = BTreeMap::new();
         for v in order {
-            let rank = (0..load.len()).min_by_key(|&r| (load[r], r)).expect("at least one rank");
-            load[rank] += labelled(v);
-            ranks.insert(v.name.clone(), rank);
+            let slot = (0..load.len()).min_by_key(|&s| (load[s], s)).expect("at least one slot");
+            load[slot] += labelled(v);
+            slot_of.insert(v.name.clone(), slot);
         }
-        Plan { world_size: world_size.max(1), ranks }
+        Assignment { slots: slots.max(1), slot_of }
     }
 
-    /// Labelled frames per rank.
+    /// Labelled frames per slot.
     pub fn loads(&self, videos: &[&VideoRecord]) -> Vec<u64> {
-        let mut load = vec![0u64; self.world_size];
+        let mut load = vec![0u64; self.slots];
         for v in videos {
-            load[self.ranks[&v.name]] += v.frames as u64 - v.ignored_frames;
+            load[self.slot_of[&v.name]] += v.frames as u64 - v.ignored_frames;
         }
         load
     }
 
-    fn check(&self, videos: &[&VideoRecord], world_size: usize) -> Result<(), SamplerError> {
-        if self.world_size != world_size {
-            return Err(SamplerError::Plan(format!("made for {} ranks, the job has {world_size}", self.world_size)));
+    fn check(&self, videos: &[&VideoRecord], slots: usize) -> Result<(), SamplerError> {
+        if self.slots != slots {
+            return Err(SamplerError::Plan(format!("made for {} data slots, the job has {slots}", self.slots)));
         }
         for v in videos {
-            match self.ranks.get(&v.name) {
-                None => return Err(SamplerError::Plan(format!("video `{}` is not assigned to any rank", v.name))),
-                Some(&r) if r >= world_size => {
+            match self.slot_of.get(&v.name) {
+                None => return Err(SamplerError::Plan(format!("video `{}` is not assigned to any data slot", v.name))),
+                Some(&s) if s >= slots => {
                     return Err(SamplerError::Plan(format!(
-                        "video `{}` is assigned to rank {r} of {world_size}",
+                        "video `{}` is assigned to data slot {s} of {slots}",
                         v.name
                     )));
                 }
@@ -264,14 +269,14 @@ pub fn unit_of(cfg: &SamplerConfig, video: &VideoRecord, start: i64) -> usize {
 }
 
 impl RankSampler {
-    /// `plan`: `None` for the balanced plan every rank computes identically.
+    /// `plan`: `None` for the balanced assignment every rank computes identically.
     pub fn new(
         manifest: &Manifest,
         split: Split,
         rank: usize,
         world_size: usize,
         cfg: &SamplerConfig,
-        plan: Option<&Plan>,
+        plan: Option<&Assignment>,
     ) -> Result<Self, SamplerError> {
         cfg.validate()?;
         if rank >= world_size {
@@ -283,11 +288,11 @@ impl RankSampler {
                 plan.check(&videos, world_size)?;
                 plan.clone()
             }
-            None => Plan::balanced(&videos, world_size),
+            None => Assignment::balanced(&videos, world_size),
         };
         let units: Vec<Vec<Clip>> = videos
             .iter()
-            .filter(|v| plan.ranks[&v.name] == rank)
+            .filter(|v| plan.slot_of[&v.name] == rank)
             .flat_map(|v| units_of(cfg, v))
             .filter(|u| !u.is_empty())
             .collect();

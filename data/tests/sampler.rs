@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use avexpr_data::layout::Split;
 use avexpr_data::manifest::{FaceSource, Manifest, VideoRecord};
-use avexpr_data::sampler::{Clip, Cursor, Plan, RankSampler, SamplerConfig, SamplerError, Target};
+use avexpr_data::sampler::{Assignment, Clip, Cursor, RankSampler, SamplerConfig, SamplerError, Target};
 use rand::{Rng, SeedableRng};
 
 /// `n` videos of 20..300 frames with skewed classes and runs of -1.
@@ -134,23 +134,23 @@ fn targets_are_labelled_and_distinct_for_both_target_rules() {
 fn the_plan_is_balanced_identical_everywhere_and_explicit_plans_are_honoured() {
     let m = manifest(40, 3);
     let videos: Vec<&VideoRecord> = m.videos.iter().filter(|v| v.split == Split::Train).collect();
-    let plan = Plan::balanced(&videos, 4);
-    assert_eq!(plan, Plan::balanced(&videos, 4));
+    let plan = Assignment::balanced(&videos, 4);
+    assert_eq!(plan, Assignment::balanced(&videos, 4));
     let loads = plan.loads(&videos);
     let biggest = videos.iter().map(|v| v.frames as u64 - v.ignored_frames).max().unwrap();
     assert!(loads.iter().max().unwrap() - loads.iter().min().unwrap() <= biggest, "{loads:?}");
 
     // An explicit plan: everything on rank 1 of 2.
-    let explicit = Plan { world_size: 2, ranks: videos.iter().map(|v| (v.name.clone(), 1)).collect() };
+    let explicit = Assignment { slots: 2, slot_of: videos.iter().map(|v| (v.name.clone(), 1)).collect() };
     let cfg = SamplerConfig::default();
     assert!(RankSampler::new(&m, Split::Train, 0, 2, &cfg, Some(&explicit)).unwrap().is_empty());
     assert!(!RankSampler::new(&m, Split::Train, 1, 2, &cfg, Some(&explicit)).unwrap().is_empty());
     let mut partial = explicit.clone();
-    partial.ranks.remove(&videos[3].name);
+    partial.slot_of.remove(&videos[3].name);
     let e = RankSampler::new(&m, Split::Train, 0, 2, &cfg, Some(&partial)).unwrap_err();
-    assert_eq!(e, SamplerError::Plan(format!("video `{}` is not assigned to any rank", videos[3].name)));
+    assert_eq!(e, SamplerError::Plan(format!("video `{}` is not assigned to any data slot", videos[3].name)));
     let e = RankSampler::new(&m, Split::Train, 0, 3, &cfg, Some(&explicit)).unwrap_err().to_string();
-    assert!(e.contains("made for 2 ranks, the job has 3"), "{e}");
+    assert!(e.contains("made for 2 data slots, the job has 3"), "{e}");
 }
 
 #[test]
@@ -291,7 +291,16 @@ fn unlabelled_videos_are_balanced_by_frames() {
         v.label_histogram = [0; 8];
     }
     let videos: Vec<&VideoRecord> = m.videos.iter().collect();
-    let plan = Plan::balanced(&videos, 3);
-    let ranks: BTreeSet<usize> = plan.ranks.values().copied().collect();
+    let plan = Assignment::balanced(&videos, 3);
+    let ranks: BTreeSet<usize> = plan.slot_of.values().copied().collect();
     assert_eq!(ranks.len(), 3, "{plan:?}");
+}
+
+#[test]
+fn assignments_written_with_the_old_field_names_still_read() {
+    // plan.json files written before the rename (`world_size`, `ranks`) are read as they were meant.
+    let old: Assignment = serde_json::from_str(r#"{"world_size": 2, "ranks": {"a": 1, "b": 0}}"#).unwrap();
+    let new: Assignment = serde_json::from_str(r#"{"slots": 2, "slot_of": {"a": 1, "b": 0}}"#).unwrap();
+    assert_eq!(old, new);
+    assert_eq!(old.slot_of["a"], 1);
 }

@@ -36,7 +36,7 @@ pub fn make(job: &JobConfig, manifest: &Manifest, ranks: usize) -> Result<(JobPl
 pub fn describe(plan: &JobPlan, manifest: &Manifest) -> String {
     let loads = plan.rank_loads(manifest);
     let mut videos = vec![0usize; plan.ranks];
-    for slot in plan.train.ranks.values() {
+    for slot in plan.train.slot_of.values() {
         videos[slot / plan.accumulation.max(1)] += 1;
     }
     let mut text = format!("{:>6} {:>8} {:>16}\n", "rank", "videos", "labelled frames");

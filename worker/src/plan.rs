@@ -8,7 +8,7 @@
 use anyhow::{Context, Result};
 use avexpr_data::layout::Split;
 use avexpr_data::manifest::{Manifest, VideoRecord};
-use avexpr_data::sampler::Plan;
+use avexpr_data::sampler::Assignment;
 use avexpr_data::store::Store;
 use serde::{Deserialize, Serialize};
 
@@ -21,7 +21,7 @@ pub struct JobPlan {
     pub ranks: usize,
     pub accumulation: usize,
     /// Training videos -> data slot (`ranks x accumulation` of them).
-    pub train: Plan,
+    pub train: Assignment,
 }
 
 impl JobPlan {
@@ -30,7 +30,7 @@ impl JobPlan {
         anyhow::ensure!(ranks > 0, "a plan needs at least one rank");
         let accumulation = job.accumulation(ranks)?;
         let videos = train_videos(manifest);
-        Ok(JobPlan { ranks, accumulation, train: Plan::balanced(&videos, ranks * accumulation) })
+        Ok(JobPlan { ranks, accumulation, train: Assignment::balanced(&videos, ranks * accumulation) })
     }
 
     /// Labelled training frames per rank.
@@ -48,7 +48,7 @@ impl JobPlan {
         );
         let accumulation = job.accumulation(ranks)?;
         anyhow::ensure!(
-            self.accumulation == accumulation && self.train.world_size == ranks * accumulation,
+            self.accumulation == accumulation && self.train.slots == ranks * accumulation,
             "the plan was made for {} micro-batches per step, the job accumulates {accumulation} \
              (train.global_batch changed?)",
             self.accumulation

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use avexpr_data::layout::Split;
 use avexpr_data::loader::{Loader, LoaderConfig, Source};
 use avexpr_data::manifest::VideoRecord;
-use avexpr_data::sampler::{Cursor, Plan, RankSampler, SamplerConfig, unit_of, units_of};
+use avexpr_data::sampler::{Assignment, Cursor, RankSampler, SamplerConfig, unit_of, units_of};
 use avexpr_data::store::{Store, StoreError};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
@@ -48,10 +48,10 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
     let model = session.build_model()?;
     let cfg = SamplerConfig { shuffle_shards: 1, class_balanced: false, dense: false, ..job.sampler() };
     let videos: Vec<&VideoRecord> = manifest.videos.iter().filter(|v| v.split == Split::Train).collect();
-    let plan = Plan::balanced(&videos, dist.world_size);
+    let plan = Assignment::balanced(&videos, dist.world_size);
     // This rank's units: (video, unit) -> clips expected.
     let mut expected: BTreeMap<(String, usize), usize> = BTreeMap::new();
-    for v in videos.iter().filter(|v| plan.ranks[&v.name] == dist.rank) {
+    for v in videos.iter().filter(|v| plan.slot_of[&v.name] == dist.rank) {
         for (u, clips) in units_of(&cfg, v).iter().enumerate().filter(|(_, c)| !c.is_empty()) {
             expected.insert((v.name.clone(), u), clips.len());
         }
