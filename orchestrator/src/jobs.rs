@@ -17,7 +17,7 @@ pub struct LaunchArgs {
     pub config: PathBuf,
     pub nodes: usize,
     pub gpus_per_node: usize,
-    pub target: String,
+    pub target: crate::spec::TargetKind,
     pub hostfile: Option<PathBuf>,
     pub dry_run: bool,
     /// The worker binary (default: `worker` beside this program).
@@ -66,7 +66,7 @@ fn k8s_name(config: &Path) -> String {
 /// `orchestrator launch`: returns the final report.
 pub fn launch(a: &LaunchArgs) -> Result<String> {
     let world = plan::world_size(a.nodes, a.gpus_per_node)?;
-    let target = Target::parse(&a.target, a.hostfile.as_deref())?;
+    let target = Target::new(a.target, a.hostfile.as_deref())?;
     let job_cfg = load_job(&a.config)?;
     let config = job_cfg.source.clone();
     check_ranks(&job_cfg, world)?;
@@ -112,7 +112,7 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
     let watcher = Watcher::new(&job)?;
     let mut record = RunRecord {
         config: config.clone(),
-        target: a.target.clone(),
+        target: clap::ValueEnum::to_possible_value(&a.target).expect("every target is named").get_name().to_string(),
         world_size: world,
         status: "running".into(),
         ..RunRecord::default()

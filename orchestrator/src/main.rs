@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use avexpr_orchestrator::spec::TargetKind;
 use avexpr_orchestrator::{doctor, jobs};
 use avexpr_worker::logging;
 use clap::{Parser, Subcommand};
@@ -44,8 +45,8 @@ enum Command {
         #[command(flatten)]
         shape: Shape,
         /// local (mpirun here), hostfile (mpirun --hostfile) or k8s (an MPIJob applied with kubectl).
-        #[arg(long, default_value = "local")]
-        target: String,
+        #[arg(long, value_enum, default_value_t = TargetKind::Local)]
+        target: TargetKind,
         /// The hosts of `--target hostfile` (Open MPI format).
         #[arg(long)]
         hostfile: Option<PathBuf>,

@@ -16,15 +16,26 @@ pub enum Target {
     K8s,
 }
 
+/// `--target`: where `orchestrator launch` starts the ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TargetKind {
+    /// mpirun on this machine.
+    Local,
+    /// mpirun --hostfile FILE.
+    Hostfile,
+    /// An MPIJob applied with kubectl.
+    K8s,
+}
+
 impl Target {
-    pub fn parse(name: &str, hostfile: Option<&Path>) -> Result<Target> {
-        match (name, hostfile) {
-            ("local", None) => Ok(Target::Local),
-            ("hostfile", Some(f)) => Ok(Target::Hostfile(f.to_path_buf())),
-            ("hostfile", None) => anyhow::bail!("--target hostfile needs --hostfile FILE"),
-            ("k8s", None) => Ok(Target::K8s),
-            ("local" | "k8s", Some(_)) => anyhow::bail!("--hostfile is only for --target hostfile"),
-            (other, _) => anyhow::bail!("--target: `{other}` is not one of local, hostfile, k8s"),
+    /// The target `--target` and `--hostfile` name together.
+    pub fn new(kind: TargetKind, hostfile: Option<&Path>) -> Result<Target> {
+        match (kind, hostfile) {
+            (TargetKind::Local, None) => Ok(Target::Local),
+            (TargetKind::Hostfile, Some(f)) => Ok(Target::Hostfile(f.to_path_buf())),
+            (TargetKind::Hostfile, None) => anyhow::bail!("--target hostfile needs --hostfile FILE"),
+            (TargetKind::K8s, None) => Ok(Target::K8s),
+            (TargetKind::Local | TargetKind::K8s, Some(_)) => anyhow::bail!("--hostfile is only for --target hostfile"),
         }
     }
 }

@@ -123,7 +123,10 @@ fn bad_arguments_are_rejected_before_anything_starts() {
         // global batch 4 of micro-batches of 2 cannot spread over 3 ranks.
         (vec!["--nodes", "3"], "train.global_batch"),
         (vec!["--target", "hostfile"], "--target hostfile needs --hostfile"),
-        (vec!["--target", "slurm"], "`slurm` is not one of local, hostfile, k8s"),
+        (
+            vec!["--target", "slurm"],
+            "invalid value 'slurm' for '--target <TARGET>'\n  [possible values: local, hostfile, k8s]",
+        ),
         (vec!["--worker", "/nonexistent/worker"], "/nonexistent/worker does not exist"),
         // The k8s target needs store URIs the pods can reach.
         (vec!["--target", "k8s", "--dry-run"], "is a local path; pods need an s3:// URI"),

@@ -123,16 +123,51 @@ fn interleaved(
     Ok((table, last))
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// `worker bench-encoders`: the command line, and (the sizes) what the reference script is sent.
+#[derive(Debug, Clone, Serialize, clap::Args)]
 pub struct EncoderBench {
+    /// Torch threads for both sides (default: all cores).
+    #[arg(long, default_value_t = crate::all_cores())]
     pub threads: usize,
+    #[arg(long, default_value_t = 32)]
     pub clip_batch: i64,
+    #[arg(long, default_value_t = 3)]
     pub clip_iters: usize,
+    #[arg(long, default_value_t = 2)]
     pub audio_batch: i64,
+    #[arg(long, default_value_t = 10.0)]
     pub audio_seconds: f64,
+    #[arg(long, default_value_t = 2)]
     pub audio_iters: usize,
-    pub device: String,
-    pub bf16: bool,
+    /// Rounds of both sides, interleaved; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    #[serde(skip)]
+    pub rounds: usize,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    #[serde(skip)]
+    pub device: crate::DeviceChoice,
+    #[arg(long, value_enum, default_value_t = crate::PrecisionChoice::F32)]
+    #[serde(skip)]
+    pub precision: crate::PrecisionChoice,
+    /// Python with torch and transformers for the reference side (default: $AVEXPR_PYTHON, else the scripts/setup venv).
+    #[arg(long)]
+    #[serde(skip)]
+    pub python: Option<String>,
+    /// Only measure our side.
+    #[arg(long)]
+    #[serde(skip)]
+    pub no_reference: bool,
+}
+
+/// What the encoder reference script reads: the sizes, and the device and precision as resolved.
+#[derive(Serialize)]
+struct EncoderReference<'a> {
+    #[serde(flatten)]
+    sizes: &'a EncoderBench,
+    /// `cpu` or `cuda:N`, as torch spells it.
+    device: String,
+    bf16: bool,
 }
 
 /// Our side of the encoder benchmark.
@@ -161,11 +196,13 @@ pub fn encoders_ours(cfg: &EncoderBench, options: EncoderOptions) -> Result<Figu
     Ok(figures)
 }
 
-pub fn encoders(cfg: &EncoderBench, options: EncoderOptions, python: Option<&str>, rounds: usize) -> Result<String> {
+/// Both sides of the encoder benchmark, `cfg.rounds` rounds interleaved, as a table.
+pub fn encoders(cfg: &EncoderBench) -> Result<String> {
     anyhow::ensure!(
         cfg.clip_batch > 0 && cfg.audio_batch > 0 && cfg.audio_seconds > 0.0,
         "batch sizes and --audio-seconds must be positive"
     );
+    let options = crate::encoder_options(cfg.device, cfg.precision)?;
     let title = format!(
         "encoder benchmark: {:?}, {}, {} thread(s), random weights; reference: transformers + PyTorch eager",
         options.device,
@@ -176,8 +213,17 @@ pub fn encoders(cfg: &EncoderBench, options: EncoderOptions, python: Option<&str
         ("clip_frames_per_s", format!("CLIP ViT-B/32 vision, batch {} (frames/s)", cfg.clip_batch)),
         ("audio_seconds_per_s", format!("wav2vec2-base, {} x {} s (audio-s/s)", cfg.audio_batch, cfg.audio_seconds)),
     ];
-    let reference = python.map(|py| move || run_reference(py, ENCODERS_REFERENCE, cfg));
-    let (table, raw) = interleaved(&title, &rows, rounds, || encoders_ours(cfg, options), reference)?;
+    let args = EncoderReference {
+        sizes: cfg,
+        device: match options.device {
+            tch::Device::Cuda(n) => format!("cuda:{n}"),
+            _ => "cpu".into(),
+        },
+        bf16: options.precision == Precision::Bf16,
+    };
+    let python = cfg.python.clone().unwrap_or_else(crate::default_python);
+    let reference = (!cfg.no_reference).then_some(|| run_reference(&python, ENCODERS_REFERENCE, &args));
+    let (table, raw) = interleaved(&title, &rows, cfg.rounds, || encoders_ours(cfg, options), reference)?;
     Ok(match raw {
         Some(raw) => format!("{table}reference (last round): {raw}\n"),
         None => table,

@@ -36,16 +36,36 @@ pub enum PrecisionChoice {
     Bf16,
 }
 
-/// Parses `--device` (`auto`, `cpu`, `cuda`, `cuda:N`) and resolves `--precision` on it.
-pub fn encoder_options(device: &str, precision: PrecisionChoice) -> anyhow::Result<EncoderOptions> {
+/// `--device` of the encoder commands: `auto` (CUDA when available), `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceChoice::Cuda(n)),
+                _ => Err(format!("`{other}` is not one of auto, cpu, cuda, cuda:N")),
+            },
+        }
+    }
+}
+
+/// The device `--device` names (checked against the visible CUDA devices), with `--precision` resolved on it.
+pub fn encoder_options(device: DeviceChoice, precision: PrecisionChoice) -> anyhow::Result<EncoderOptions> {
     let device = match device {
-        "auto" => EncoderOptions::best_available().device,
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Device::Cuda(n),
-            _ => anyhow::bail!("--device: `{other}` is not one of auto, cpu, cuda, cuda:N"),
-        },
+        DeviceChoice::Auto => EncoderOptions::best_available().device,
+        DeviceChoice::Cpu => Device::Cpu,
+        DeviceChoice::Cuda(n) => Device::Cuda(n),
     };
     if let Device::Cuda(n) = device
         && n as i64 >= tch::Cuda::device_count()
@@ -59,6 +79,11 @@ pub fn encoder_options(device: &str, precision: PrecisionChoice) -> anyhow::Resu
         PrecisionChoice::Auto => Precision::F32,
     };
     Ok(EncoderOptions { device, precision })
+}
+
+/// The host's cores (the default torch threads of the benchmarks).
+pub fn all_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// The Python used for reference benchmarks: `$AVEXPR_PYTHON`, else the venv that `scripts/setup` creates,

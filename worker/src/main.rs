@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use avexpr_data::layout::Split;
-use avexpr_worker::{PrecisionChoice, bench, embed, encoder_options, logging};
+use avexpr_worker::{DeviceChoice, PrecisionChoice, bench, embed, encoder_options, logging};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -45,7 +45,7 @@ enum Command {
         template: String,
         /// auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
-        device: String,
+        device: DeviceChoice,
         #[arg(long, value_enum, default_value_t = PrecisionChoice::Auto)]
         precision: PrecisionChoice,
         /// Output safetensors file.
@@ -123,34 +123,7 @@ enum Command {
         rounds: usize,
     },
     /// Throughput of our encoders against transformers + PyTorch eager, same machine, same settings.
-    BenchEncoders {
-        /// Torch threads for both sides (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
-        #[arg(long, default_value_t = 32)]
-        clip_batch: i64,
-        #[arg(long, default_value_t = 3)]
-        clip_iters: usize,
-        #[arg(long, default_value_t = 2)]
-        audio_batch: i64,
-        #[arg(long, default_value_t = 10.0)]
-        audio_seconds: f64,
-        #[arg(long, default_value_t = 2)]
-        audio_iters: usize,
-        /// Rounds of both sides, interleaved; medians are reported.
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        #[arg(long, value_enum, default_value_t = PrecisionChoice::F32)]
-        precision: PrecisionChoice,
-        /// Python with torch and transformers for the reference side (default: $AVEXPR_PYTHON, else the scripts/setup venv).
-        #[arg(long)]
-        python: Option<String>,
-        /// Only measure our side.
-        #[arg(long)]
-        no_reference: bool,
-    },
+    BenchEncoders(bench::EncoderBench),
     /// Forward + backward of the trainable part against the same head in PyTorch eager, same machine.
     BenchHead {
         /// Job config whose `model` section shapes the head (default: configs/paper.yaml's, built in).
@@ -181,10 +154,6 @@ enum Command {
     },
 }
 
-fn all_cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 fn model_config(config: Option<&std::path::Path>) -> Result<avexpr_model::ModelConfig> {
     Ok(match config {
         Some(path) => avexpr_model::ModelConfig::from_job_file(path)?,
@@ -195,7 +164,7 @@ fn model_config(config: Option<&std::path::Path>) -> Result<avexpr_model::ModelC
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Embed { clip, wav2vec2, images, audio, template, device, precision, out } => {
-            let options = encoder_options(&device, precision)?;
+            let options = encoder_options(device, precision)?;
             let req = embed::EmbedRequest { clip, wav2vec2, images, audio, template, options, out };
             let summary = embed::run(&req)?;
             for (name, shape) in &summary.tensors {
@@ -209,37 +178,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("wrote {}", req.out.display());
         }
-        Command::BenchEncoders {
-            threads,
-            clip_batch,
-            clip_iters,
-            audio_batch,
-            audio_seconds,
-            audio_iters,
-            rounds,
-            device,
-            precision,
-            python,
-            no_reference,
-        } => {
-            let options = encoder_options(&device, precision)?;
-            let threads = threads.unwrap_or_else(all_cores);
-            let cfg = bench::EncoderBench {
-                threads,
-                clip_batch,
-                clip_iters,
-                audio_batch,
-                audio_seconds,
-                audio_iters,
-                device: match options.device {
-                    tch::Device::Cuda(n) => format!("cuda:{n}"),
-                    _ => "cpu".into(),
-                },
-                bf16: options.precision == avexpr_model::Precision::Bf16,
-            };
-            let python = python.unwrap_or_else(avexpr_worker::default_python);
-            print!("{}", bench::encoders(&cfg, options, (!no_reference).then_some(python.as_str()), rounds)?);
-        }
+        Command::BenchEncoders(cfg) => print!("{}", bench::encoders(&cfg)?),
         Command::Train { config, resume, plan } => {
             let resume = resume == Resume::Auto;
             // The config is checked before MPI starts: a bad one fails every rank at once, with its message.
@@ -312,7 +251,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::BenchHead { config, threads, batch, frames, iters, rounds, python, no_reference } => {
             let model = model_config(config.as_deref())?;
-            let cfg = bench::HeadBench::new(model, threads.unwrap_or_else(all_cores), batch, frames, iters);
+            let cfg =
+                bench::HeadBench::new(model, threads.unwrap_or_else(avexpr_worker::all_cores), batch, frames, iters);
             let python = python.unwrap_or_else(avexpr_worker::default_python);
             print!("{}", bench::head(&cfg, (!no_reference).then_some(python.as_str()), rounds)?);
         }
