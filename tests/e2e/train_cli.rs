@@ -79,7 +79,7 @@ fn a_corrupt_newest_checkpoint_is_reported_and_the_previous_one_used() {
     let longer = std::fs::read_to_string(&broken).unwrap().replace("steps: 4", "steps: 6");
     std::fs::write(&broken, longer).unwrap();
     let log = ok(binary("worker").args(["train", "--config"]).arg(&broken).output().unwrap());
-    assert!(log.contains("step-00000004 is unusable") && log.contains("SHA-256"), "{log}");
+    assert!(log.contains("step-00000004 is corrupt") && log.contains("SHA-256"), "{log}");
     assert!(log.contains("checkpoint=step-00000002"), "{log}");
     assert_eq!(max_diff(&variables(&reference, 6), &variables(&broken, 6)), 0.0);
 }

@@ -7,21 +7,48 @@
 //! objects do not match (truncated, corrupt, missing) is reported and the previous one is used. After a
 //! commit, checkpoints beyond the newest `keep_last_k` are deleted, except the best by validation macro F1
 //! (commit first, so a half-deleted one is never taken for valid).
+//!
+//! Errors are typed by what the caller does about them ([`CheckpointError`]): only a checkpoint that does not
+//! match its commit is `Corrupt` (skipped for the previous one); a store that cannot be read is `Store` and
+//! stops whoever asked, because an older checkpoint would silently lose steps.
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, Result};
 use avexpr_data::sampler::Cursor;
-use avexpr_data::store::Store;
+use avexpr_data::store::{Store, StoreError};
 use bytes::Bytes;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::job::JobConfig;
 use crate::metrics::StepMetrics;
 
 pub const COMMIT: &str = "COMMIT.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The store could not be read or written (unreachable, denied, a failed request): nothing is known about
+    /// the checkpoint itself.
+    #[error("checkpoint store: {0}")]
+    Store(#[from] StoreError),
+    /// A committed checkpoint whose objects do not match its commit (size, SHA-256, missing, unreadable).
+    #[error("checkpoint {uri}/{name} is corrupt: {reason}")]
+    Corrupt { uri: String, name: String, reason: String },
+    /// A sound checkpoint that does not fit this job (a variable missing or shaped otherwise, other data slots).
+    #[error("checkpoint {uri}/{name} does not fit this job: {reason}")]
+    Mismatch { uri: String, name: String, reason: String },
+    #[error("no valid checkpoint under {uri}")]
+    NoneValid { uri: String },
+    #[error("no committed checkpoint {name} under {uri} (committed: {committed})")]
+    Unknown { uri: String, name: String, committed: String },
+    /// The state could not be serialized (a bug, not a condition of the store or the data).
+    #[error("checkpoint {name}: cannot encode: {reason}")]
+    Encode { name: String, reason: String },
+}
+
+pub type Result<T, E = CheckpointError> = std::result::Result<T, E>;
 const OBJECTS: [&str; 3] = ["variables.safetensors", "optimizer.safetensors", "state.json"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,6 +83,8 @@ struct Commit {
 
 /// A checkpoint read back (or about to be written).
 pub struct Checkpoint {
+    /// The store it was read from.
+    pub uri: String,
     pub name: String,
     pub state: CheckpointState,
     pub variables: BTreeMap<String, Tensor>,
@@ -65,23 +94,28 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Copies the saved variables into the model's, checking that every one is there with its shape.
     pub fn restore_variables(&self, named: &[(String, Tensor)]) -> Result<()> {
+        let mismatch =
+            |reason: String| CheckpointError::Mismatch { uri: self.uri.clone(), name: self.name.clone(), reason };
         tch::no_grad(|| {
             for (name, var) in named {
-                let saved = self
-                    .variables
-                    .get(name)
-                    .with_context(|| format!("checkpoint {}: variable `{name}` is missing", self.name))?;
-                anyhow::ensure!(
-                    saved.size() == var.size(),
-                    "checkpoint {}: `{name}` has shape {:?}, the model's is {:?}",
-                    self.name,
-                    saved.size(),
-                    var.size()
-                );
+                let saved =
+                    self.variables.get(name).ok_or_else(|| mismatch(format!("variable `{name}` is missing")))?;
+                if saved.size() != var.size() {
+                    return Err(mismatch(format!(
+                        "`{name}` has shape {:?}, the model's is {:?}",
+                        saved.size(),
+                        var.size()
+                    )));
+                }
                 var.shallow_clone().copy_(saved);
             }
             Ok(())
         })
+    }
+
+    /// A checkpoint that does not fit the job, by this checkpoint's name.
+    pub fn mismatch(&self, reason: String) -> CheckpointError {
+        CheckpointError::Mismatch { uri: self.uri.clone(), name: self.name.clone(), reason }
     }
 }
 
@@ -89,17 +123,55 @@ fn name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
-fn safetensors_bytes(tensors: Vec<(String, Tensor)>) -> Result<Bytes> {
-    let tmp = tempfile::NamedTempFile::new()?;
-    let cpu: Vec<(String, Tensor)> = tensors.into_iter().map(|(n, t)| (n, t.to_device(tch::Device::Cpu))).collect();
-    Tensor::write_safetensors(&cpu, tmp.path())?;
-    Ok(Bytes::from(std::fs::read(tmp.path())?))
+/// The tensors (moved to the CPU) as a safetensors file, in memory.
+fn safetensors_bytes(name: &str, tensors: Vec<(String, Tensor)>) -> Result<Bytes> {
+    let encode = |reason: String| CheckpointError::Encode { name: name.to_string(), reason };
+    let mut data: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (n, t) in tensors {
+        let t = t.to_device(tch::Device::Cpu).contiguous();
+        let dtype = dtype_of(t.kind()).ok_or_else(|| encode(format!("`{n}`: kind {:?} is not stored", t.kind())))?;
+        let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, t.numel()).map_err(|e| encode(format!("`{n}`: {e}")))?;
+        data.push((n, dtype, t.size().iter().map(|&d| d as usize).collect(), bytes));
+    }
+    let views = data
+        .iter()
+        .map(|(n, dtype, shape, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes).map(|v| (n.as_str(), v)).map_err(|e| encode(e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Bytes::from(safetensors::tensor::serialize(views, None).map_err(|e| encode(e.to_string()))?))
 }
 
-fn read_safetensors(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
-    let tmp = tempfile::NamedTempFile::new()?;
-    std::fs::write(tmp.path(), bytes)?;
-    Ok(Tensor::read_safetensors(tmp.path())?.into_iter().collect())
+/// A safetensors file's tensors; `Err` says why the bytes are not one.
+fn read_safetensors(bytes: &[u8]) -> std::result::Result<BTreeMap<String, Tensor>, String> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not safetensors: {e}"))?;
+    st.tensors()
+        .into_iter()
+        .map(|(n, view)| {
+            let kind = kind_of(view.dtype()).ok_or_else(|| format!("`{n}`: dtype {:?} is not ours", view.dtype()))?;
+            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            let t = Tensor::f_from_data_size(view.data(), &shape, kind).map_err(|e| format!("`{n}`: {e}"))?;
+            Ok((n, t))
+        })
+        .collect()
+}
+
+/// The kinds checkpoints hold, as safetensors spells them.
+const KINDS: [(Kind, Dtype); 5] = [
+    (Kind::Float, Dtype::F32),
+    (Kind::Double, Dtype::F64),
+    (Kind::BFloat16, Dtype::BF16),
+    (Kind::Half, Dtype::F16),
+    (Kind::Int64, Dtype::I64),
+];
+
+fn dtype_of(kind: Kind) -> Option<Dtype> {
+    KINDS.iter().find(|(k, _)| *k == kind).map(|(_, d)| *d)
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    KINDS.iter().find(|(_, d)| *d == dtype).map(|(k, _)| *k)
 }
 
 pub struct CheckpointStore {
@@ -109,8 +181,11 @@ pub struct CheckpointStore {
 
 impl CheckpointStore {
     pub fn open(uri: &str, keep_last_k: usize) -> Result<Self> {
-        let store = Store::open(uri).with_context(|| format!("checkpoint.uri {uri}"))?;
-        Ok(Self { store, keep_last_k })
+        Ok(Self { store: Store::open(uri)?, keep_last_k })
+    }
+
+    pub fn uri(&self) -> &str {
+        self.store.uri()
     }
 
     /// Writes the objects, then the commit; then prunes old checkpoints.
@@ -121,10 +196,11 @@ impl CheckpointStore {
         optimizer: &BTreeMap<String, Tensor>,
     ) -> Result<()> {
         let dir = name(state.step);
+        let encode = |e: serde_json::Error| CheckpointError::Encode { name: dir.clone(), reason: e.to_string() };
         let objects = [
-            safetensors_bytes(variables.iter().map(|(n, t)| (n.clone(), t.detach())).collect())?,
-            safetensors_bytes(optimizer.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect())?,
-            Bytes::from(serde_json::to_vec_pretty(state)?),
+            safetensors_bytes(&dir, variables.iter().map(|(n, t)| (n.clone(), t.detach())).collect())?,
+            safetensors_bytes(&dir, optimizer.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect())?,
+            Bytes::from(serde_json::to_vec_pretty(state).map_err(encode)?),
         ];
         let mut entries = Vec::new();
         for (file, bytes) in OBJECTS.iter().zip(objects) {
@@ -137,7 +213,9 @@ impl CheckpointStore {
             self.store.blocking().put(&key, bytes)?;
         }
         let commit = Commit { step: state.step, objects: entries };
-        self.store.blocking().put(&format!("{dir}/{COMMIT}"), Bytes::from(serde_json::to_vec_pretty(&commit)?))?;
+        self.store
+            .blocking()
+            .put(&format!("{dir}/{COMMIT}"), Bytes::from(serde_json::to_vec_pretty(&commit).map_err(encode)?))?;
         self.prune(state.best.map(|b| name(b.step)))
     }
 
@@ -168,35 +246,46 @@ impl CheckpointStore {
 
     /// Reads and verifies one committed checkpoint.
     pub fn load(&self, dir: &str) -> Result<Checkpoint> {
-        let commit: Commit = serde_json::from_slice(&self.store.blocking().get(&format!("{dir}/{COMMIT}"))?)
-            .with_context(|| format!("{dir}/{COMMIT} is malformed"))?;
+        let corrupt = |reason: String| CheckpointError::Corrupt {
+            uri: self.store.uri().to_string(),
+            name: dir.to_string(),
+            reason,
+        };
+        // An object the commit lists that is not there is the checkpoint's fault; any other failure the store's.
+        let get = |key: &str| match self.store.blocking().get(key) {
+            Err(StoreError::NotFound { .. }) => Err(corrupt(format!("{key} is missing"))),
+            other => Ok(other?),
+        };
+        let commit: Commit = serde_json::from_slice(&get(&format!("{dir}/{COMMIT}"))?)
+            .map_err(|e| corrupt(format!("{COMMIT} is malformed: {e}")))?;
         let mut objects = BTreeMap::new();
         for e in &commit.objects {
-            let bytes = self.store.blocking().get(&e.key)?;
-            anyhow::ensure!(
-                bytes.len() as u64 == e.bytes,
-                "{} has {} bytes, the commit says {}",
-                e.key,
-                bytes.len(),
-                e.bytes
-            );
+            let bytes = get(&e.key)?;
+            if bytes.len() as u64 != e.bytes {
+                return Err(corrupt(format!("{} has {} bytes, the commit says {}", e.key, bytes.len(), e.bytes)));
+            }
             let sha = hex::encode(Sha256::digest(&bytes));
-            anyhow::ensure!(sha == e.sha256, "{}: SHA-256 {sha}, the commit says {}", e.key, e.sha256);
+            if sha != e.sha256 {
+                return Err(corrupt(format!("{}: SHA-256 {sha}, the commit says {}", e.key, e.sha256)));
+            }
             objects.insert(e.key.rsplit('/').next().unwrap_or_default().to_string(), bytes);
         }
-        let get = |file: &str| objects.get(file).with_context(|| format!("{dir}/{file} is not in the commit"));
+        let object = |file: &str| objects.get(file).ok_or_else(|| corrupt(format!("{file} is not in the commit")));
+        let tensors = |file: &str| read_safetensors(object(file)?).map_err(|e| corrupt(format!("{file}: {e}")));
         Ok(Checkpoint {
+            uri: self.store.uri().to_string(),
             name: dir.to_string(),
-            state: serde_json::from_slice(get("state.json")?).with_context(|| format!("{dir}/state.json"))?,
-            variables: read_safetensors(get("variables.safetensors")?)?,
-            optimizer: read_safetensors(get("optimizer.safetensors")?)?,
+            state: serde_json::from_slice(object("state.json")?).map_err(|e| corrupt(format!("state.json: {e}")))?,
+            variables: tensors("variables.safetensors")?,
+            optimizer: tensors("optimizer.safetensors")?,
         })
     }
 
     /// `latest` (the newest that verifies), `best` (the best validation F1 the newest one records) or a
     /// checkpoint name (`step-00001200`).
     pub fn select(&self, which: &str) -> Result<Checkpoint> {
-        let latest = || self.latest_valid()?.with_context(|| format!("no valid checkpoint under {}", self.store.uri()));
+        let latest =
+            || self.latest_valid()?.ok_or_else(|| CheckpointError::NoneValid { uri: self.store.uri().to_string() });
         match which {
             "latest" => latest(),
             "best" => {
@@ -206,18 +295,28 @@ impl CheckpointStore {
                     _ => Ok(newest),
                 }
             }
-            dir => self.load(dir).with_context(|| format!("checkpoint {}/{dir}", self.store.uri())),
+            dir => {
+                let committed = self.committed()?;
+                if !committed.iter().any(|c| c == dir) {
+                    return Err(CheckpointError::Unknown {
+                        uri: self.store.uri().to_string(),
+                        name: dir.to_string(),
+                        committed: if committed.is_empty() { "none".into() } else { committed.join(", ") },
+                    });
+                }
+                self.load(dir)
+            }
         }
     }
 
-    /// The newest committed checkpoint that verifies; broken ones are reported and skipped.
+    /// The newest committed checkpoint that verifies; corrupt ones are reported and skipped. A store that
+    /// cannot be read is an error (not a reason to go back to an older checkpoint).
     pub fn latest_valid(&self) -> Result<Option<Checkpoint>> {
         for dir in self.committed()?.iter().rev() {
             match self.load(dir) {
                 Ok(ckpt) => return Ok(Some(ckpt)),
-                Err(e) => {
-                    tracing::warn!("checkpoint {}/{dir} is unusable ({e:#}); trying the previous one", self.store.uri())
-                }
+                Err(e @ CheckpointError::Corrupt { .. }) => tracing::warn!("{e}; trying the previous one"),
+                Err(e) => return Err(e),
             }
         }
         Ok(None)

@@ -419,12 +419,11 @@ fn resume(
     dist: &Dist,
 ) -> Result<Option<Start>> {
     let Some(ckpt) = checkpoints.latest_valid()? else { return Ok(None) };
-    anyhow::ensure!(
-        ckpt.state.cursors.len() == slots,
-        "checkpoint {}: made with {} data slots (ranks x accumulation), this job has {slots}",
-        ckpt.name,
-        ckpt.state.cursors.len()
-    );
+    if ckpt.state.cursors.len() != slots {
+        let made_with = ckpt.state.cursors.len();
+        let reason = format!("made with {made_with} data slots (ranks x accumulation), this job has {slots}");
+        return Err(ckpt.mismatch(reason).into());
+    }
     ckpt.restore_variables(named)?;
     opt.load_state(&ckpt.optimizer, ckpt.state.step)?;
     if dist.rank == 0 {
