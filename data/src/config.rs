@@ -65,20 +65,22 @@ impl Default for FeaturesConfig {
 }
 
 impl Default for DataConfig {
+    /// The sampler's and the loader's defaults.
     fn default() -> Self {
+        let (s, l) = (SamplerConfig::default(), LoaderConfig::default());
         Self {
             shards: String::new(),
-            frames_per_clip: 16,
-            stride: 8,
-            class_balanced: false,
-            shuffle_shards: 16,
-            image_size: 0,
-            augment: Some(AugmentConfig::default()),
-            prefetch_bytes: 512 << 20,
-            fetch_concurrency: 8,
-            decode_threads: std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8)),
-            ready_batches: 2,
-            skip_bad: false,
+            frames_per_clip: s.frames_per_clip,
+            stride: s.stride,
+            class_balanced: s.class_balanced,
+            shuffle_shards: s.shuffle_shards,
+            image_size: l.image_size,
+            augment: l.augment,
+            prefetch_bytes: l.prefetch_bytes,
+            fetch_concurrency: l.fetch_concurrency,
+            decode_threads: l.decode_threads,
+            ready_batches: l.ready_batches,
+            skip_bad: l.skip_bad,
             features: None,
         }
     }

@@ -47,26 +47,30 @@ use crate::store::Store;
 #[serde(deny_unknown_fields, default)]
 pub struct LoaderConfig {
     pub batch_size: usize,
-    /// Side of the square face images delivered; 0: as stored (the manifest's `face_size`).
-    pub image_size: u32,
-    /// Train-time augmentation; `None` (evaluation) delivers the faces as stored, only resized.
+    /// `None` (evaluation): the faces as stored, only resized. The other fields are the `data` section's of the
+    /// same names ([`crate::config::DataConfig`] says what each means).
     pub augment: Option<AugmentConfig>,
-    /// Shard bytes resident at once (being fetched, waiting, or being cut into clips).
+    pub image_size: u32,
     pub prefetch_bytes: u64,
-    /// Shard requests in flight at once.
     pub fetch_concurrency: usize,
     pub decode_threads: usize,
-    /// Batches ready ahead of the consumer.
     pub ready_batches: usize,
-    /// Skip (and count) clips whose shard is missing or corrupt or whose frames do not decode, instead of
-    /// failing.
     pub skip_bad: bool,
 }
 
 impl Default for LoaderConfig {
-    /// The `data` section's defaults, 32 clips per batch.
+    /// Also the `data` section's defaults ([`crate::config::DataConfig`]).
     fn default() -> Self {
-        crate::config::DataConfig::default().loader(32)
+        Self {
+            batch_size: 32,
+            image_size: 0,
+            augment: Some(AugmentConfig::default()),
+            prefetch_bytes: 512 << 20,
+            fetch_concurrency: 8,
+            decode_threads: std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8)),
+            ready_batches: 2,
+            skip_bad: false,
+        }
     }
 }
 

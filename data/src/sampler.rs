@@ -52,9 +52,17 @@ pub struct SamplerConfig {
 }
 
 impl Default for SamplerConfig {
-    /// The `data` section's defaults, labelled at the last frame, seed 0.
+    /// Also the `data` section's defaults ([`crate::config::DataConfig`]).
     fn default() -> Self {
-        crate::config::DataConfig::default().sampler(Target::Last, 0)
+        Self {
+            frames_per_clip: 16,
+            stride: 8,
+            target: Target::Last,
+            class_balanced: false,
+            dense: false,
+            shuffle_shards: 16,
+            seed: 0,
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::error::FieldError;
 use crate::error::{ModelError, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -209,21 +210,6 @@ pub fn without_path(path: &str, message: String) -> String {
     match message.split_once(": ") {
         Some((at, rest)) if path.starts_with(at) => rest.to_string(),
         _ => message,
-    }
-}
-
-/// A `model` field whose value is invalid, by its path in the job file (`model.fusion.heads`).
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("field `{field}`: {reason}")]
-pub struct FieldError {
-    pub field: String,
-    pub reason: String,
-}
-
-impl FieldError {
-    /// As an error of the file the config was read from.
-    pub fn in_file(self, path: &Path) -> ModelError {
-        ModelError::config(path, self.field, self.reason)
     }
 }
 

@@ -20,7 +20,7 @@ pub enum ModelError {
     BadConfig { path: PathBuf, field: String, reason: String },
     /// A [`crate::ModelConfig`] built in code (not read from a file) that does not validate.
     #[error("model config: {0}")]
-    InvalidConfig(#[from] crate::config::FieldError),
+    InvalidConfig(#[from] FieldError),
     #[error("{path}: unsupported model_type `{found}` (expected {expected})")]
     UnsupportedModelType { path: PathBuf, found: String, expected: String },
     #[error("{dir}: no checkpoint found (looked for model.safetensors and pytorch_model.bin)")]
@@ -43,6 +43,21 @@ pub enum ModelError {
     InvalidInput(String),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+}
+
+/// A `model` field whose value is invalid, by its path in the job file (`model.fusion.heads`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("field `{field}`: {reason}")]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    /// As an error of the file the config was read from.
+    pub fn in_file(self, path: &std::path::Path) -> ModelError {
+        ModelError::config(path, self.field, self.reason)
+    }
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
