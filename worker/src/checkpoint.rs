@@ -86,6 +86,8 @@ pub struct Checkpoint {
     /// The store it was read from.
     pub uri: String,
     pub name: String,
+    /// SHA-256 of its `COMMIT.json`: two readers holding the same name and hash hold the same checkpoint.
+    pub commit_sha256: String,
     pub state: CheckpointState,
     pub variables: BTreeMap<String, Tensor>,
     pub optimizer: BTreeMap<String, Tensor>,
@@ -256,8 +258,9 @@ impl CheckpointStore {
             Err(StoreError::NotFound { .. }) => Err(corrupt(format!("{key} is missing"))),
             other => Ok(other?),
         };
-        let commit: Commit = serde_json::from_slice(&get(&format!("{dir}/{COMMIT}"))?)
-            .map_err(|e| corrupt(format!("{COMMIT} is malformed: {e}")))?;
+        let commit_bytes = get(&format!("{dir}/{COMMIT}"))?;
+        let commit: Commit =
+            serde_json::from_slice(&commit_bytes).map_err(|e| corrupt(format!("{COMMIT} is malformed: {e}")))?;
         let mut objects = BTreeMap::new();
         for e in &commit.objects {
             let bytes = get(&e.key)?;
@@ -275,6 +278,7 @@ impl CheckpointStore {
         Ok(Checkpoint {
             uri: self.store.uri().to_string(),
             name: dir.to_string(),
+            commit_sha256: hex::encode(Sha256::digest(&commit_bytes)),
             state: serde_json::from_slice(object("state.json")?).map_err(|e| corrupt(format!("state.json: {e}")))?,
             variables: tensors("variables.safetensors")?,
             optimizer: tensors("optimizer.safetensors")?,

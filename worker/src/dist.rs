@@ -2,6 +2,8 @@
 //! started without mpirun) and the collectives the rest of the worker uses (the gradient buckets of
 //! [`crate::buckets`], evaluation counts, gathers, barriers).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
@@ -18,10 +20,32 @@ pub enum DistError {
     Nccl(String),
 }
 
+/// Set while MPI runs a world of more than one rank in this process: an error must then end every rank.
+static DISTRIBUTED: AtomicBool = AtomicBool::new(false);
+
+/// Ends every rank of the job (`MPI_Abort` with `code`) when this process is one of several ranks; returns
+/// when it is not. A rank that simply returned its error would finalise MPI while its peers wait for it in a
+/// collective, and the job would hang until someone killed it (a bare `mpirun` forever). Call it after the
+/// error has been logged: the abort kills the other ranks at once.
+pub fn abort_job_if_distributed(code: i32) {
+    if DISTRIBUTED.load(Ordering::SeqCst) && mpi::environment::is_initialized() && !mpi::environment::is_finalized() {
+        use mpi::traits::Communicator;
+        mpi::topology::SimpleCommunicator::world().abort(code);
+    }
+}
+
+/// Finalises MPI at the end of a run that succeeded (every rank gets there). A failed run must not: finalising
+/// waits for every peer, and a peer may be waiting for this rank in a collective; it aborts instead
+/// ([`abort_job_if_distributed`]). So MPI is not finalised when a [`Dist`] is dropped.
+pub fn finalize() {
+    if mpi::environment::is_initialized() && !mpi::environment::is_finalized() {
+        // SAFETY: MPI is initialised and not finalised, and no communication is in flight after a run ends.
+        unsafe { mpi::ffi::MPI_Finalize() };
+    }
+}
+
 /// This process's place in the job.
 pub struct Dist {
-    // Finalises MPI when dropped.
-    _universe: Universe,
     pub(crate) world: SimpleCommunicator,
     pub rank: usize,
     pub world_size: usize,
@@ -35,12 +59,15 @@ impl Dist {
     pub fn init() -> Result<Dist, DistError> {
         let universe = mpi::initialize().ok_or(DistError::Init)?;
         let world = universe.world();
+        // Finalised by [`finalize`], only after a run that succeeded, never by a drop on an error's way out.
+        std::mem::forget::<Universe>(universe);
         let (rank, world_size) = (world.rank() as usize, world.size() as usize);
         // Ranks sharing a host: MPI's shared-memory split, which needs no launcher-specific variable.
         let local = world.split_shared(rank as i32);
         let local_rank = local.rank() as usize;
         let open_mpi = mpi::environment::library_version().is_ok_and(|v| v.contains("Open MPI"));
-        Ok(Dist { _universe: universe, world, rank, world_size, local_rank, open_mpi })
+        DISTRIBUTED.store(world_size > 1, Ordering::SeqCst);
+        Ok(Dist { world, rank, world_size, local_rank, open_mpi })
     }
 
     pub fn barrier(&self) {
@@ -60,6 +87,28 @@ impl Dist {
         if self.world_size > 1 {
             self.world.process_at_rank(0).broadcast_into(bytes);
         }
+    }
+
+    /// Rank 0's `bytes` on every rank, whatever length (the others' `bytes` are ignored).
+    pub fn broadcast_from_root(&self, bytes: Vec<u8>) -> Vec<u8> {
+        if self.world_size == 1 {
+            return bytes;
+        }
+        let mut len = [bytes.len() as u64];
+        self.world.process_at_rank(0).broadcast_into(&mut len[..]);
+        let mut out = if self.rank == 0 { bytes } else { vec![0u8; len[0] as usize] };
+        if !out.is_empty() {
+            self.world.process_at_rank(0).broadcast_into(&mut out[..]);
+        }
+        out
+    }
+
+    /// How many ranks passed `failed = true` (every rank gets the count): a collective verdict, so that no
+    /// rank goes on when another could not.
+    pub fn count_failed(&self, failed: bool) -> usize {
+        let mut n = [failed as u8 as f64];
+        self.all_reduce_sum_f64(&mut n);
+        n[0] as usize
     }
 
     /// Every rank's `values` (the same length everywhere), concatenated in rank order.

@@ -287,10 +287,24 @@ fn main() -> ExitCode {
     if !avexpr_worker::allocator::keep_freed_memory() {
         tracing::warn!("could not tune the allocator: encoders will page-fault their activations on every pass");
     }
+    // A panic of the main thread ends the job as an error does (the default hook has printed it first).
+    let print = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        print(info);
+        if std::thread::current().name() == Some("main") {
+            avexpr_worker::dist::abort_job_if_distributed(101);
+        }
+    }));
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            avexpr_worker::dist::finalize();
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             tracing::error!("{e:#}");
+            // Under mpirun the other ranks would wait for this one in their next collective, forever.
+            avexpr_worker::dist::abort_job_if_distributed(1);
+            avexpr_worker::dist::finalize();
             ExitCode::FAILURE
         }
     }

@@ -22,10 +22,11 @@ use avexpr_data::metric::Confusion;
 use avexpr_data::sampler::{Cursor, RankSampler};
 use avexpr_data::store::Store;
 use avexpr_model::ExprModel;
+use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
 use crate::buckets::Buckets;
-use crate::checkpoint::{Best, CheckpointState, CheckpointStore};
+use crate::checkpoint::{Best, COMMIT, CheckpointState, CheckpointStore};
 use crate::dist::Dist;
 use crate::eval::{evaluate, summary};
 use crate::job::JobConfig;
@@ -410,7 +411,18 @@ impl Start {
     }
 }
 
-/// Restores the newest valid checkpoint's variables and optimizer state; `None` when there is none.
+/// Which checkpoint every rank resumes from: rank 0's choice, by name and commit hash.
+#[derive(Debug, Serialize, Deserialize)]
+struct Choice {
+    name: String,
+    commit_sha256: String,
+}
+
+/// Restores the checkpoint rank 0 chooses (the newest that verifies there; `None`: a fresh start everywhere) on
+/// every rank: each loads exactly that one (same name, same commit), and the ranks agree before the first step
+/// that all of them did. A rank that cannot (its store unreadable, the checkpoint corrupt or changed in its view)
+/// fails the job with its reason; no rank falls back on its own to an older checkpoint or to a fresh start,
+/// which would train from other weights, cursors and optimizer state than its peers.
 fn resume(
     checkpoints: &CheckpointStore,
     slots: usize,
@@ -418,19 +430,50 @@ fn resume(
     opt: &mut AdamW,
     dist: &Dist,
 ) -> Result<Option<Start>> {
-    let Some(ckpt) = checkpoints.latest_valid()? else { return Ok(None) };
-    if ckpt.state.cursors.len() != slots {
-        let made_with = ckpt.state.cursors.len();
-        let reason = format!("made with {made_with} data slots (ranks x accumulation), this job has {slots}");
-        return Err(ckpt.mismatch(reason).into());
+    let mine = if dist.rank == 0 { checkpoints.latest_valid()? } else { None };
+    let choice = mine.as_ref().map(|c| Choice { name: c.name.clone(), commit_sha256: c.commit_sha256.clone() });
+    let choice: Option<Choice> =
+        serde_json::from_slice(&dist.broadcast_from_root(serde_json::to_vec(&choice)?)).context("rank 0's choice")?;
+    let Some(choice) = choice else { return Ok(None) };
+    let restored = (|| -> Result<Start> {
+        let ckpt = match mine {
+            Some(ckpt) => ckpt,
+            None => checkpoints.load(&choice.name)?,
+        };
+        if ckpt.commit_sha256 != choice.commit_sha256 {
+            let reason = format!(
+                "its {COMMIT} has SHA-256 {} here, {} on rank 0: the store changed under the job",
+                ckpt.commit_sha256, choice.commit_sha256
+            );
+            return Err(ckpt.mismatch(reason).into());
+        }
+        if ckpt.state.cursors.len() != slots {
+            let made_with = ckpt.state.cursors.len();
+            let reason = format!("made with {made_with} data slots (ranks x accumulation), this job has {slots}");
+            return Err(ckpt.mismatch(reason).into());
+        }
+        ckpt.restore_variables(named)?;
+        opt.load_state(&ckpt.optimizer, ckpt.state.step)?;
+        let state = ckpt.state;
+        Ok(Start { step: state.step, cursors: state.cursors, history: state.metrics, best: state.best })
+    })();
+    if let Err(e) = &restored {
+        // Said before the verdict: a peer's abort may end this process right after it.
+        tracing::error!("cannot resume from {} (rank 0's choice): {e:#}", choice.name);
     }
-    ckpt.restore_variables(named)?;
-    opt.load_state(&ckpt.optimizer, ckpt.state.step)?;
+    let failed = dist.count_failed(restored.is_err());
+    if failed > 0 {
+        restored?;
+        anyhow::bail!(
+            "{failed} rank(s) could not resume from {} (their errors are above); no rank trains from another state",
+            choice.name
+        );
+    }
+    let start = restored?;
     if dist.rank == 0 {
-        tracing::info!(checkpoint = %ckpt.name, step = ckpt.state.step, "resumed");
+        tracing::info!(checkpoint = %choice.name, step = start.step, "resumed on every rank");
     }
-    let state = ckpt.state;
-    Ok(Some(Start { step: state.step, cursors: state.cursors, history: state.metrics, best: state.best }))
+    Ok(Some(start))
 }
 
 /// One training feed per micro-batch of this rank, each positioned at its slot's cursor.

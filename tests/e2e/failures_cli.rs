@@ -1,0 +1,114 @@
+//! Failure modes of a distributed job beyond a clean kill (the README's "Failure modes" section): each test
+//! injects the fault as an operator would meet it and fails without the code that handles it.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use avexpr_data::layout::Split;
+use avexpr_data::manifest::Manifest;
+use avexpr_data::sampler::Assignment;
+use avexpr_tests::jobs::{checkpoint, dataset, job, ok, run_dir};
+use avexpr_tests::{binary, mpirun};
+
+/// Runs `cmd` in its own process group; gives up after `limit`, killing the group (mpirun and its ranks).
+fn output_within(cmd: &mut Command, limit: Duration) -> (Output, Duration) {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).spawn().unwrap();
+    let group = child.id() as libc::pid_t;
+    let started = Instant::now();
+    let watchdog = std::thread::spawn(move || {
+        while started.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(100));
+            // SAFETY: kill(2) with signal 0 only checks that the group still exists.
+            if unsafe { libc::kill(-group, 0) } != 0 {
+                return false;
+            }
+        }
+        // SAFETY: kill(2) on the process group this test created.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+        true
+    });
+    let out = child.wait_with_output().unwrap();
+    let elapsed = started.elapsed();
+    let killed = watchdog.join().unwrap();
+    assert!(!killed, "still running after {limit:?}: killed\n{}", String::from_utf8_lossy(&out.stderr));
+    (out, elapsed)
+}
+
+fn manifest(shards: &Path) -> Manifest {
+    serde_json::from_slice(&std::fs::read(shards.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// A rank that fails ends every rank within seconds, with its message: the README's bare
+/// `mpirun -np 2 worker train`, with the shards of every training video of rank 1 corrupt (no `skip_bad`).
+/// Before, rank 1 returned its error and finalised MPI while rank 0 waited for it in the gradient all-reduce:
+/// the job hung forever.
+#[test]
+fn a_failing_rank_ends_every_rank_with_its_message() {
+    let d = dataset();
+    let config = job(&d, "failing", 6, "");
+    let m = manifest(&d.shards);
+    let train: Vec<_> = m.videos.iter().filter(|v| v.split == Split::Train).collect();
+    // Global batch 4 of micro-batches of 2 on 2 ranks: one data slot per rank, slot 1 is rank 1's.
+    let assignment = Assignment::balanced(&train, 2);
+    let mut corrupted = Vec::new();
+    for v in train.iter().filter(|v| assignment.slot_of[&v.name] == 1) {
+        for shard in &v.shards {
+            std::fs::write(d.shards.join(&shard.key), b"not a shard").unwrap();
+            corrupted.push(shard.key.clone());
+        }
+    }
+    assert!(!corrupted.is_empty());
+    let (out, elapsed) =
+        output_within(mpirun(2, "worker").args(["train", "--config"]).arg(&config), Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(elapsed < Duration::from_secs(30), "took {elapsed:?} to end the job");
+    let line = stderr.lines().find(|l| l.contains("ERROR")).unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert!(line.contains("[rank 1/2]") && corrupted.iter().any(|k| line.contains(k.as_str())), "{stderr}");
+}
+
+/// Every rank resumes from the checkpoint rank 0 chose, or the job stops: rank 1 sees the store without the
+/// newest checkpoint (a mount namespace hides its folder, as a node with its own view of the store would).
+/// Before, each rank picked its own newest valid checkpoint: rank 1 silently went back to step 2 while rank 0
+/// continued from step 4, and their gradients were averaged.
+#[test]
+fn ranks_resume_from_the_checkpoint_rank_0_chose_or_stop() {
+    let d = dataset();
+    let config = job(&d, "agree", 4, "");
+    ok(mpirun(2, "worker").args(["train", "--config"]).arg(&config).output().unwrap());
+    let config = job(&d, "agree", 6, ""); // same run: 2 more steps
+    let metrics = std::fs::read_to_string(run_dir(&config).join("metrics.jsonl")).unwrap();
+    let hidden = checkpoint(&config, 4);
+    let empty = tempfile::tempdir().unwrap();
+    let worker = binary("worker").get_program().to_owned();
+    let args = format!("train --config {} --resume auto", config.display());
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--oversubscribe", "-np", "1"])
+        .arg(&worker)
+        .args(args.split(' '))
+        .args([":", "-np", "1", "unshare", "--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount --bind {} {} && exec {} {args}",
+            empty.path().display(),
+            hidden.display(),
+            worker.to_string_lossy()
+        ))
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env_remove("LD_LIBRARY_PATH");
+    let (out, _) = output_within(&mut cmd, Duration::from_secs(90));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.lines().any(|l| l.contains("[rank 1/2]")
+            && l.contains("cannot resume from step-00000004")
+            && l.contains("COMMIT.json is missing")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("could not resume from step-00000004"), "{stderr}");
+    // Nothing trained on: no new checkpoint, the metrics as they were.
+    assert!(!checkpoint(&config, 6).exists());
+    assert_eq!(std::fs::read_to_string(run_dir(&config).join("metrics.jsonl")).unwrap(), metrics);
+}
