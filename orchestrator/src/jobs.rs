@@ -146,11 +146,12 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
 fn summary(job: &JobConfig, record: &RunRecord) -> Result<String> {
     let ckpt = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?.latest_valid()?;
     let mut text = format!(
-        "job {}: {} attempt(s), {} restart(s), {} step(s) redone after restarts\n",
+        "job {}: {} attempt(s), {} restart(s), {} step(s) redone after restarts, {} preemption(s)\n",
         record.status,
         record.attempts.len(),
         record.restarts,
-        record.steps_redone
+        record.steps_redone,
+        record.preemptions
     );
     if let Some(c) = ckpt {
         text += &format!("newest checkpoint {} (step {} of {})\n", c.name, c.state.step, job.train.steps);
@@ -180,8 +181,8 @@ pub fn status(run: &str) -> Result<String> {
         Ok(bytes) => {
             let r: RunRecord = serde_json::from_slice(&bytes).context("orchestrator.json")?;
             text += &format!(
-                "status {} ({} ranks, target {}), {} restart(s), {} step(s) redone\n",
-                r.status, r.world_size, r.target, r.restarts, r.steps_redone
+                "status {} ({} ranks, target {}), {} restart(s), {} step(s) redone, {} preemption(s)\n",
+                r.status, r.world_size, r.target, r.restarts, r.steps_redone, r.preemptions
             );
             for at in &r.attempts {
                 text += &format!(

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result};
 use serde_yaml::{Mapping, Value};
 
-use crate::spec::Job;
+use crate::spec::{Job, Outcome};
 
 pub const MPIJOB: &str = include_str!("../../k8s/mpijob.yaml");
 pub const CONFIGMAP: &str = include_str!("../../k8s/configmap.yaml");
@@ -160,15 +160,15 @@ pub fn apply(yaml: &str) -> Result<()> {
     Ok(())
 }
 
-/// The MPIJob's last condition: Succeeded -> done, Failed -> failed, anything else -> running.
-pub fn job_state(name: &str, namespace: &str) -> Option<std::result::Result<(), String>> {
+/// The MPIJob's outcome from its last condition (a preempted launcher fails like any other: not told apart here).
+pub fn job_state(name: &str, namespace: &str) -> Option<Outcome> {
     let out = Command::new("kubectl")
         .args(["get", "mpijob", name, "-n", namespace, "-o", "jsonpath={.status.conditions[-1:].type}"])
         .output()
         .ok()?;
     match String::from_utf8_lossy(&out.stdout).trim() {
-        "Succeeded" => Some(Ok(())),
-        "Failed" => Some(Err(format!("MPIJob {namespace}/{name} failed"))),
+        "Succeeded" => Some(Outcome::Succeeded),
+        "Failed" => Some(Outcome::Failed(format!("MPIJob {namespace}/{name} failed"))),
         _ => None,
     }
 }

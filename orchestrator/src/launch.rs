@@ -6,8 +6,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result};
+use avexpr_worker::preempt::EXIT_PREEMPTED;
 
-use crate::spec::Job;
+use crate::spec::{Job, Outcome};
 
 /// Checks a hostfile before anything starts: readable, and at least `nodes` hosts listed.
 pub fn check_hostfile(file: &Path, nodes: usize) -> Result<Vec<String>> {
@@ -52,15 +53,15 @@ impl Attempt {
         Ok(Attempt::Mpirun { child })
     }
 
-    /// `Some(Ok(()))` when the attempt finished successfully, `Some(Err(reason))` when it failed, `None` while
-    /// it runs.
-    pub fn poll(&mut self) -> Option<std::result::Result<(), String>> {
+    /// How the attempt ended; `None` while it runs.
+    pub fn poll(&mut self) -> Option<Outcome> {
         match self {
             Attempt::Mpirun { child } => match child.try_wait() {
-                Ok(Some(status)) if status.success() => Some(Ok(())),
-                Ok(Some(status)) => Some(Err(format!("mpirun exited with {status}"))),
+                Ok(Some(status)) if status.success() => Some(Outcome::Succeeded),
+                Ok(Some(status)) if status.code() == Some(EXIT_PREEMPTED.into()) => Some(Outcome::Preempted),
+                Ok(Some(status)) => Some(Outcome::Failed(format!("mpirun exited with {status}"))),
                 Ok(None) => None,
-                Err(e) => Some(Err(format!("cannot wait for mpirun: {e}"))),
+                Err(e) => Some(Outcome::Failed(format!("cannot wait for mpirun: {e}"))),
             },
             Attempt::K8s { name, namespace } => crate::k8s::job_state(name, namespace),
         }

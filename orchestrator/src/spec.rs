@@ -96,3 +96,13 @@ impl Job {
         argv
     }
 }
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    /// The ranks were asked to stop (SIGTERM or SIGUSR1 to one of them: an eviction, a spot reclaim, Slurm's
+    /// warning), committed a checkpoint of their last step and exited with the worker's `EXIT_PREEMPTED`.
+    Preempted,
+    Failed(String),
+}

@@ -15,7 +15,7 @@ use avexpr_worker::heartbeat::{self, Heartbeat};
 use serde::{Deserialize, Serialize};
 
 use crate::launch::Attempt;
-use crate::spec::Job;
+use crate::spec::{Job, Outcome};
 
 pub const RECORD_KEY: &str = "orchestrator.json";
 
@@ -40,6 +40,9 @@ pub struct RunRecord {
     /// `running`, `succeeded`, `failed`.
     pub status: String,
     pub restarts: u32,
+    /// Attempts that ended preempted with their checkpoint committed (relaunched; not counted as restarts).
+    #[serde(default)]
+    pub preemptions: u32,
     /// Steps trained again after restarts (the last heartbeat's step minus the step resumed from).
     pub steps_redone: u64,
     pub attempts: Vec<AttemptRecord>,
@@ -151,8 +154,8 @@ impl Watcher {
                     }
                     bar.set_message(msg);
                 }
-                if let Some(result) = finished {
-                    break result;
+                if let Some(outcome) = finished {
+                    break outcome;
                 }
                 // A rank that finished waits for the others without beating.
                 let done = |r: usize| beats[r].as_ref().is_some_and(|b| b.phase == "done");
@@ -168,14 +171,14 @@ impl Watcher {
                         Some(b) => format!("rank {r} (host {}, pid {}, {} at step {})", b.host, b.pid, b.phase, b.step),
                         None => format!("rank {r} (no heartbeat yet)"),
                     };
-                    break Err(format!(
+                    break Outcome::Failed(format!(
                         "{who} made no progress for {:.0} s (launch.heartbeat_timeout_s)",
                         idle.as_secs_f64()
                     ));
                 }
             };
             match outcome {
-                Ok(()) => {
+                Outcome::Succeeded => {
                     bar.finish_and_clear();
                     this.outcome = "succeeded".into();
                     record.attempts.push(this);
@@ -183,7 +186,22 @@ impl Watcher {
                     self.save(record)?;
                     return Ok(());
                 }
-                Err(reason) => {
+                Outcome::Preempted => {
+                    // Every rank committed the checkpoint of its last step and exited: nothing to stop, no step
+                    // lost, and not a failure of the job.
+                    tracing::warn!(
+                        attempt = number,
+                        step = this.reached_step,
+                        "preempted: the ranks committed a checkpoint and stopped; relaunching from it (not counted \
+                         against launch.max_restarts)"
+                    );
+                    this.outcome = "preempted".into();
+                    previous_reached = Some(this.reached_step.max(previous_reached.unwrap_or(0)));
+                    record.attempts.push(this);
+                    record.preemptions += 1;
+                    self.save(record)?;
+                }
+                Outcome::Failed(reason) => {
                     let pids: Vec<u32> = beats
                         .iter()
                         .flatten()

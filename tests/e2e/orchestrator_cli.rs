@@ -1,6 +1,7 @@
 //! `orchestrator` as a user runs it: a 2-rank local launch runs to the end and reports validation macro F1; a
 //! rank killed with SIGKILL, or stopped with SIGSTOP (hung), is detected, the job is relaunched from its last
-//! checkpoint and ends with exactly the uninterrupted run's variables; `status` reports it; bad arguments are
+//! checkpoint and ends with exactly the uninterrupted run's variables; a rank preempted (SIGTERM) makes the job
+//! checkpoint and stop, and the relaunch redoes no step; `status` reports it; bad arguments are
 //! rejected before anything starts; the Kubernetes manifests validate against the Kubernetes schemas.
 
 use std::path::{Path, PathBuf};
@@ -89,6 +90,26 @@ fn local_launch_survives_a_killed_and_a_hung_rank_bitwise() {
     assert!(stderr.contains("restarting from the last checkpoint"), "{stderr}");
     assert_eq!(max_diff(&variables(&reference, STEPS), &variables(&killed, STEPS)), 0.0);
     assert_eq!(metrics(&reference), metrics(&killed), "the metrics file continues without repeats or gaps");
+
+    // A rank preempted (SIGTERM, as an eviction or a spot reclaim sends it): every rank stops after the same
+    // step with its checkpoint committed, and the relaunch continues from it: no restart, no step redone.
+    let preempted = launch_job(&d, "preempted", 60.0);
+    let mut child = launch(&preempted, 2)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = wait_for_step(&preempted, 1, 25, &mut child);
+    // SAFETY: a worker process this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let (stdout, stderr) = finish(child);
+    assert!(
+        stdout.contains("job succeeded: 2 attempt(s), 0 restart(s), 0 step(s) redone after restarts, 1 preemption(s)"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(stderr.contains("preempted: the ranks committed a checkpoint"), "{stderr}");
+    assert_eq!(max_diff(&variables(&reference, STEPS), &variables(&preempted, STEPS)), 0.0);
+    assert_eq!(metrics(&reference), metrics(&preempted), "the metrics file continues without repeats or gaps");
 
     // A rank stopped (hung): no heartbeat progress for 10 s, detected, killed and relaunched.
     let hung = launch_job(&d, "hung", 10.0);

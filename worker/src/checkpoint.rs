@@ -121,7 +121,8 @@ impl Checkpoint {
     }
 }
 
-fn name(step: u64) -> String {
+/// The folder of the checkpoint of `step`.
+pub fn checkpoint_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
@@ -197,7 +198,7 @@ impl CheckpointStore {
         variables: &[(String, Tensor)],
         optimizer: &BTreeMap<String, Tensor>,
     ) -> Result<()> {
-        let dir = name(state.step);
+        let dir = checkpoint_name(state.step);
         let encode = |e: serde_json::Error| CheckpointError::Encode { name: dir.clone(), reason: e.to_string() };
         let objects = [
             safetensors_bytes(&dir, variables.iter().map(|(n, t)| (n.clone(), t.detach())).collect())?,
@@ -218,7 +219,7 @@ impl CheckpointStore {
         self.store
             .blocking()
             .put(&format!("{dir}/{COMMIT}"), Bytes::from(serde_json::to_vec_pretty(&commit).map_err(encode)?))?;
-        self.prune(state.best.map(|b| name(b.step)))
+        self.prune(state.best.map(|b| checkpoint_name(b.step)))
     }
 
     fn committed(&self) -> Result<Vec<String>> {
@@ -295,7 +296,7 @@ impl CheckpointStore {
             "best" => {
                 let newest = latest()?;
                 match newest.state.best {
-                    Some(b) if name(b.step) != newest.name => self.load(&name(b.step)),
+                    Some(b) if checkpoint_name(b.step) != newest.name => self.load(&checkpoint_name(b.step)),
                     _ => Ok(newest),
                 }
             }

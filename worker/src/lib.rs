@@ -19,6 +19,7 @@ pub mod optim;
 pub mod plan;
 pub mod plots;
 pub mod predict;
+pub mod preempt;
 pub mod session;
 pub mod train;
 pub use avexpr_data::logging;

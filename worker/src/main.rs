@@ -300,6 +300,12 @@ fn main() -> ExitCode {
             avexpr_worker::dist::finalize();
             ExitCode::SUCCESS
         }
+        Err(e) if e.is::<avexpr_worker::preempt::Preempted>() => {
+            // Every rank stops after the same step (they agreed), so every rank finalises.
+            tracing::warn!("{e}");
+            avexpr_worker::dist::finalize();
+            ExitCode::from(avexpr_worker::preempt::EXIT_PREEMPTED)
+        }
         Err(e) => {
             tracing::error!("{e:#}");
             // Under mpirun the other ranks would wait for this one in their next collective, forever.

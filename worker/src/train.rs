@@ -26,12 +26,13 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
 use crate::buckets::Buckets;
-use crate::checkpoint::{Best, COMMIT, CheckpointState, CheckpointStore};
+use crate::checkpoint::{Best, COMMIT, CheckpointState, CheckpointStore, checkpoint_name};
 use crate::dist::Dist;
 use crate::eval::{evaluate, summary};
 use crate::job::JobConfig;
 use crate::metrics::{Phases, StepMetrics};
 use crate::optim::{AdamW, clip_grad_norm, learning_rate};
+use crate::preempt::{Preempted, Preemption};
 use crate::session::{Session, raw_batch};
 
 pub struct TrainOptions {
@@ -66,6 +67,10 @@ pub fn train(job: &JobConfig, dist: &Dist, options: &TrainOptions) -> Result<Tra
         let metrics = trainer.maybe_evaluate(metrics)?;
         trainer.log(metrics)?;
         trainer.maybe_checkpoint()?;
+        if trainer.preempted {
+            crate::heartbeat::update(|h| h.phase = "preempted".into());
+            return Err(Preempted { step: trainer.step, checkpoint: checkpoint_name(trainer.step) }.into());
+        }
     }
     trainer.finish()
 }
@@ -95,6 +100,9 @@ pub struct Trainer<'a> {
     metrics_path: PathBuf,
     throughput: Throughput,
     phases: Phases,
+    preemption: Preemption,
+    /// Some rank was asked to stop (as of the last step): checkpoint and exit.
+    preempted: bool,
     _beacon: crate::heartbeat::Beacon,
 }
 
@@ -180,6 +188,8 @@ impl<'a> Trainer<'a> {
             metrics_path,
             throughput: Throughput { started: Instant::now(), first_step: step, clips: 0, waited: 0.0 },
             phases: Phases::new(device),
+            preemption: Preemption::install().context("catching SIGTERM and SIGUSR1")?,
+            preempted: false,
             _beacon: beacon,
         })
     }
@@ -195,7 +205,8 @@ impl<'a> Trainer<'a> {
         let (job, dist, device) = (self.job, self.dist, self.session.device);
         let model = &self.model;
         self.buckets.zero_grads();
-        let mut sums = [0.0f64; 3];
+        // Losses (total, classification, contrastive) and the ranks asked to stop, summed over ranks together.
+        let mut sums = [0.0f64; 4];
         for (a, feed) in self.feeds.iter_mut().enumerate() {
             let slot = dist.rank * self.accumulation + a;
             let waiting = Instant::now();
@@ -253,7 +264,18 @@ impl<'a> Trainer<'a> {
         self.phases.steps += 1;
         self.step += 1;
 
+        sums[3] = self.preemption.requested() as u8 as f64;
         dist.all_reduce_sum_f64(&mut sums);
+        if sums[3] > 0.0 && !self.preempted {
+            self.preempted = true;
+            if dist.rank == 0 {
+                tracing::warn!(
+                    step = self.step,
+                    ranks = sums[3] as u64,
+                    "preemption requested: checkpointing and stopping"
+                );
+            }
+        }
         let world = dist.world_size as f64;
         let metrics = StepMetrics {
             step: self.step,
@@ -336,10 +358,11 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// Commits a checkpoint every `checkpoint.every` steps and after the last (rank 0 writes; all ranks wait).
+    /// Commits a checkpoint every `checkpoint.every` steps, after the last and when preempted (rank 0 writes; all
+    /// ranks wait).
     pub fn maybe_checkpoint(&mut self) -> Result<()> {
         let (job, dist, step) = (self.job, self.dist, self.step);
-        if !(step.is_multiple_of(job.checkpoint.every) || step == job.train.steps) {
+        if !(step.is_multiple_of(job.checkpoint.every) || step == job.train.steps || self.preempted) {
             return Ok(());
         }
         crate::heartbeat::update(|h| h.phase = "checkpointing".into());
