@@ -112,3 +112,25 @@ fn ranks_resume_from_the_checkpoint_rank_0_chose_or_stop() {
     assert!(!checkpoint(&config, 6).exists());
     assert_eq!(std::fs::read_to_string(run_dir(&config).join("metrics.jsonl")).unwrap(), metrics);
 }
+
+/// `--checkpoint best` names a checkpoint that exists: a new best validation is committed when it is measured.
+/// Here every step is evaluated and checkpoints are due every 100 steps; the best is step 1's (the first
+/// evaluation; the tiny model's validation F1 does not improve after it). Before, step 1 was never committed and
+/// `worker evaluate` (best by default) failed.
+#[test]
+fn the_best_checkpoint_is_always_committed() {
+    let d = dataset();
+    let config = job(&d, "best", 4, "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("checkpoint: {every: 2,", "checkpoint: {every: 100,")
+        .replace("log_every: 1,", "log_every: 1, eval_every: 1,");
+    std::fs::write(&config, text).unwrap();
+    let train = binary("worker").args(["train", "--config"]).arg(&config).output().unwrap();
+    let stdout = String::from_utf8_lossy(&train.stdout).into_owned();
+    ok(train);
+    assert!(stdout.contains("at step 1 (kept as checkpoint step-00000001)"), "{stdout}");
+    let out = d.root.join("best-eval");
+    ok(binary("worker").args(["evaluate", "--config"]).arg(&config).arg("--out").arg(&out).output().unwrap());
+    assert!(out.join("eval.json").is_file());
+}

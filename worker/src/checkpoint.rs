@@ -296,22 +296,25 @@ impl CheckpointStore {
             "best" => {
                 let newest = latest()?;
                 match newest.state.best {
-                    Some(b) if checkpoint_name(b.step) != newest.name => self.load(&checkpoint_name(b.step)),
+                    Some(b) if checkpoint_name(b.step) != newest.name => self.committed_one(&checkpoint_name(b.step)),
                     _ => Ok(newest),
                 }
             }
-            dir => {
-                let committed = self.committed()?;
-                if !committed.iter().any(|c| c == dir) {
-                    return Err(CheckpointError::Unknown {
-                        uri: self.store.uri().to_string(),
-                        name: dir.to_string(),
-                        committed: if committed.is_empty() { "none".into() } else { committed.join(", ") },
-                    });
-                }
-                self.load(dir)
-            }
+            dir => self.committed_one(dir),
         }
+    }
+
+    /// The committed checkpoint `dir`, verified; an error listing the committed ones when it is not one of them.
+    fn committed_one(&self, dir: &str) -> Result<Checkpoint> {
+        let committed = self.committed()?;
+        if !committed.iter().any(|c| c == dir) {
+            return Err(CheckpointError::Unknown {
+                uri: self.store.uri().to_string(),
+                name: dir.to_string(),
+                committed: if committed.is_empty() { "none".into() } else { committed.join(", ") },
+            });
+        }
+        self.load(dir)
     }
 
     /// The newest committed checkpoint that verifies; corrupt ones are reported and skipped. A store that

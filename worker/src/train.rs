@@ -358,11 +358,12 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// Commits a checkpoint every `checkpoint.every` steps, after the last and when preempted (rank 0 writes; all
-    /// ranks wait).
+    /// Commits a checkpoint every `checkpoint.every` steps, after the last, at a new best validation (so that
+    /// `--checkpoint best` names one that exists) and when preempted (rank 0 writes; all ranks wait).
     pub fn maybe_checkpoint(&mut self) -> Result<()> {
         let (job, dist, step) = (self.job, self.dist, self.step);
-        if !(step.is_multiple_of(job.checkpoint.every) || step == job.train.steps || self.preempted) {
+        let new_best = self.best.is_some_and(|b| b.step == step);
+        if !(step.is_multiple_of(job.checkpoint.every) || step == job.train.steps || new_best || self.preempted) {
             return Ok(());
         }
         crate::heartbeat::update(|h| h.phase = "checkpointing".into());
