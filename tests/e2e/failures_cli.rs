@@ -134,3 +134,37 @@ fn the_best_checkpoint_is_always_committed() {
     ok(binary("worker").args(["evaluate", "--config"]).arg(&config).arg("--out").arg(&out).output().unwrap());
     assert!(out.join("eval.json").is_file());
 }
+
+/// A store holding a run's checkpoints is not reused by accident: a fresh start into it is refused unless asked
+/// (`--overwrite` deletes them), and a resumed run cannot change what it trains (the fields are named) while it
+/// may change its length. Before, `--resume none` trained into the store (whose pruning then deleted the new
+/// run's checkpoints, and a later `--resume auto` continued the old run), and a resume compared only the number
+/// of data slots.
+#[test]
+fn a_used_store_is_not_reused_by_accident() {
+    let d = dataset();
+    let config = job(&d, "used", 2, "");
+    let train = |args: &[&str]| binary("worker").args(["train", "--config"]).arg(&config).args(args).output().unwrap();
+    ok(train(&[]));
+    let out = train(&["--resume", "none"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("already holds 1 checkpoint(s)"), "{stderr}");
+    assert!(stderr.contains("`--resume none --overwrite` deletes them"), "{stderr}");
+    assert!(checkpoint(&config, 2).join("COMMIT.json").is_file());
+
+    // Other clips and another seed: refused, naming both; the longer run alone would be fine.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let changed = text
+        .replace("stride: 4,", "stride: 2,")
+        .replace("log_every: 1, threads: 1}", "log_every: 1, threads: 1, seed: 7}");
+    std::fs::write(&config, changed.replace("steps: 2,", "steps: 4,")).unwrap();
+    let out = train(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("data.stride: 4 -> 2") && stderr.contains("train.seed: 0 -> 7"), "{stderr}");
+    assert!(!stderr.contains("train.steps"), "{stderr}");
+
+    let log = ok(train(&["--resume", "none", "--overwrite"]));
+    assert!(log.contains("--overwrite: deleting the store's checkpoints"), "{log}");
+    assert!(checkpoint(&config, 4).join("COMMIT.json").is_file());
+}

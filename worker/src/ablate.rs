@@ -50,7 +50,7 @@ pub fn ablate(job: &JobConfig, dist: &Dist, steps: Option<u64>) -> Result<Vec<Ou
         if dist.rank == 0 {
             tracing::info!(variant, what, "ablation run");
         }
-        let trained = train(&j, dist, &TrainOptions { resume: false, plan: None })?;
+        let trained = train(&j, dist, &TrainOptions { resume: false, overwrite: true, plan: None })?;
         let f1s: Vec<f64> = trained.history.iter().filter_map(|m| m.val_macro_f1).collect();
         outcomes.push(Outcome {
             variant,

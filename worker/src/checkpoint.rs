@@ -222,7 +222,8 @@ impl CheckpointStore {
         self.prune(state.best.map(|b| checkpoint_name(b.step)))
     }
 
-    fn committed(&self) -> Result<Vec<String>> {
+    /// The committed checkpoints' names, oldest first.
+    pub fn committed(&self) -> Result<Vec<String>> {
         let mut names = Vec::new();
         for dir in self.store.blocking().list_dirs("")? {
             if dir.starts_with("step-") && self.store.blocking().exists(&format!("{dir}/{COMMIT}"))? {
@@ -232,6 +233,22 @@ impl CheckpointStore {
         Ok(names)
     }
 
+    /// Deletes every committed checkpoint (each commit first, so a half-deleted one is never taken for valid).
+    pub fn clear(&self) -> Result<()> {
+        for dir in self.committed()? {
+            self.delete(&dir)?;
+        }
+        Ok(())
+    }
+
+    fn delete(&self, dir: &str) -> Result<()> {
+        self.store.blocking().delete(&format!("{dir}/{COMMIT}"))?;
+        for file in OBJECTS {
+            self.store.blocking().delete(&format!("{dir}/{file}"))?;
+        }
+        Ok(())
+    }
+
     /// Deletes all but the newest `keep_last_k` committed checkpoints, and `keep` (the best).
     fn prune(&self, keep: Option<String>) -> Result<()> {
         let committed = self.committed()?;
@@ -239,10 +256,7 @@ impl CheckpointStore {
             if Some(dir) == keep.as_ref() {
                 continue;
             }
-            self.store.blocking().delete(&format!("{dir}/{COMMIT}"))?;
-            for file in OBJECTS {
-                self.store.blocking().delete(&format!("{dir}/{file}"))?;
-            }
+            self.delete(dir)?;
         }
         Ok(())
     }

@@ -303,4 +303,52 @@ impl JobConfig {
     pub fn loader(&self) -> LoaderConfig {
         self.data.loader(self.train.micro_batch)
     }
+
+    /// The settings of `saved` (a checkpoint's job) that differ from this job's and that a resumed run cannot
+    /// change, each as `field: saved -> now`. What may change: the length of the run and its logging,
+    /// evaluation, checkpoint and launch cadence, where the store, shards, cache and encoder checkpoints are,
+    /// and the loader's performance settings.
+    pub fn changes_that_forbid_resuming(&self, saved: &JobConfig) -> Vec<String> {
+        const MAY_CHANGE: [&str; 17] = [
+            "run_dir",
+            "checkpoint",
+            "launch",
+            "train.steps",
+            "train.log_every",
+            "train.eval_every",
+            "train.threads",
+            "train.bucket_bytes",
+            "data.shards",
+            "data.features",
+            "data.prefetch_bytes",
+            "data.fetch_concurrency",
+            "data.decode_threads",
+            "data.ready_batches",
+            "data.skip_bad",
+            "model.clip.checkpoint",
+            "model.wav2vec2.checkpoint",
+        ];
+        let (now, then) = (serde_json::to_value(self), serde_json::to_value(saved));
+        let (Ok(now), Ok(then)) = (now, then) else { return vec!["the config cannot be compared".into()] };
+        let mut changed = Vec::new();
+        diff("", &then, &now, &mut changed);
+        changed.retain(|(field, _)| !MAY_CHANGE.iter().any(|m| field == m || field.starts_with(&format!("{m}."))));
+        changed.into_iter().map(|(field, what)| format!("{field}: {what}")).collect()
+    }
+}
+
+/// The leaves of two JSON values that differ, by path (`train.optimizer.lr`), as `then -> now`.
+fn diff(path: &str, then: &serde_json::Value, now: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    use serde_json::Value;
+    match (then, now) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                let child = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                diff(&child, a.get(k).unwrap_or(&Value::Null), b.get(k).unwrap_or(&Value::Null), out);
+            }
+        }
+        (a, b) if a != b => out.push((path.to_string(), format!("{a} -> {b}"))),
+        _ => {}
+    }
 }

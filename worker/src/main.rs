@@ -20,7 +20,7 @@ struct Cli {
 enum Resume {
     /// Continue from the newest valid checkpoint if there is one.
     Auto,
-    /// Start afresh.
+    /// Start afresh (refused when the checkpoint store holds checkpoints, unless --overwrite).
     None,
 }
 
@@ -58,6 +58,9 @@ enum Command {
         config: PathBuf,
         #[arg(long, value_enum, default_value_t = Resume::Auto)]
         resume: Resume,
+        /// With `--resume none`: delete the checkpoints already in `checkpoint.uri` first.
+        #[arg(long, requires = "resume")]
+        overwrite: bool,
         /// A shard plan written by `orchestrator plan` (URI or path); default: the balanced plan.
         #[arg(long)]
         plan: Option<String>,
@@ -179,13 +182,14 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", req.out.display());
         }
         Command::BenchEncoders(cfg) => print!("{}", bench::encoders(&cfg)?),
-        Command::Train { config, resume, plan } => {
+        Command::Train { config, resume, overwrite, plan } => {
+            anyhow::ensure!(resume == Resume::None || !overwrite, "--overwrite is for --resume none");
             let resume = resume == Resume::Auto;
             // The config is checked before MPI starts: a bad one fails every rank at once, with its message.
             let job = avexpr_worker::job::JobConfig::from_file(&config)?;
             let plan = plan.as_deref().map(avexpr_worker::plan::JobPlan::load).transpose()?;
             let dist = avexpr_worker::dist::Dist::init()?;
-            avexpr_worker::train::train(&job, &dist, &avexpr_worker::train::TrainOptions { resume, plan })?;
+            avexpr_worker::train::train(&job, &dist, &avexpr_worker::train::TrainOptions { resume, overwrite, plan })?;
         }
         Command::Extract { config } => {
             let job = avexpr_worker::job::JobConfig::from_file(&config)?;

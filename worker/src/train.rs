@@ -37,6 +37,8 @@ use crate::session::{Session, raw_batch};
 
 pub struct TrainOptions {
     pub resume: bool,
+    /// A fresh start (`resume: false`) into a store that holds checkpoints deletes them first (else refused).
+    pub overwrite: bool,
     /// An explicit shard plan (`orchestrator plan`); `None`: the balanced plan every rank computes.
     pub plan: Option<crate::plan::JobPlan>,
 }
@@ -150,7 +152,10 @@ impl<'a> Trainer<'a> {
         buckets.attach_grads(&vars)?;
         let mut opt = AdamW::new(job.train.optimizer, &named);
 
-        let resumed = if options.resume { resume(&checkpoints, slots, &named, &mut opt, dist)? } else { None };
+        if !options.resume && dist.rank == 0 {
+            fresh_start(&checkpoints, options.overwrite)?;
+        }
+        let resumed = if options.resume { resume(job, &checkpoints, slots, &named, &mut opt, dist)? } else { None };
         let Start { step, cursors, history, best } = resumed.unwrap_or_else(|| Start::fresh(slots));
         crate::heartbeat::update(|h| {
             h.resumed_from = step;
@@ -435,6 +440,22 @@ impl Start {
     }
 }
 
+/// A fresh start must not share a store with another run's checkpoints: pruning would delete the new run's and
+/// `--resume auto` would later continue the old one. Refused unless `overwrite`, which deletes them.
+fn fresh_start(checkpoints: &CheckpointStore, overwrite: bool) -> Result<()> {
+    let existing = checkpoints.committed()?;
+    let Some(newest) = existing.last() else { return Ok(()) };
+    anyhow::ensure!(
+        overwrite,
+        "--resume none: checkpoint.uri {} already holds {} checkpoint(s) of a run (newest {newest}): \
+         `--resume auto` continues it, `--resume none --overwrite` deletes them, or set another checkpoint.uri",
+        checkpoints.uri(),
+        existing.len()
+    );
+    tracing::warn!(uri = checkpoints.uri(), count = existing.len(), "--overwrite: deleting the store's checkpoints");
+    Ok(checkpoints.clear()?)
+}
+
 /// Which checkpoint every rank resumes from: rank 0's choice, by name and commit hash.
 #[derive(Debug, Serialize, Deserialize)]
 struct Choice {
@@ -448,6 +469,7 @@ struct Choice {
 /// fails the job with its reason; no rank falls back on its own to an older checkpoint or to a fresh start,
 /// which would train from other weights, cursors and optimizer state than its peers.
 fn resume(
+    job: &JobConfig,
     checkpoints: &CheckpointStore,
     slots: usize,
     named: &[(String, Tensor)],
@@ -468,6 +490,15 @@ fn resume(
             let reason = format!(
                 "its {COMMIT} has SHA-256 {} here, {} on rank 0: the store changed under the job",
                 ckpt.commit_sha256, choice.commit_sha256
+            );
+            return Err(ckpt.mismatch(reason).into());
+        }
+        let changed = job.changes_that_forbid_resuming(&ckpt.state.config);
+        if !changed.is_empty() {
+            let reason = format!(
+                "it was made with other settings, which a resumed run cannot change: {}. Train with the \
+                 checkpoint's settings, or start a new run (another checkpoint.uri, or `--resume none --overwrite`)",
+                changed.join("; ")
             );
             return Err(ckpt.mismatch(reason).into());
         }
