@@ -86,6 +86,9 @@ pub enum LoaderError {
     ShardLayout { shard: String, reason: String },
     #[error("shard {shard}: frame {frame} of video {video} does not decode: {reason}")]
     BadFrame { shard: String, video: String, frame: usize, reason: String },
+    /// A loader thread panicked: the stream stopped before its end (the panic's message was printed above).
+    #[error("loader thread `{thread}` panicked (its message is above): the stream stopped before its end")]
+    ThreadPanicked { thread: String },
     #[error(
         "data.prefetch_bytes: {budget} bytes cannot hold one shuffle window ({needed} bytes in {shards} shards); \
          raise it or lower data.shuffle_shards"
@@ -712,6 +715,54 @@ struct Done {
 pub struct Loader {
     batches: crossbeam_channel::Receiver<Result<Batch, LoaderError>>,
     shared: Arc<Shared>,
+    panics: Panics,
+}
+
+/// The names of the loader's threads that panicked. A panicking thread drops its channel ends like a thread
+/// that finished, so without this the stream would just end early: an evaluation would score part of a split.
+#[derive(Clone, Default)]
+struct Panics(Arc<std::sync::Mutex<Vec<String>>>);
+
+/// Records its thread's name in [`Panics`] when dropped by a panic's unwinding.
+struct PanicGuard {
+    thread: String,
+    panics: Panics,
+}
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.panics.0.lock().unwrap_or_else(|e| e.into_inner()).push(self.thread.clone());
+        }
+    }
+}
+
+impl Panics {
+    fn spawn(&self, name: String, f: Box<dyn FnOnce() + Send>) {
+        let guard = PanicGuard { thread: name.clone(), panics: self.clone() };
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                let _guard = guard;
+                f()
+            })
+            .expect("spawning a loader thread");
+    }
+
+    /// The next item of a stream fed by these threads: at the stream's end, an error if one of them panicked.
+    fn receive<T>(
+        &self,
+        items: &crossbeam_channel::Receiver<Result<T, LoaderError>>,
+    ) -> Option<Result<T, LoaderError>> {
+        match items.recv() {
+            Ok(item) => Some(item),
+            Err(_) => {
+                // The first thread that panicked, reported once; the stream then ends.
+                let thread = self.0.lock().unwrap_or_else(|e| e.into_inner()).drain(..).next()?;
+                Some(Err(LoaderError::ThreadPanicked { thread }))
+            }
+        }
+    }
 }
 
 impl Loader {
@@ -748,9 +799,8 @@ impl Loader {
         let (job_tx, job_rx) = crossbeam_channel::bounded(4 * cfg.decode_threads);
         let (done_tx, done_rx) = crossbeam_channel::bounded(4 * cfg.decode_threads);
         let (batch_tx, batch_rx) = crossbeam_channel::bounded(cfg.ready_batches);
-        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new().name(name).spawn(f).expect("spawning a loader thread");
-        };
+        let panics = Panics::default();
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| panics.spawn(name, f);
         let s = shared.clone();
         spawn(
             "loader-fetch".into(),
@@ -773,7 +823,7 @@ impl Loader {
         drop(done_tx);
         let s = shared.clone();
         spawn("loader-collect".into(), Box::new(move || s.collect(done_rx, batch_tx)));
-        Ok(Loader { batches: batch_rx, shared })
+        Ok(Loader { batches: batch_rx, shared, panics })
     }
 
     pub fn stats(&self) -> LoaderStats {
@@ -803,8 +853,41 @@ impl Iterator for Loader {
 
     fn next(&mut self) -> Option<Self::Item> {
         let t = Instant::now();
-        let batch = self.batches.recv().ok();
+        let batch = self.panics.receive(&self.batches);
         self.shared.counters.wait_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A feeding thread that panics mid-stream ends the stream with an error naming it, not with a quiet end
+    /// that looks like the end of the data; a thread that finishes ends it quietly.
+    #[test]
+    fn a_panicking_loader_thread_ends_the_stream_with_an_error() {
+        let panics = Panics::default();
+        let (tx, rx) = crossbeam_channel::bounded::<Result<u32, LoaderError>>(4);
+        panics.spawn(
+            "loader-test".into(),
+            Box::new(move || {
+                tx.send(Ok(1)).unwrap();
+                let shard: Vec<u8> = Vec::new();
+                // As a bug on hostile data would: an index past the end.
+                let _ = shard[std::hint::black_box(3)];
+            }),
+        );
+        assert!(matches!(panics.receive(&rx), Some(Ok(1))));
+        match panics.receive(&rx) {
+            Some(Err(LoaderError::ThreadPanicked { thread })) => assert_eq!(thread, "loader-test"),
+            other => panic!("expected the panic to be reported, got {other:?}"),
+        }
+        assert!(panics.receive(&rx).is_none(), "reported once, then the end");
+
+        let (tx, rx) = crossbeam_channel::bounded::<Result<u32, LoaderError>>(4);
+        panics.spawn("loader-done".into(), Box::new(move || tx.send(Ok(2)).unwrap()));
+        assert!(matches!(panics.receive(&rx), Some(Ok(2))));
+        assert!(panics.receive(&rx).is_none());
     }
 }
