@@ -44,6 +44,17 @@ impl Attempt {
         let stderr = std::fs::File::create(log).with_context(|| log.display().to_string())?;
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(stdout).stderr(stderr).process_group(0);
+        // SAFETY: prctl is async-signal-safe; it only sets a flag of the child between fork and exec.
+        unsafe {
+            // mpirun (in its own process group, out of reach of the terminal's Ctrl-C) is told when this
+            // process dies, even by SIGKILL, and then tears the ranks down: no job outlives its orchestrator.
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
             // Open MPI refuses root without these (containers and CI run as root).
@@ -64,6 +75,19 @@ impl Attempt {
                 Err(e) => Some(Outcome::Failed(format!("cannot wait for mpirun: {e}"))),
             },
             Attempt::K8s { name, namespace } => crate::k8s::job_state(name, namespace),
+        }
+    }
+
+    /// Asks the ranks to stop after their current step with a checkpoint committed, as a preemption does
+    /// (SIGUSR1 to mpirun, which passes it on to every rank; a Kubernetes attempt is deleted, which sends the
+    /// pods SIGTERM). The attempt then ends [`Outcome::Preempted`] unless a rank cannot get there.
+    pub fn interrupt(&mut self) {
+        match self {
+            // SAFETY: a signal to the mpirun this attempt started.
+            Attempt::Mpirun { child } => unsafe {
+                libc::kill(child.id() as i32, libc::SIGUSR1);
+            },
+            Attempt::K8s { name, namespace } => crate::k8s::delete(name, namespace),
         }
     }
 

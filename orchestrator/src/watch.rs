@@ -7,12 +7,15 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use avexpr_data::store::Store;
 use avexpr_worker::heartbeat::{self, Heartbeat};
 use serde::{Deserialize, Serialize};
+use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::launch::Attempt;
 use crate::spec::{Job, Outcome};
@@ -98,6 +101,11 @@ impl Watcher {
         }
     }
 
+    /// The ranks known (from heartbeats) to run on this machine.
+    fn local_pids(&self, beats: &[Option<Heartbeat>]) -> Vec<u32> {
+        beats.iter().flatten().filter(|b| b.host == self.host && is_worker(b.pid)).map(|b| b.pid).collect()
+    }
+
     /// Runs attempts until one succeeds or `max_restarts` relaunches have failed too.
     pub fn run(
         &self,
@@ -115,6 +123,13 @@ impl Watcher {
         } else {
             bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
         }
+        // SIGINT (Ctrl-C) or SIGTERM: the job is stopped with a checkpoint, not left running; a second one ends
+        // this process at once (mpirun follows it: it is told when its parent dies).
+        let stop = Arc::new(AtomicBool::new(false));
+        for signal in [SIGINT, SIGTERM] {
+            signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())?;
+            signal_hook::flag::register(signal, stop.clone())?;
+        }
         let mut previous_reached: Option<u64> = None;
         for number in 0.. {
             self.clear_beats();
@@ -126,8 +141,17 @@ impl Watcher {
             let mut last_report = launched;
             let mut this = AttemptRecord { number, log: log.clone(), ..AttemptRecord::default() };
             let mut beats: Vec<Option<Heartbeat>>;
+            let mut interrupted: Option<Instant> = None;
             let outcome = loop {
                 std::thread::sleep(self.poll);
+                if stop.load(Ordering::SeqCst) && interrupted.is_none() {
+                    tracing::warn!(
+                        "interrupted: asking the ranks to stop after their current step with a checkpoint \
+                         (again to stop at once)"
+                    );
+                    attempt.interrupt();
+                    interrupted = Some(Instant::now());
+                }
                 let finished = attempt.poll();
                 beats = self.beats();
                 let now = Instant::now();
@@ -156,6 +180,14 @@ impl Watcher {
                 }
                 if let Some(outcome) = finished {
                     break outcome;
+                }
+                if let Some(since) = interrupted
+                    && since.elapsed() > self.timeout
+                {
+                    break Outcome::Failed(format!(
+                        "interrupted, and the ranks did not stop within {:.0} s (launch.heartbeat_timeout_s)",
+                        self.timeout.as_secs_f64()
+                    ));
                 }
                 // A rank that finished waits for the others without beating.
                 let done = |r: usize| beats[r].as_ref().is_some_and(|b| b.phase == "done");
@@ -186,6 +218,27 @@ impl Watcher {
                     self.save(record)?;
                     return Ok(());
                 }
+                Outcome::Preempted if interrupted.is_some() => {
+                    bar.abandon();
+                    this.outcome = "stopped (interrupted) with a checkpoint".into();
+                    record.attempts.push(this);
+                    record.status = "stopped".into();
+                    self.save(record)?;
+                    anyhow::bail!(
+                        "stopped: every rank committed the checkpoint of its last step; `orchestrator launch` with \
+                         the same config continues from it"
+                    );
+                }
+                _ if interrupted.is_some() => {
+                    let pids = self.local_pids(&beats);
+                    attempt.stop(&pids);
+                    bar.abandon();
+                    this.outcome = "stopped (interrupted)".into();
+                    record.attempts.push(this);
+                    record.status = "stopped".into();
+                    self.save(record)?;
+                    anyhow::bail!("stopped: the job's ranks are stopped; a launch continues from the last checkpoint");
+                }
                 Outcome::Preempted => {
                     // Every rank committed the checkpoint of its last step and exited: nothing to stop, no step
                     // lost, and not a failure of the job.
@@ -202,12 +255,7 @@ impl Watcher {
                     self.save(record)?;
                 }
                 Outcome::Failed(reason) => {
-                    let pids: Vec<u32> = beats
-                        .iter()
-                        .flatten()
-                        .filter(|b| b.host == self.host && is_worker(b.pid))
-                        .map(|b| b.pid)
-                        .collect();
+                    let pids = self.local_pids(&beats);
                     attempt.stop(&pids);
                     tracing::warn!(attempt = number, "{reason}");
                     if let Some(log) = &log {

@@ -1,7 +1,8 @@
 //! `orchestrator` as a user runs it: a 2-rank local launch runs to the end and reports validation macro F1; a
 //! rank killed with SIGKILL, or stopped with SIGSTOP (hung), is detected, the job is relaunched from its last
 //! checkpoint and ends with exactly the uninterrupted run's variables; a rank preempted (SIGTERM) makes the job
-//! checkpoint and stop, and the relaunch redoes no step; `status` reports it; bad arguments are
+//! checkpoint and stop, and the relaunch redoes no step; Ctrl-C to the orchestrator stops the job with a checkpoint
+//! and a new launch continues it; `status` reports it; bad arguments are
 //! rejected before anything starts; the Kubernetes manifests validate against the Kubernetes schemas.
 
 use std::path::{Path, PathBuf};
@@ -110,6 +111,35 @@ fn local_launch_survives_a_killed_and_a_hung_rank_bitwise() {
     assert!(stderr.contains("preempted: the ranks committed a checkpoint"), "{stderr}");
     assert_eq!(max_diff(&variables(&reference, STEPS), &variables(&preempted, STEPS)), 0.0);
     assert_eq!(metrics(&reference), metrics(&preempted), "the metrics file continues without repeats or gaps");
+
+    // The orchestrator interrupted (Ctrl-C): it stops the job with a checkpoint instead of leaving mpirun and the
+    // ranks training, and launching again continues from there.
+    let interrupted = launch_job(&d, "interrupted", 60.0);
+    let mut child = launch(&interrupted, 2)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_step(&interrupted, 1, 25, &mut child);
+    // SAFETY: the orchestrator this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let sent = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("stopped: every rank committed the checkpoint"), "{stderr}");
+    assert!(sent.elapsed() < Duration::from_secs(30), "took {:?} to stop", sent.elapsed());
+    let left = std::process::Command::new("pgrep").arg("-f").arg(&interrupted).output().unwrap();
+    assert!(left.stdout.is_empty(), "processes of the job outlived the orchestrator: {:?}", left.stdout);
+    let (stdout, stderr) = finish(
+        launch(&interrupted, 2)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(stdout.contains("job succeeded: 1 attempt(s), 0 restart(s)"), "{stdout}\n{stderr}");
+    assert_eq!(max_diff(&variables(&reference, STEPS), &variables(&interrupted, STEPS)), 0.0);
+    assert_eq!(metrics(&reference), metrics(&interrupted), "the metrics file continues without repeats or gaps");
 
     // A rank stopped (hung): no heartbeat progress for 10 s, detected, killed and relaunched.
     let hung = launch_job(&d, "hung", 10.0);
