@@ -72,6 +72,9 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
     check_ranks(&job_cfg, world)?;
     if let Target::Hostfile(file) = &target {
         crate::launch::check_hostfile(file, a.nodes)?;
+        if a.nodes > 1 {
+            crate::spec::check_stores_reachable_from_every_host(&job_cfg)?;
+        }
     }
     let worker = match &a.worker {
         Some(w) => w.clone(),

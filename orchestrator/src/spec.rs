@@ -90,6 +90,14 @@ impl Job {
             }
             Target::K8s => {}
         }
+        // The store's credentials and endpoint reach remote ranks only when named (Open MPI forwards the
+        // variables `-x` names, with mpirun's values): names only, never values, on the command line.
+        let mut aws: Vec<String> =
+            std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()).filter(|k| k.starts_with("AWS_")).collect();
+        aws.sort();
+        for name in aws {
+            argv.extend(["-x".into(), name]);
+        }
         argv.extend(self.job.launch.mpirun_args.iter().cloned());
         argv.push(self.worker.display().to_string());
         argv.extend(self.worker_args(&self.config.display().to_string()));
@@ -105,4 +113,31 @@ pub enum Outcome {
     /// warning), committed a checkpoint of their last step and exited with the worker's `EXIT_PREEMPTED`.
     Preempted,
     Failed(String),
+}
+
+/// For a launch over several hosts: the job's stores must be reachable from every host. An `s3://` URI is; a
+/// relative path never is (relative to each host's working directory); an absolute path only on a filesystem
+/// every host mounts (`launch.shared_filesystem`).
+pub fn check_stores_reachable_from_every_host(job: &JobConfig) -> Result<()> {
+    let features = job.data.features.as_ref().map(|f| f.uri.as_str());
+    let stores =
+        [("data.shards", Some(job.data.shards.as_str())), ("checkpoint.uri", Some(job.checkpoint.uri.as_str()))];
+    for (field, uri) in stores.into_iter().chain([("data.features.uri", features)]) {
+        let Some(uri) = uri else { continue };
+        if uri.starts_with("s3://") {
+            continue;
+        }
+        let path = uri.strip_prefix("file://").unwrap_or(uri);
+        anyhow::ensure!(
+            Path::new(path).is_absolute(),
+            "{field}: `{uri}` is relative to this machine's working directory; ranks on other hosts cannot read it: \
+             use an s3:// URI (or an absolute path on a filesystem every host mounts, with launch.shared_filesystem)"
+        );
+        anyhow::ensure!(
+            job.launch.shared_filesystem,
+            "{field}: `{uri}` is a path on this machine; ranks on other hosts would each use their own copy: use an \
+             s3:// URI, or set launch.shared_filesystem: true if every host mounts it (NFS)"
+        );
+    }
+    Ok(())
 }

@@ -198,6 +198,37 @@ fn bad_arguments_are_rejected_before_anything_starts() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("lists 1 host(s), --nodes asks for 2"), "{stderr}");
+
+    // Two hosts: a store path on this machine is refused (the other host would use its own copy) unless every
+    // host mounts it; the store's AWS_* variables are forwarded to remote ranks by name, never by value.
+    let hostfile = d.root.join("two-hosts");
+    std::fs::write(&hostfile, "node-a slots=1\nnode-b slots=1\n").unwrap();
+    let two_hosts = |config: &Path| {
+        binary("orchestrator")
+            .args(["launch", "--nodes", "2", "--target", "hostfile", "--dry-run", "--hostfile"])
+            .arg(&hostfile)
+            .arg("--config")
+            .arg(config)
+            .env("AWS_ACCESS_KEY_ID", "GK-not-to-be-printed")
+            .env("AWS_ENDPOINT_URL", "http://10.0.0.1:3900")
+            .output()
+            .unwrap()
+    };
+    let out = two_hosts(&config);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("data.shards: `"), "{stderr}");
+    assert!(
+        stderr.contains("is a path on this machine; ranks on other hosts would each use their own copy"),
+        "{stderr}"
+    );
+    let shared = d.root.join("shared.yaml");
+    let text = std::fs::read_to_string(&config).unwrap().replace("launch: {", "launch: {shared_filesystem: true, ");
+    std::fs::write(&shared, text).unwrap();
+    let out = two_hosts(&shared);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ok(out);
+    assert!(stdout.contains("-x AWS_ACCESS_KEY_ID ") && stdout.contains("-x AWS_ENDPOINT_URL "), "{stdout}");
+    assert!(!stdout.contains("GK-not-to-be-printed") && !stdout.contains("10.0.0.1"), "{stdout}");
     assert!(!run_dir(&config).exists(), "nothing started");
 
     // A plan made for 2 ranks, given to a 1-rank job.
@@ -436,7 +467,7 @@ fn hostfile_run_across_two_network_namespaces() {
         "remote",
         steps,
         &format!(
-            "launch: {{mpirun_args: [--mca, plm_rsh_agent, {agent}, --mca, oob_tcp_if_include, {subnet}, \
+            "launch: {{shared_filesystem: true, mpirun_args: [--mca, plm_rsh_agent, {agent}, --mca, oob_tcp_if_include, {subnet}, \
              --mca, btl_tcp_if_include, {subnet}, --mca, btl, 'self,tcp']}}\n",
             agent = agent.display()
         ),

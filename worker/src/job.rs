@@ -118,6 +118,10 @@ pub struct LaunchSection {
     /// Extra `mpirun` arguments (e.g. `--mca btl_tcp_if_include eth0`), for the local and hostfile targets
     /// and the Kubernetes launcher.
     pub mpirun_args: Vec<String>,
+    /// Hostfile launches over several hosts: every host mounts the job's local paths (shards, checkpoints, the
+    /// feature cache, the encoders, the config file) with the same content, e.g. over NFS. Without it, local
+    /// store paths are refused there (each host would read or write its own copy).
+    pub shared_filesystem: bool,
     pub k8s: K8sSection,
 }
 
@@ -128,6 +132,7 @@ impl Default for LaunchSection {
             heartbeat_timeout_s: 600.0,
             heartbeat_every_s: 2.0,
             mpirun_args: Vec::new(),
+            shared_filesystem: false,
             k8s: K8sSection::default(),
         }
     }
