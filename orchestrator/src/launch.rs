@@ -97,7 +97,24 @@ impl Attempt {
         match self {
             Attempt::Mpirun { child } => {
                 let group = child.id() as i32;
-                // SAFETY: signals to a process group we created and to pids our ranks reported.
+                // A pid from a heartbeat is only a claim (anyone who can write the store can forge one, and a
+                // pid may be reused): only the ones that are descendants of this mpirun now are kept, with their
+                // start times, and each is signalled later only if it is still that same process.
+                let ranks: Vec<(u32, u64)> = local_pids
+                    .iter()
+                    .filter(|&&pid| {
+                        let ours = descends_from(pid, child.id());
+                        if !ours {
+                            tracing::warn!(
+                                pid,
+                                "not signalled: a heartbeat names it, but it is not a rank of this attempt"
+                            );
+                        }
+                        ours
+                    })
+                    .filter_map(|&pid| Some((pid, proc_stat(pid)?.1)))
+                    .collect();
+                // SAFETY: a signal to the process group we created.
                 unsafe {
                     // mpirun tears the ranks down on SIGTERM ...
                     libc::kill(-group, libc::SIGTERM);
@@ -107,10 +124,12 @@ impl Attempt {
                     std::thread::sleep(std::time::Duration::from_millis(100));
                 }
                 // ... unless a rank cannot act on it (stopped, stuck in a syscall): kill what is left.
-                unsafe {
-                    libc::kill(-group, libc::SIGKILL);
-                    for &pid in local_pids {
-                        libc::kill(pid as i32, libc::SIGKILL);
+                // SAFETY: signals to the process group we created and to verified ranks of this attempt.
+                unsafe { libc::kill(-group, libc::SIGKILL) };
+                for (pid, started) in ranks {
+                    if proc_stat(pid).is_some_and(|(_, t)| t == started) {
+                        // SAFETY: as above.
+                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                     }
                 }
                 let _ = child.wait();
@@ -118,4 +137,26 @@ impl Attempt {
             Attempt::K8s { name, namespace } => crate::k8s::delete(name, namespace),
         }
     }
+}
+
+/// Whether `pid` is a descendant of `ancestor`, by the parent links in /proc.
+fn descends_from(pid: u32, ancestor: u32) -> bool {
+    let mut p = pid;
+    for _ in 0..64 {
+        match proc_stat(p) {
+            Some((q, _)) if q == ancestor => return true,
+            Some((q, _)) if q > 1 => p = q,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// A live process's parent pid and start time (clock ticks since boot), from /proc/<pid>/stat.
+fn proc_stat(pid: u32) -> Option<(u32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`: comm may hold spaces and parentheses, so fields count from the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // After comm: state (field 3 of stat(5)) is fields[0], ppid (4) fields[1], starttime (22) fields[19].
+    Some((fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
 }

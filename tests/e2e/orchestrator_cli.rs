@@ -149,7 +149,19 @@ fn local_launch_survives_a_killed_and_a_hung_rank_bitwise() {
     let stopped = Instant::now();
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // Its heartbeat now names an unrelated process (forged, or a pid reused), one that even looks like a rank:
+    // stopping the attempt must not signal it.
+    let decoy_exe = d.root.join("worker");
+    std::fs::copy("/bin/sleep", &decoy_exe).unwrap();
+    let mut decoy = std::process::Command::new(&decoy_exe).arg("600").spawn().unwrap();
+    let beat = run_dir(&hung).join("checkpoints/heartbeats/rank-1.json");
+    let mut forged = heartbeat(&hung, 1).unwrap();
+    forged["pid"] = decoy.id().into();
+    std::fs::write(&beat, serde_json::to_vec(&forged).unwrap()).unwrap();
     let (stdout, stderr) = finish(child);
+    assert!(decoy.try_wait().unwrap().is_none(), "the orchestrator killed a process that was not its rank");
+    decoy.kill().unwrap();
+    decoy.wait().unwrap();
     assert!(stdout.contains("1 restart(s)"), "{stdout}\n{stderr}");
     assert!(stderr.contains("made no progress for"), "{stderr}");
     assert!(stopped.elapsed() < Duration::from_secs(240), "the hang took {:?} to get over", stopped.elapsed());
