@@ -177,6 +177,18 @@ impl Store {
         Ok(())
     }
 
+    /// Writes an object only if none is there (`PutMode::Create`: O_EXCL-like on a local store, `If-None-Match: *`
+    /// on S3); `Ok(false)` when one is. Some S3 servers (Garage) ignore the condition and overwrite: callers that
+    /// need exclusivity read the object back.
+    pub async fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, StoreError> {
+        let opts = || object_store::PutOptions { mode: object_store::PutMode::Create, ..Default::default() };
+        match self.inner.put_opts(&self.path(key), PutPayload::from(bytes), opts()).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(self.request_err(key, e)),
+        }
+    }
+
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         self.retrying(key, || async {
             let got = self.inner.get(&self.path(key)).await.map_err(|e| self.request_err(key, e))?;
@@ -254,6 +266,10 @@ impl Blocking<'_> {
 
     pub fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         block_on(self.0.get(key))
+    }
+
+    pub fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, StoreError> {
+        block_on(self.0.put_if_absent(key, bytes))
     }
 
     pub fn exists(&self, key: &str) -> Result<bool, StoreError> {

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use avexpr_data::store::Store;
 use avexpr_worker::checkpoint::CheckpointStore;
 use avexpr_worker::job::JobConfig;
+use avexpr_worker::lease::Lease;
 
 use crate::launch::Attempt;
 use crate::spec::{Job, Target};
@@ -108,6 +109,17 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
 
     // Everything that can be checked without the store is; now the store (fast failure when unreachable).
     let manifest = plan::read_job_manifest(&job_cfg)?;
+    // One writer per store: this launch holds its lease for all its attempts (the ranks join it). Under
+    // Kubernetes the job's rank 0 takes it instead (the pods do not see this process).
+    let lease = match &k8s_yaml {
+        None => Some(Lease::acquire(
+            &Store::open(&job_cfg.checkpoint.uri)?,
+            "orchestrator launch",
+            avexpr_worker::train::lease_ttl(&job_cfg),
+        )?),
+        Some(_) => None,
+    };
+    let lease_id = lease.as_ref().map(|l| l.id().to_string()).unwrap_or_default();
     let (p, uri) = plan::make(&job_cfg, &manifest, world)?;
     eprint!("plan {uri}\n{}", plan::describe(&p, &manifest));
     std::fs::create_dir_all(&job_cfg.run_dir).with_context(|| format!("run_dir {}", job_cfg.run_dir.display()))?;
@@ -128,7 +140,7 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
             let out = job_cfg.run_dir.join(format!("attempt-{n}.out"));
             let log = job_cfg.run_dir.join(format!("attempt-{n}.log"));
             last_out = Some(out.clone());
-            Ok((Attempt::mpirun(&job, &out, &log)?, Some(log)))
+            Ok((Attempt::mpirun(&job, &out, &log, &lease_id)?, Some(log)))
         }
         Some(yaml) => {
             k8s::delete(&name, &namespace);

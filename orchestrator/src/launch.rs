@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result};
+use avexpr_worker::lease::LEASE_ENV;
 use avexpr_worker::preempt::EXIT_PREEMPTED;
 
 use crate::spec::{Job, Outcome};
@@ -37,13 +38,14 @@ pub enum Attempt {
 }
 
 impl Attempt {
-    /// Starts `mpirun` with stdout and stderr to `out` and `log`.
-    pub fn mpirun(job: &Job, out: &Path, log: &Path) -> Result<Attempt> {
-        let argv = job.mpirun_argv();
+    /// Starts `mpirun` with stdout and stderr to `out` and `log`; its ranks join the launch's store lease `lease`.
+    pub fn mpirun(job: &Job, out: &Path, log: &Path, lease: &str) -> Result<Attempt> {
+        let mut argv = job.mpirun_argv();
+        argv.splice(1..1, ["-x".to_string(), LEASE_ENV.to_string()]);
         let stdout = std::fs::File::create(out).with_context(|| out.display().to_string())?;
         let stderr = std::fs::File::create(log).with_context(|| log.display().to_string())?;
         let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(stdout).stderr(stderr).process_group(0);
+        cmd.args(&argv[1..]).env(LEASE_ENV, lease).stdin(Stdio::null()).stdout(stdout).stderr(stderr).process_group(0);
         // SAFETY: prctl is async-signal-safe; it only sets a flag of the child between fork and exec.
         unsafe {
             // mpirun (in its own process group, out of reach of the terminal's Ctrl-C) is told when this

@@ -168,3 +168,31 @@ fn a_used_store_is_not_reused_by_accident() {
     assert!(log.contains("--overwrite: deleting the store's checkpoints"), "{log}");
     assert!(checkpoint(&config, 4).join("COMMIT.json").is_file());
 }
+
+/// One writer per checkpoint store: a live holder of its lease is named and the job refused; the lease of a
+/// process of this host that is gone (a crashed run) is taken over.
+#[test]
+fn a_store_leased_to_a_live_job_is_refused_and_a_dead_ones_lease_taken_over() {
+    let d = dataset();
+    let config = job(&d, "leased", 2, "");
+    let lease = run_dir(&config).join("checkpoints/lease.json");
+    std::fs::create_dir_all(lease.parent().unwrap()).unwrap();
+    let holder = |pid: u32| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        let host = avexpr_worker::heartbeat::hostname();
+        serde_json::json!({"id": format!("{host}:{pid}:1"), "what": "another job", "host": host, "pid": pid,
+                           "renewed_unix_s": now, "ttl_s": 600.0})
+    };
+    // This test's own process: alive.
+    std::fs::write(&lease, holder(std::process::id()).to_string()).unwrap();
+    let out = binary("worker").args(["train", "--config"]).arg(&config).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("is in use by another job on"), "{stderr}");
+    assert!(!checkpoint(&config, 2).exists());
+    // A pid that no process has.
+    std::fs::write(&lease, holder(u32::MAX - 1).to_string()).unwrap();
+    let log = ok(binary("worker").args(["train", "--config"]).arg(&config).output().unwrap());
+    assert!(log.contains("taking over a stale lease (another job on"), "{log}");
+    assert!(checkpoint(&config, 2).join("COMMIT.json").is_file());
+    assert!(!lease.exists(), "released at the end");
+}

@@ -121,6 +121,14 @@ fn local_launch_survives_a_killed_and_a_hung_rank_bitwise() {
         .spawn()
         .unwrap();
     wait_for_step(&interrupted, 1, 25, &mut child);
+    // Meanwhile a second launch, or a bare worker, on the same checkpoint store: refused, naming the holder
+    // (one writer per store), before anything is written.
+    let out = launch(&interrupted, 2).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("is in use by orchestrator launch on"), "{stderr}");
+    let out = binary("worker").args(["train", "--config"]).arg(&interrupted).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("is in use by orchestrator launch on"), "{stderr}");
     // SAFETY: the orchestrator this test started.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let sent = Instant::now();

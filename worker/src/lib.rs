@@ -13,6 +13,7 @@ pub mod eval;
 pub mod features;
 pub mod heartbeat;
 pub mod job;
+pub mod lease;
 pub mod metrics;
 pub mod nccl;
 pub mod optim;

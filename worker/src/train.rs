@@ -30,6 +30,7 @@ use crate::checkpoint::{Best, COMMIT, CheckpointState, CheckpointStore, checkpoi
 use crate::dist::Dist;
 use crate::eval::{evaluate, summary};
 use crate::job::JobConfig;
+use crate::lease::{LEASE_ENV, Lease};
 use crate::metrics::{Phases, StepMetrics};
 use crate::optim::{AdamW, clip_grad_norm, learning_rate};
 use crate::preempt::{Preempted, Preemption};
@@ -105,6 +106,8 @@ pub struct Trainer<'a> {
     preemption: Preemption,
     /// Some rank was asked to stop (as of the last step): checkpoint and exit.
     preempted: bool,
+    /// Rank 0's hold on the checkpoint store (checked before every commit).
+    lease: Option<Lease>,
     _beacon: crate::heartbeat::Beacon,
 }
 
@@ -152,6 +155,8 @@ impl<'a> Trainer<'a> {
         buckets.attach_grads(&vars)?;
         let mut opt = AdamW::new(job.train.optimizer, &named);
 
+        // Rank 0 writes the store: it holds its lease (or joins the orchestrator's) before anything is written.
+        let lease = if dist.rank == 0 { Some(take_lease(job)?) } else { None };
         if !options.resume && dist.rank == 0 {
             fresh_start(&checkpoints, options.overwrite)?;
         }
@@ -194,6 +199,7 @@ impl<'a> Trainer<'a> {
             throughput: Throughput { started: Instant::now(), first_step: step, clips: 0, waited: 0.0 },
             phases: Phases::new(device),
             preemption: Preemption::install().context("catching SIGTERM and SIGUSR1")?,
+            lease,
             preempted: false,
             _beacon: beacon,
         })
@@ -373,6 +379,10 @@ impl<'a> Trainer<'a> {
         }
         crate::heartbeat::update(|h| h.phase = "checkpointing".into());
         let cursors = gather_cursors(dist, &self.cursors, self.accumulation);
+        if let Some(lease) = &self.lease {
+            // Another job took the store over (a stale lease, or a server that ignored the create condition).
+            lease.check()?;
+        }
         if dist.rank == 0 {
             let state =
                 CheckpointState { step, cursors, config: job.clone(), metrics: self.history.clone(), best: self.best };
@@ -438,6 +448,20 @@ impl Start {
     fn fresh(slots: usize) -> Self {
         Start { step: 0, cursors: vec![Cursor::default(); slots], history: Vec::new(), best: None }
     }
+}
+
+/// The checkpoint store's lease: the orchestrator's ([`LEASE_ENV`]) when it started this rank, else this job's.
+fn take_lease(job: &JobConfig) -> Result<Lease> {
+    let store = Store::open(&job.checkpoint.uri)?;
+    Ok(match std::env::var(LEASE_ENV) {
+        Ok(id) => Lease::join(&store, &id)?,
+        Err(_) => Lease::acquire(&store, "worker train", lease_ttl(job))?,
+    })
+}
+
+/// How long a lease lives without renewal: 15 heartbeat periods (30 s by default), at least 10 s.
+pub fn lease_ttl(job: &JobConfig) -> std::time::Duration {
+    std::time::Duration::from_secs_f64((15.0 * job.launch.heartbeat_every_s).max(10.0))
 }
 
 /// A fresh start must not share a store with another run's checkpoints: pruning would delete the new run's and

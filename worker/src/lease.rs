@@ -1,0 +1,215 @@
+//! One writer per checkpoint store. Two jobs on one store would prune each other's checkpoints and delete each
+//! other's heartbeats; so whoever writes a store holds its lease, `lease.json`: created only if absent, renewed
+//! by a background thread, checked before every checkpoint commit, released at the end.
+//!
+//! - `orchestrator launch` holds it for the whole launch (every attempt) and names it to its ranks
+//!   (`AVEXPR_LEASE`); their rank 0 joins it. A bare `worker train` (rank 0) holds its own.
+//! - A lease not renewed for its TTL, or held by a process of this host that no longer exists, is stale and is
+//!   taken over (with a warning). Anything else is refused, naming the holder.
+//! - Creation is `PutMode::Create` (O_EXCL-like locally, `If-None-Match: *` on S3). Garage ignores that
+//!   condition and overwrites, so every acquisition reads the lease back after writing it, and every commit
+//!   checks it: two jobs racing for a free lease on Garage can both write it, but only the one whose write
+//!   landed last reads itself back; the other stops before its first commit.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use avexpr_data::store::{Store, StoreError};
+use serde::{Deserialize, Serialize};
+
+pub const LEASE_KEY: &str = "lease.json";
+/// The lease id an orchestrator gives its ranks.
+pub const LEASE_ENV: &str = "AVEXPR_LEASE";
+
+/// Who holds a lease, as `lease.json` says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Holder {
+    pub id: String,
+    pub what: String,
+    pub host: String,
+    pub pid: u32,
+    pub renewed_unix_s: f64,
+    pub ttl_s: f64,
+}
+
+impl Holder {
+    fn age_s(&self) -> f64 {
+        now_unix_s() - self.renewed_unix_s
+    }
+
+    /// Not renewed within its TTL, or a process of this host that is gone.
+    fn is_stale(&self) -> bool {
+        self.age_s() > self.ttl_s
+            || self.host == crate::heartbeat::hostname()
+                && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error(
+        "checkpoint store {uri} is in use by {} on {} (pid {}), renewed {:.0} s ago: one job writes a store at a \
+         time. Stop that job, or use another checkpoint.uri; if it is gone, its lease expires in {:.0} s",
+        holder.what, holder.host, holder.pid, holder.age_s(), (holder.ttl_s - holder.age_s()).max(0.0)
+    )]
+    Held { uri: String, holder: Holder },
+    #[error(
+        "checkpoint store {uri}: the lease is now held by {} on {} (pid {}): another job writes this store, so \
+         this one stops before committing",
+        holder.what, holder.host, holder.pid
+    )]
+    Lost { uri: String, holder: Holder },
+    #[error("checkpoint store {uri}: no lease `{id}` (the orchestrator that started this rank holds none there)")]
+    Missing { uri: String, id: String },
+    #[error("checkpoint store {uri}: {LEASE_KEY} is not a lease: {reason}")]
+    Malformed { uri: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A held (or joined) lease; renewed in the background while it lives, released when dropped (if acquired).
+pub struct Lease {
+    store: Store,
+    id: String,
+    owned: bool,
+    stop: Arc<AtomicBool>,
+    renewer: Option<std::thread::JoinHandle<()>>,
+}
+
+fn now_unix_s() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn read(store: &Store) -> Result<Option<Holder>, LeaseError> {
+    match store.blocking().get(LEASE_KEY) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| LeaseError::Malformed { uri: store.uri().to_string(), reason: e.to_string() }),
+        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Lease {
+    /// Takes the store's lease for `what`, renewed every `ttl / 10`; a stale one is taken over.
+    pub fn acquire(store: &Store, what: &str, ttl: Duration) -> Result<Lease, LeaseError> {
+        let host = crate::heartbeat::hostname();
+        let pid = std::process::id();
+        let id = format!("{host}:{pid}:{:.6}", now_unix_s());
+        let what = what.to_string();
+        let me = move |id: &str| Holder {
+            id: id.to_string(),
+            what: what.clone(),
+            host: host.clone(),
+            pid,
+            renewed_unix_s: now_unix_s(),
+            ttl_s: ttl.as_secs_f64(),
+        };
+        for _ in 0..3 {
+            let bytes = serde_json::to_vec_pretty(&me(&id)).expect("a holder serializes");
+            if store.blocking().put_if_absent(LEASE_KEY, bytes.into())? {
+                match read(store)? {
+                    Some(h) if h.id == id => return Ok(Self::start(store, id, true, ttl, me.clone())),
+                    Some(holder) => return Err(LeaseError::Held { uri: store.uri().to_string(), holder }),
+                    None => continue,
+                }
+            }
+            match read(store)? {
+                Some(holder) if holder.is_stale() => {
+                    tracing::warn!(
+                        holder = %holder.id,
+                        age_s = holder.age_s(),
+                        "{}: taking over a stale lease ({} on {}, pid {})",
+                        store.uri(),
+                        holder.what,
+                        holder.host,
+                        holder.pid
+                    );
+                    store.blocking().delete(LEASE_KEY)?;
+                }
+                Some(holder) => return Err(LeaseError::Held { uri: store.uri().to_string(), holder }),
+                None => {}
+            }
+        }
+        match read(store)? {
+            Some(holder) => Err(LeaseError::Held { uri: store.uri().to_string(), holder }),
+            None => Err(LeaseError::Missing { uri: store.uri().to_string(), id }),
+        }
+    }
+
+    /// Joins the lease `id` that the process which started this one holds (checked now and before commits;
+    /// renewed and released by its holder).
+    pub fn join(store: &Store, id: &str) -> Result<Lease, LeaseError> {
+        let lease =
+            Lease { store: store.clone(), id: id.to_string(), owned: false, stop: Default::default(), renewer: None };
+        match read(store)? {
+            Some(h) if h.id == id => Ok(lease),
+            Some(holder) => Err(LeaseError::Lost { uri: store.uri().to_string(), holder }),
+            None => Err(LeaseError::Missing { uri: store.uri().to_string(), id: id.to_string() }),
+        }
+    }
+
+    fn start(
+        store: &Store,
+        id: String,
+        owned: bool,
+        ttl: Duration,
+        me: impl Fn(&str) -> Holder + Send + 'static,
+    ) -> Lease {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, i, flag) = (store.clone(), id.clone(), stop.clone());
+        let renewer = std::thread::Builder::new()
+            .name("lease".into())
+            .spawn(move || {
+                let every = ttl / 10;
+                let mut since = std::time::Instant::now();
+                while !flag.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(100).min(every));
+                    if since.elapsed() < every {
+                        continue;
+                    }
+                    since = std::time::Instant::now();
+                    // Renewed only while still ours; a lost lease is found by the next check.
+                    match read(&s) {
+                        Ok(Some(h)) if h.id == i => {
+                            let bytes = serde_json::to_vec_pretty(&me(&i)).expect("a holder serializes");
+                            if let Err(e) = s.blocking().put(LEASE_KEY, bytes.into()) {
+                                tracing::warn!("{}: renewing the lease: {e}", s.uri());
+                            }
+                        }
+                        Ok(_) => return,
+                        Err(e) => tracing::warn!("{}: reading the lease: {e}", s.uri()),
+                    }
+                }
+            })
+            .expect("spawning the lease thread");
+        Lease { store: store.clone(), id, owned, stop, renewer: Some(renewer) }
+    }
+
+    /// The id to give the processes this one starts ([`LEASE_ENV`]).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Whether this job still holds the lease (before a commit).
+    pub fn check(&self) -> Result<(), LeaseError> {
+        match read(&self.store)? {
+            Some(h) if h.id == self.id => Ok(()),
+            Some(holder) => Err(LeaseError::Lost { uri: self.store.uri().to_string(), holder }),
+            None => Err(LeaseError::Missing { uri: self.store.uri().to_string(), id: self.id.clone() }),
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(renewer) = self.renewer.take() {
+            let _ = renewer.join();
+        }
+        if self.owned && self.check().is_ok() {
+            let _ = self.store.blocking().delete(LEASE_KEY);
+        }
+    }
+}
