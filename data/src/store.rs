@@ -54,6 +54,8 @@ pub struct Store {
     endpoint: Option<String>,
     prefix: String,
     uri: String,
+    /// The directory of a local store: its writes are made durable (fsync) before they return.
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl Store {
@@ -96,6 +98,7 @@ impl Store {
                 endpoint,
                 prefix: prefix.trim_matches('/').to_string(),
                 uri: uri.to_string(),
+                local_root: None,
             });
         }
         let dir = uri.strip_prefix("file://").unwrap_or(uri);
@@ -106,7 +109,14 @@ impl Store {
         let local: Arc<dyn ObjectStore> =
             // Deleting a directory's last object removes the directory, as on S3 (pruned checkpoints leave none).
             Arc::new(LocalFileSystem::new_with_prefix(dir).map_err(|e| open_err(e.to_string()))?.with_automatic_cleanup(true));
-        Ok(Store { inner: local.clone(), probe: local, endpoint: None, prefix: String::new(), uri: uri.to_string() })
+        Ok(Store {
+            inner: local.clone(),
+            probe: local,
+            endpoint: None,
+            prefix: String::new(),
+            uri: uri.to_string(),
+            local_root: Some(std::path::PathBuf::from(dir)),
+        })
     }
 
     /// The location, without any credential.
@@ -168,13 +178,35 @@ impl Store {
         }
     }
 
-    /// Writes an object whole (S3 PUT and the local store's write-then-rename are both atomic).
+    /// Writes an object whole (S3 PUT and the local store's write-then-rename are both atomic). On a local store
+    /// the file and its directory are synced before this returns, so that a power loss cannot leave a commit
+    /// whose data is not on disk (object_store's local backend does not sync).
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
         self.retrying(key, || async {
             self.inner.put(&self.path(key), PutPayload::from(bytes.clone())).await.map_err(|e| self.request_err(key, e))
         })
         .await?;
-        Ok(())
+        self.sync_local(key, true)
+    }
+
+    /// fsync of a local store's file `key` (`file`) and of its directory; nothing for S3.
+    fn sync_local(&self, key: &str, file: bool) -> Result<(), StoreError> {
+        let Some(root) = &self.local_root else { return Ok(()) };
+        let path = root.join(key);
+        let sync = |p: &std::path::Path| std::fs::File::open(p).and_then(|f| f.sync_all());
+        let err = |e: std::io::Error| StoreError::Request {
+            uri: self.uri.clone(),
+            key: key.to_string(),
+            reason: format!("syncing to disk: {e}"),
+        };
+        if file {
+            sync(&path).map_err(err)?;
+        }
+        match path.parent() {
+            // A directory removed with its last object has nothing left to sync.
+            Some(dir) if dir.exists() => sync(dir).map_err(err),
+            _ => Ok(()),
+        }
     }
 
     /// Writes an object only if none is there (`PutMode::Create`: O_EXCL-like on a local store, `If-None-Match: *`
@@ -183,7 +215,7 @@ impl Store {
     pub async fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, StoreError> {
         let opts = || object_store::PutOptions { mode: object_store::PutMode::Create, ..Default::default() };
         match self.inner.put_opts(&self.path(key), PutPayload::from(bytes), opts()).await {
-            Ok(_) => Ok(true),
+            Ok(_) => self.sync_local(key, true).map(|()| true),
             Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
             Err(e) => Err(self.request_err(key, e)),
         }
@@ -220,7 +252,8 @@ impl Store {
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.inner.delete(&self.path(key)).await.map_err(|e| self.request_err(key, e))
+        self.inner.delete(&self.path(key)).await.map_err(|e| self.request_err(key, e))?;
+        self.sync_local(key, false)
     }
 }
 

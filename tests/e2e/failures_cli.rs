@@ -196,3 +196,32 @@ fn a_store_leased_to_a_live_job_is_refused_and_a_dead_ones_lease_taken_over() {
     assert!(checkpoint(&config, 2).join("COMMIT.json").is_file());
     assert!(!lease.exists(), "released at the end");
 }
+
+/// A local store's checkpoint is on disk when its commit is: every object and the commit are synced (fsync),
+/// and so are their directory, before the previous checkpoint may be pruned. object_store's local backend does
+/// not sync, so a power loss could leave a `COMMIT.json` whose data never reached the disk. Shown with strace.
+#[test]
+fn a_local_checkpoint_is_synced_to_disk_before_it_counts() {
+    let d = dataset();
+    let config = job(&d, "synced", 2, "");
+    let trace = d.root.join("fsync.trace");
+    let worker = binary("worker").get_program().to_owned();
+    let out = Command::new("strace")
+        .args(["-f", "-y", "-e", "trace=fsync,fdatasync", "-o"])
+        .arg(&trace)
+        .arg(worker)
+        .args(["train", "--config"])
+        .arg(&config)
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    ok(out);
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    let dir = checkpoint(&config, 2);
+    for file in ["variables.safetensors", "optimizer.safetensors", "state.json", "COMMIT.json"] {
+        let path = format!("{}>", dir.join(file).display());
+        assert!(trace.lines().any(|l| l.contains("fsync(") && l.contains(&path)), "{file} not synced:\n{trace}");
+    }
+    let dir_synced = format!("{}>) = 0", dir.display());
+    assert!(trace.lines().any(|l| l.contains("fsync(") && l.contains(&dir_synced)), "{trace}");
+}

@@ -219,6 +219,9 @@ impl CheckpointStore {
         self.store
             .blocking()
             .put(&format!("{dir}/{COMMIT}"), Bytes::from(serde_json::to_vec_pretty(&commit).map_err(encode)?))?;
+        // Older checkpoints are deleted only once this one reads back whole (with keep_last_k: 1, the previous is
+        // all there is to fall back on); on a local store its files are on disk by now (Store::put syncs).
+        self.load(&dir)?;
         self.prune(state.best.map(|b| checkpoint_name(b.step)))
     }
 
