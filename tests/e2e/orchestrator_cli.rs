@@ -27,6 +27,11 @@ fn launch_job(d: &Dataset, name: &str, timeout: f64) -> PathBuf {
     config
 }
 
+/// A 2-rank local launch, running, its output captured.
+fn start(config: &Path) -> Child {
+    launch(config, 2).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+}
+
 fn launch(config: &Path, nodes: usize) -> std::process::Command {
     let mut cmd = binary("orchestrator");
     cmd.args(["launch", "--nodes", &nodes.to_string(), "--config"]).arg(config);
@@ -81,8 +86,7 @@ fn local_launch_survives_a_killed_and_a_hung_rank_bitwise() {
 
     // A rank killed: mpirun fails, the orchestrator relaunches from the last checkpoint.
     let killed = launch_job(&d, "killed", 60.0);
-    let mut child =
-        launch(&killed, 2).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = start(&killed);
     let pid = wait_for_step(&killed, 1, 25, &mut child);
     // SAFETY: a worker process this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -95,11 +99,7 @@ fn local_launch_survives_a_killed_and_a_hung_rank_bitwise() {
     // A rank preempted (SIGTERM, as an eviction or a spot reclaim sends it): every rank stops after the same
     // step with its checkpoint committed, and the relaunch continues from it: no restart, no step redone.
     let preempted = launch_job(&d, "preempted", 60.0);
-    let mut child = launch(&preempted, 2)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = start(&preempted);
     let pid = wait_for_step(&preempted, 1, 25, &mut child);
     // SAFETY: a worker process this test started.
     unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -115,11 +115,7 @@ fn local_launch_survives_a_killed_and_a_hung_rank_bitwise() {
     // The orchestrator interrupted (Ctrl-C): it stops the job with a checkpoint instead of leaving mpirun and the
     // ranks training, and launching again continues from there.
     let interrupted = launch_job(&d, "interrupted", 60.0);
-    let mut child = launch(&interrupted, 2)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = start(&interrupted);
     wait_for_step(&interrupted, 1, 25, &mut child);
     // Meanwhile a second launch, or a bare worker, on the same checkpoint store: refused, naming the holder
     // (one writer per store), before anything is written.
@@ -138,21 +134,14 @@ fn local_launch_survives_a_killed_and_a_hung_rank_bitwise() {
     assert!(sent.elapsed() < Duration::from_secs(30), "took {:?} to stop", sent.elapsed());
     let left = std::process::Command::new("pgrep").arg("-f").arg(&interrupted).output().unwrap();
     assert!(left.stdout.is_empty(), "processes of the job outlived the orchestrator: {:?}", left.stdout);
-    let (stdout, stderr) = finish(
-        launch(&interrupted, 2)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let (stdout, stderr) = finish(start(&interrupted));
     assert!(stdout.contains("job succeeded: 1 attempt(s), 0 restart(s)"), "{stdout}\n{stderr}");
     assert_eq!(max_diff(&variables(&reference, STEPS), &variables(&interrupted, STEPS)), 0.0);
     assert_eq!(metrics(&reference), metrics(&interrupted), "the metrics file continues without repeats or gaps");
 
     // A rank stopped (hung): no heartbeat progress for 10 s, detected, killed and relaunched.
     let hung = launch_job(&d, "hung", 10.0);
-    let mut child =
-        launch(&hung, 2).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = start(&hung);
     let pid = wait_for_step(&hung, 1, 25, &mut child);
     let stopped = Instant::now();
     // SAFETY: as above.

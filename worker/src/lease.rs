@@ -110,7 +110,7 @@ impl Lease {
             let bytes = serde_json::to_vec_pretty(&me(&id)).expect("a holder serializes");
             if store.blocking().put_if_absent(LEASE_KEY, bytes.into())? {
                 match read(store)? {
-                    Some(h) if h.id == id => return Ok(Self::start(store, id, true, ttl, me.clone())),
+                    Some(h) if h.id == id => return Ok(Self::start(store, id, ttl, me.clone())),
                     Some(holder) => return Err(LeaseError::Held { uri: store.uri().to_string(), holder }),
                     None => continue,
                 }
@@ -150,13 +150,8 @@ impl Lease {
         }
     }
 
-    fn start(
-        store: &Store,
-        id: String,
-        owned: bool,
-        ttl: Duration,
-        me: impl Fn(&str) -> Holder + Send + 'static,
-    ) -> Lease {
+    /// The held lease, renewed every `ttl / 10` until dropped.
+    fn start(store: &Store, id: String, ttl: Duration, me: impl Fn(&str) -> Holder + Send + 'static) -> Lease {
         let stop = Arc::new(AtomicBool::new(false));
         let (s, i, flag) = (store.clone(), id.clone(), stop.clone());
         let renewer = std::thread::Builder::new()
@@ -184,7 +179,7 @@ impl Lease {
                 }
             })
             .expect("spawning the lease thread");
-        Lease { store: store.clone(), id, owned, stop, renewer: Some(renewer) }
+        Lease { store: store.clone(), id, owned: true, stop, renewer: Some(renewer) }
     }
 
     /// The id to give the processes this one starts ([`LEASE_ENV`]).
