@@ -273,6 +273,13 @@ fn bad_arguments_are_rejected_before_anything_starts() {
 /// per the MPI Operator's v2beta1 API; no credential anywhere.
 #[test]
 fn k8s_manifests_validate_and_hold_no_credentials() {
+    // The image's build context leaves out this machine's build output, runs, git history and cargo settings
+    // (whose libtorch path would break the image's build).
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let ignored = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
+    for entry in ["target/", "runs/", ".git/", ".cargo/"] {
+        assert!(ignored.lines().any(|l| l.trim() == entry), ".dockerignore lacks {entry}");
+    }
     let d = dataset();
     let config = job(
         &d,
