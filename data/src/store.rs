@@ -213,8 +213,8 @@ impl Store {
     /// on S3); `Ok(false)` when one is. Some S3 servers (Garage) ignore the condition and overwrite: callers that
     /// need exclusivity read the object back.
     pub async fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, StoreError> {
-        let opts = || object_store::PutOptions { mode: object_store::PutMode::Create, ..Default::default() };
-        match self.inner.put_opts(&self.path(key), PutPayload::from(bytes), opts()).await {
+        let opts = object_store::PutOptions { mode: object_store::PutMode::Create, ..Default::default() };
+        match self.inner.put_opts(&self.path(key), PutPayload::from(bytes), opts).await {
             Ok(_) => self.sync_local(key, true).map(|()| true),
             Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
             Err(e) => Err(self.request_err(key, e)),

@@ -96,14 +96,12 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Copies the saved variables into the model's, checking that every one is there with its shape.
     pub fn restore_variables(&self, named: &[(String, Tensor)]) -> Result<()> {
-        let mismatch =
-            |reason: String| CheckpointError::Mismatch { uri: self.uri.clone(), name: self.name.clone(), reason };
         tch::no_grad(|| {
             for (name, var) in named {
                 let saved =
-                    self.variables.get(name).ok_or_else(|| mismatch(format!("variable `{name}` is missing")))?;
+                    self.variables.get(name).ok_or_else(|| self.mismatch(format!("variable `{name}` is missing")))?;
                 if saved.size() != var.size() {
-                    return Err(mismatch(format!(
+                    return Err(self.mismatch(format!(
                         "`{name}` has shape {:?}, the model's is {:?}",
                         saved.size(),
                         var.size()
@@ -189,6 +187,11 @@ impl CheckpointStore {
 
     pub fn uri(&self) -> &str {
         self.store.uri()
+    }
+
+    /// The store the checkpoints are in (also the heartbeats' and the lease's).
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Writes the objects, then the commit; then prunes old checkpoints.

@@ -29,7 +29,6 @@ static DISTRIBUTED: AtomicBool = AtomicBool::new(false);
 /// error has been logged: the abort kills the other ranks at once.
 pub fn abort_job_if_distributed(code: i32) {
     if DISTRIBUTED.load(Ordering::SeqCst) && mpi::environment::is_initialized() && !mpi::environment::is_finalized() {
-        use mpi::traits::Communicator;
         mpi::topology::SimpleCommunicator::world().abort(code);
     }
 }
@@ -89,16 +88,13 @@ impl Dist {
         }
     }
 
-    /// Rank 0's `bytes` on every rank, whatever length (the others' `bytes` are ignored).
-    pub fn broadcast_from_root(&self, bytes: Vec<u8>) -> Vec<u8> {
-        if self.world_size == 1 {
-            return bytes;
-        }
-        let mut len = [bytes.len() as u64];
-        self.world.process_at_rank(0).broadcast_into(&mut len[..]);
-        let mut out = if self.rank == 0 { bytes } else { vec![0u8; len[0] as usize] };
+    /// Rank 0's `bytes` on every rank, whatever their length (the other ranks' `bytes` are ignored).
+    pub fn broadcast_any_length(&self, bytes: Vec<u8>) -> Vec<u8> {
+        let mut len = (bytes.len() as u64).to_le_bytes();
+        self.broadcast_bytes(&mut len);
+        let mut out = if self.rank == 0 { bytes } else { vec![0u8; u64::from_le_bytes(len) as usize] };
         if !out.is_empty() {
-            self.world.process_at_rank(0).broadcast_into(&mut out[..]);
+            self.broadcast_bytes(&mut out);
         }
         out
     }

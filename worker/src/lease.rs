@@ -143,11 +143,8 @@ impl Lease {
     pub fn join(store: &Store, id: &str) -> Result<Lease, LeaseError> {
         let lease =
             Lease { store: store.clone(), id: id.to_string(), owned: false, stop: Default::default(), renewer: None };
-        match read(store)? {
-            Some(h) if h.id == id => Ok(lease),
-            Some(holder) => Err(LeaseError::Lost { uri: store.uri().to_string(), holder }),
-            None => Err(LeaseError::Missing { uri: store.uri().to_string(), id: id.to_string() }),
-        }
+        lease.check()?;
+        Ok(lease)
     }
 
     /// The held lease, renewed every `ttl / 10` until dropped.

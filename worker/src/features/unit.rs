@@ -88,9 +88,9 @@ impl FeatureRows {
         FeatureRows {
             dims,
             audio_frames,
-            image: rows.iter().flat_map(|r| r.image.iter().copied()).collect(),
-            face_mask: rows.iter().flat_map(|r| r.face_mask.iter().copied()).collect(),
-            labels: rows.iter().flat_map(|r| r.labels.iter().copied()).collect(),
+            image: rows.iter().map(|r| r.image).collect::<Vec<_>>().concat(),
+            face_mask: rows.iter().map(|r| r.face_mask).collect::<Vec<_>>().concat(),
+            labels: rows.iter().map(|r| r.labels).collect::<Vec<_>>().concat(),
             audio,
             audio_valid: rows.iter().map(|r| r.audio.len as i64).collect(),
             fps: rows.iter().map(|r| r.fps).collect(),
