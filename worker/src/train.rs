@@ -106,7 +106,7 @@ pub struct Trainer<'a> {
     preemption: Preemption,
     /// Some rank was asked to stop (as of the last step): checkpoint and exit.
     preempted: bool,
-    /// Rank 0's hold on the checkpoint store (checked before every commit).
+    /// Rank 0's hold on the checkpoint store (checked before every commit); `None` on the other ranks.
     lease: Option<Lease>,
     _beacon: crate::heartbeat::Beacon,
 }
@@ -131,8 +131,11 @@ impl<'a> Trainer<'a> {
         if let Some(plan) = &options.plan {
             plan.check(job, dist.world_size)?;
         }
+        // Rank 0 writes the store: it holds its lease (or joins the orchestrator's) before anything, heartbeats
+        // included, is written there.
+        let lease = if dist.rank == 0 { Some(take_lease(job, checkpoints.store())?) } else { None };
         let beacon = crate::heartbeat::Beacon::start(
-            Store::open(&job.checkpoint.uri)?,
+            checkpoints.store().clone(),
             dist.rank,
             dist.world_size,
             job.train.steps,
@@ -155,8 +158,6 @@ impl<'a> Trainer<'a> {
         buckets.attach_grads(&vars)?;
         let mut opt = AdamW::new(job.train.optimizer, &named);
 
-        // Rank 0 writes the store: it holds its lease (or joins the orchestrator's) before anything is written.
-        let lease = if dist.rank == 0 { Some(take_lease(job)?) } else { None };
         if !options.resume && dist.rank == 0 {
             fresh_start(&checkpoints, options.overwrite)?;
         }
@@ -379,11 +380,11 @@ impl<'a> Trainer<'a> {
         }
         crate::heartbeat::update(|h| h.phase = "checkpointing".into());
         let cursors = gather_cursors(dist, &self.cursors, self.accumulation);
-        if let Some(lease) = &self.lease {
-            // Another job took the store over (a stale lease, or a server that ignored the create condition).
-            lease.check()?;
-        }
         if dist.rank == 0 {
+            // Not if another job took the store over (a stale lease, or a server that ignored the create condition).
+            if let Some(lease) = &self.lease {
+                lease.check()?;
+            }
             let state =
                 CheckpointState { step, cursors, config: job.clone(), metrics: self.history.clone(), best: self.best };
             self.checkpoints.save(&state, &self.named, &self.opt.state())?;
@@ -451,11 +452,10 @@ impl Start {
 }
 
 /// The checkpoint store's lease: the orchestrator's ([`LEASE_ENV`]) when it started this rank, else this job's.
-fn take_lease(job: &JobConfig) -> Result<Lease> {
-    let store = Store::open(&job.checkpoint.uri)?;
+fn take_lease(job: &JobConfig, store: &Store) -> Result<Lease> {
     Ok(match std::env::var(LEASE_ENV) {
-        Ok(id) => Lease::join(&store, &id)?,
-        Err(_) => Lease::acquire(&store, "worker train", lease_ttl(job))?,
+        Ok(id) => Lease::join(store, &id)?,
+        Err(_) => Lease::acquire(store, "worker train", lease_ttl(job))?,
     })
 }
 
@@ -503,7 +503,7 @@ fn resume(
     let mine = if dist.rank == 0 { checkpoints.latest_valid()? } else { None };
     let choice = mine.as_ref().map(|c| Choice { name: c.name.clone(), commit_sha256: c.commit_sha256.clone() });
     let choice: Option<Choice> =
-        serde_json::from_slice(&dist.broadcast_from_root(serde_json::to_vec(&choice)?)).context("rank 0's choice")?;
+        serde_json::from_slice(&dist.broadcast_any_length(serde_json::to_vec(&choice)?)).context("rank 0's choice")?;
     let Some(choice) = choice else { return Ok(None) };
     let restored = (|| -> Result<Start> {
         let ckpt = match mine {
@@ -542,11 +542,17 @@ fn resume(
     }
     let failed = dist.count_failed(restored.is_err());
     if failed > 0 {
-        restored?;
-        anyhow::bail!(
+        let verdict = format!(
             "{failed} rank(s) could not resume from {} (their errors are above); no rank trains from another state",
             choice.name
         );
+        if restored.is_ok() {
+            tracing::error!("{verdict}");
+        }
+        // Every rank's message is out before any returns: the first to return aborts them all.
+        dist.barrier();
+        restored?;
+        anyhow::bail!(verdict);
     }
     let start = restored?;
     if dist.rank == 0 {
