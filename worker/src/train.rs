@@ -131,9 +131,6 @@ impl<'a> Trainer<'a> {
         if let Some(plan) = &options.plan {
             plan.check(job, dist.world_size)?;
         }
-        // Rank 0 writes the store: it holds its lease (or joins the orchestrator's) before anything, heartbeats
-        // included, is written there.
-        let lease = if dist.rank == 0 { Some(take_lease(job, checkpoints.store())?) } else { None };
         let beacon = crate::heartbeat::Beacon::start(
             checkpoints.store().clone(),
             dist.rank,
@@ -157,6 +154,12 @@ impl<'a> Trainer<'a> {
         buckets.broadcast_from_root(dist, &mut vars)?;
         buckets.attach_grads(&vars)?;
         let mut opt = AdamW::new(job.train.optimizer, &named);
+
+        // Rank 0 writes the store: it holds its lease (or joins the orchestrator's) before any checkpoint is
+        // written. Not earlier: a rank 0 that an aborting peer's mpirun tears down catches the first SIGTERM
+        // (preemption) and holds its lease for a few seconds more, which a run started right after, taking the
+        // lease at once, met (features_cli).
+        let lease = if dist.rank == 0 { Some(take_lease(job, checkpoints.store())?) } else { None };
 
         if !options.resume && dist.rank == 0 {
             fresh_start(&checkpoints, options.overwrite)?;
