@@ -45,6 +45,23 @@ pub struct RgbFrame {
     pub data: Vec<u8>,
 }
 
+/// The demuxers a dataset's media may use (Aff-Wild2 ships MP4 and AVI; MKV, WebM, MPEG-TS and FLV are what
+/// other corpora and re-encodes bring). Playlists and other formats that open further files or URLs (HLS,
+/// concat, image sequences, ...) are refused, and only local files may be read (`file` protocol).
+pub const FORMATS: &str = "mov,mp4,m4a,3gp,3g2,mj2,avi,matroska,webm,mpegts,flv";
+
+/// The longest video (frames / fps) whose audio is decoded: 16 kHz f32 for 4 hours is ~0.9 GB.
+pub const MAX_SECONDS: f64 = 4.0 * 3600.0;
+
+/// Opens a media file for demuxing with the format and protocol whitelists.
+fn open_input(path: &Path) -> Result<ffmpeg::format::context::Input, DecodeError> {
+    let mut options = ffmpeg::Dictionary::new();
+    options.set("format_whitelist", FORMATS);
+    options.set("protocol_whitelist", "file");
+    ffmpeg::format::input_with_dictionary(path, options)
+        .map_err(|e| media_err(path, "cannot open", format!("{e} (readable formats: {FORMATS}; local files only)")))
+}
+
 fn init() {
     static INIT: std::sync::Once = std::sync::Once::new();
     INIT.call_once(|| {
@@ -62,7 +79,7 @@ pub fn decode_video(
     mut on_frame: impl FnMut(RgbFrame) -> Result<(), DecodeError>,
 ) -> Result<VideoInfo, DecodeError> {
     init();
-    let mut input = ffmpeg::format::input(path).map_err(|e| media_err(path, "cannot open", e))?;
+    let mut input = open_input(path)?;
     let stream = input.streams().best(Type::Video).ok_or_else(|| media_err(path, "no video stream", "none found"))?;
     let stream_index = stream.index();
     let rate = stream.avg_frame_rate();
@@ -71,6 +88,10 @@ pub fn decode_video(
         return Err(media_err(path, "unknown frame rate", format!("{rate}")));
     }
     let fps = rate.numerator() as f64 / rate.denominator() as f64;
+    let fps_range = crate::manifest::limits::FPS;
+    if !fps_range.contains(&fps) {
+        return Err(media_err(path, "implausible frame rate", format!("{fps} fps is not in {fps_range:?}")));
+    }
     let context = ffmpeg::codec::context::Context::from_parameters(stream.parameters())
         .map_err(|e| media_err(path, "bad codec parameters", e))?;
     let mut decoder = context.decoder().video().map_err(|e| media_err(path, "cannot open the video decoder", e))?;
@@ -104,6 +125,13 @@ pub fn decode_video(
                 on_frame(RgbFrame { index: *frames, width: w, height: h, data })?;
             }
             *frames += 1;
+            if *frames > crate::manifest::limits::MAX_FRAMES {
+                return Err(media_err(
+                    path,
+                    "too long",
+                    format!("more than {} frames", crate::manifest::limits::MAX_FRAMES),
+                ));
+            }
         }
         Ok(())
     };
@@ -120,6 +148,13 @@ pub fn decode_video(
     if frames == 0 {
         return Err(media_err(path, "no video frame could be decoded", "empty or corrupt stream"));
     }
+    if frames as f64 / fps > MAX_SECONDS {
+        return Err(media_err(
+            path,
+            "too long",
+            format!("{frames} frames at {fps} fps last more than {MAX_SECONDS} s (its audio would not fit in memory)"),
+        ));
+    }
     let has_audio = input.streams().best(Type::Audio).is_some();
     Ok(VideoInfo { frames, fps, width, height, has_audio })
 }
@@ -128,7 +163,11 @@ pub fn decode_video(
 /// when the file has no audio stream.
 pub fn decode_audio(path: &Path, samples: usize) -> Result<Vec<f32>, DecodeError> {
     init();
-    let mut input = ffmpeg::format::input(path).map_err(|e| media_err(path, "cannot open", e))?;
+    let most = (MAX_SECONDS * AUDIO_RATE as f64) as usize;
+    if samples > most {
+        return Err(media_err(path, "too long", format!("{samples} audio samples asked for, at most {most}")));
+    }
+    let mut input = open_input(path)?;
     let Some(stream) = input.streams().best(Type::Audio) else {
         return Ok(vec![0.0; samples]);
     };
@@ -150,10 +189,12 @@ pub fn decode_audio(path: &Path, samples: usize) -> Result<Vec<f32>, DecodeError
         AUDIO_RATE,
     )
     .map_err(|e| media_err(path, "cannot create the resampler", e))?;
-    let mut out = Vec::with_capacity(samples + AUDIO_RATE as usize);
+    let mut out = Vec::with_capacity(samples);
     let mut decoded = frame::Audio::empty();
+    // Audio past the video's end is dropped as it comes (a track far longer than the video cannot fill memory).
     let append = |resampled: &frame::Audio, out: &mut Vec<f32>| {
-        out.extend_from_slice(&resampled.plane::<f32>(0)[..resampled.samples()]);
+        let room = samples.saturating_sub(out.len()).min(resampled.samples());
+        out.extend_from_slice(&resampled.plane::<f32>(0)[..room]);
     };
     let mut receive = |decoder: &mut ffmpeg::decoder::Audio, out: &mut Vec<f32>| -> Result<(), DecodeError> {
         while decoder.receive_frame(&mut decoded).is_ok() {

@@ -27,14 +27,13 @@ pub struct FetchStats {
 }
 
 pub async fn fetch_shard(store: &Store, shard: &ShardRecord) -> Result<Vec<Sample>, FetchError> {
-    let bytes = store.get(&shard.key).await.map_err(|e| match e {
+    let corrupt = |reason: String| FetchError::Corrupt { key: shard.key.clone(), reason };
+    // The size is compared before the body is read: a shard of another size is never downloaded.
+    let bytes = store.get_sized(&shard.key, shard.bytes).await.map_err(|e| match e {
         StoreError::NotFound { uri, key } => FetchError::Missing { uri, key },
+        StoreError::Size { found, expected, .. } => corrupt(format!("{found} bytes, the manifest says {expected}")),
         other => FetchError::Store(other),
     })?;
-    let corrupt = |reason: String| FetchError::Corrupt { key: shard.key.clone(), reason };
-    if bytes.len() as u64 != shard.bytes {
-        return Err(corrupt(format!("{} bytes, the manifest says {}", bytes.len(), shard.bytes)));
-    }
     let sha = hex::encode(Sha256::digest(&bytes));
     if sha != shard.sha256 {
         return Err(corrupt(format!("SHA-256 {sha}, the manifest says {}", shard.sha256)));

@@ -15,10 +15,29 @@ pub struct Garage {
     child: Child,
     pub endpoint: String,
     dir: tempfile::TempDir,
+    /// The network namespace it runs in (`ip netns`), if not this process's.
+    netns: Option<String>,
 }
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Runs `f` on a thread that has entered the network namespace `netns` (`/run/netns/<name>`, as `ip netns`
+/// makes them): a namespace switch is per thread, so the caller's stays as it was.
+pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{netns}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: setns on a valid namespace fd; it changes only this thread's network namespace.
+            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    })
 }
 
 impl Garage {
@@ -29,30 +48,53 @@ impl Garage {
 
     /// Starts the server and waits until it answers (panics if it cannot: for tests and benchmarks).
     pub fn start() -> Garage {
+        Self::start_at("127.0.0.1", None)
+    }
+
+    /// Starts the server in the network namespace `netns` (`ip netns`), listening on `ip` there: a store that
+    /// the "hosts" of a multi-host test reach over their network.
+    pub fn start_in_netns(netns: &str, ip: &str) -> Garage {
+        Self::start_at(ip, Some(netns.to_string()))
+    }
+
+    fn start_at(ip: &str, netns: Option<String>) -> Garage {
         let garage = Self::binary();
         assert!(garage.is_file(), "{} not found: run scripts/setup (it installs Garage)", garage.display());
         let dir = tempfile::tempdir().unwrap();
+        // Ports free here are as good as any in a fresh namespace.
         let (api, rpc) = (free_port(), free_port());
         let config = format!(
             "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\nreplication_factor = 1\ncompression_level = \"none\"\n\
-             rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\n\
-             rpc_secret = \"{secret}\"\n[s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{api}\"\n\
+             rpc_bind_addr = \"{ip}:{rpc}\"\nrpc_public_addr = \"{ip}:{rpc}\"\n\
+             rpc_secret = \"{secret}\"\n[s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"{ip}:{api}\"\n\
              root_domain = \".s3.garage.localhost\"\n",
             d = dir.path().display(),
             secret = "4425f5c26c5e11581d3223904324dcb5b5d5dfb14e5e7f35e38c595424f5f1e6",
         );
         std::fs::write(dir.path().join("garage.toml"), config).unwrap();
-        let child = Self::spawn(dir.path());
-        let endpoint = format!("http://127.0.0.1:{api}");
-        let g = Garage { child, endpoint, dir };
-        g.wait_ready();
+        let child = Self::spawn(dir.path(), netns.as_deref());
+        let endpoint = format!("http://{ip}:{api}");
+        let g = Garage { child, endpoint, dir, netns };
+        match &g.netns {
+            Some(ns) => in_netns(ns, || g.wait_ready()),
+            None => g.wait_ready(),
+        }
         g
     }
 
-    fn spawn(dir: &std::path::Path) -> Child {
+    fn spawn(dir: &std::path::Path, netns: Option<&str>) -> Child {
         let garage = Self::binary();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("garage.log")).unwrap();
-        Command::new(garage)
+        let mut command = match netns {
+            // `ip netns exec` execs the program: the child is the server itself.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(garage);
+                c
+            }
+            None => Command::new(garage),
+        };
+        command
             .arg("-c")
             .arg(dir.join("garage.toml"))
             .args(["server", "--single-node", "--default-bucket"])
@@ -78,7 +120,7 @@ impl Garage {
     }
 
     pub fn restart(&mut self) {
-        self.child = Self::spawn(self.dir.path());
+        self.child = Self::spawn(self.dir.path(), self.netns.as_deref());
     }
 
     /// A store on this server, configured with explicit options (not the process environment).

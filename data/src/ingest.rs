@@ -361,7 +361,8 @@ pub fn ingest(cfg: &IngestConfig) -> Result<IngestReport, IngestError> {
                     Err(_) => None,
                 }
             });
-            let previous = previous.filter(|r| r.settings == cfg.settings());
+            // A record of other settings, or one that does not validate (damaged), is redone.
+            let previous = previous.filter(|r| r.settings == cfg.settings() && r.validate(cfg.segment_frames).is_ok());
             match previous {
                 Some(record) => results.lock().expect("no panic holding the lock")[i] = Some((Ok(record), true)),
                 None => pending.push(i),

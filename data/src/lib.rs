@@ -10,6 +10,7 @@ pub mod config;
 pub mod decode;
 pub mod error;
 pub mod fetch;
+pub mod files;
 pub mod garage;
 pub mod ingest;
 pub mod layout;

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use avexpr_data::affwild2::PAPER_TRAIN_RATIOS;
 use avexpr_data::{logging, predictions};
 use clap::{Parser, Subcommand};
 
@@ -126,7 +125,7 @@ fn run(cli: Cli) -> Result<()> {
                 });
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", confusion.render(&PAPER_TRAIN_RATIOS));
+                print!("{}", confusion.render(None));
             }
         }
         Command::Synth { out, videos, min_seconds, max_seconds, seed, width, height, val_segments_per_class } => {

@@ -102,7 +102,150 @@ pub fn read_manifest(store: &Store) -> Result<Manifest, ManifestError> {
 pub fn read_manifest_bytes(store: &Store) -> Result<(Bytes, Manifest), ManifestError> {
     store.blocking().check_reachable(MANIFEST)?;
     let bytes = store.blocking().get(MANIFEST)?;
-    let manifest = serde_json::from_slice(&bytes)
-        .map_err(|e| ManifestError::Malformed { uri: store.uri().to_string(), reason: e.to_string() })?;
+    let manifest =
+        Manifest::parse(&bytes).map_err(|reason| ManifestError::Malformed { uri: store.uri().to_string(), reason })?;
     Ok((bytes, manifest))
+}
+
+/// Bounds on what a manifest may declare: beyond them a number is damage or hostility, and trusting it would
+/// divide by zero, index out of bounds or allocate what the file asks for.
+pub mod limits {
+    /// Frames in one video (about 90 hours at 30 fps).
+    pub const MAX_FRAMES: usize = 10_000_000;
+    pub const MAX_SEGMENT_FRAMES: usize = 100_000;
+    pub const MAX_FACE_SIZE: u32 = 4096;
+    /// Frame rates a video may have (Aff-Wild2's lie between about 7.5 and 60).
+    pub const FPS: std::ops::RangeInclusive<f64> = 0.5..=1000.0;
+    /// One shard object.
+    pub const MAX_SHARD_BYTES: u64 = 16 << 30;
+}
+
+impl Manifest {
+    /// Parses and validates `manifest.json`; the error names the field (`videos[3] (name).fps: ...`).
+    pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
+        let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Every value the readers rely on, checked: counts within bounds and consistent with each other, labels
+    /// in range, shards covering each video's frames in order.
+    pub fn validate(&self) -> Result<(), String> {
+        use limits::*;
+        if self.format != FORMAT {
+            return Err(format!("format: `{}`, expected `{FORMAT}` (ingest again with this version)", self.format));
+        }
+        if !(1..=MAX_SEGMENT_FRAMES).contains(&self.segment_frames) {
+            return Err(format!("segment_frames: {} is not in 1..={MAX_SEGMENT_FRAMES}", self.segment_frames));
+        }
+        if !(1..=MAX_FACE_SIZE).contains(&self.face_size) {
+            return Err(format!("face_size: {} is not in 1..={MAX_FACE_SIZE}", self.face_size));
+        }
+        if self.audio_rate != crate::decode::AUDIO_RATE {
+            return Err(format!("audio_rate: {}, expected {}", self.audio_rate, crate::decode::AUDIO_RATE));
+        }
+        if let Some(r) = self.class_ratios.iter().find(|r| !(0.0..=1.0).contains(*r)) {
+            return Err(format!("class_ratios: {r} is not a share in [0, 1]"));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, v) in self.videos.iter().enumerate() {
+            v.validate(self.segment_frames).map_err(|e| format!("videos[{i}] ({}).{e}", v.name))?;
+            if !names.insert(v.name.as_str()) {
+                return Err(format!("videos[{i}].name: `{}` appears twice", v.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VideoRecord {
+    /// Parses and validates a video's record (`records/<video>.json`, what a resumed ingest reuses).
+    pub fn parse(bytes: &[u8], segment_frames: usize) -> Result<VideoRecord, String> {
+        let record: VideoRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        record.validate(segment_frames)?;
+        Ok(record)
+    }
+
+    /// Checks the record against itself and the manifest's `segment_frames`; the error starts with the field.
+    pub fn validate(&self, segment_frames: usize) -> Result<(), String> {
+        use limits::*;
+        if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
+            return Err(format!("name: `{}` is not a video name", self.name));
+        }
+        if self.frames > MAX_FRAMES {
+            return Err(format!("frames: {} is more than {MAX_FRAMES}", self.frames));
+        }
+        if !FPS.contains(&self.fps) {
+            return Err(format!("fps: {} is not in {}..={}", self.fps, FPS.start(), FPS.end()));
+        }
+        // The audio of the video's duration, with a second of slack (decoded audio runs a little past).
+        let duration = crate::decode::audio_samples(self.frames, self.fps) + crate::decode::AUDIO_RATE as usize;
+        if self.audio_samples > duration {
+            return Err(format!(
+                "audio_samples: {} is more than {} frames at {} fps hold ({duration})",
+                self.audio_samples, self.frames, self.fps
+            ));
+        }
+        let frames = self.frames as u64;
+        for (field, n) in [("ignored_frames", self.ignored_frames), ("face_missing", self.face_missing)] {
+            if n > frames {
+                return Err(format!("{field}: {n} is more than the video's {frames} frames"));
+            }
+        }
+        if self.label_histogram.iter().try_fold(0u64, |a, &n| a.checked_add(n)).is_none_or(|sum| sum > frames) {
+            return Err(format!("label_histogram: counts more labelled frames than the video's {frames}"));
+        }
+        let mut labelled = 0u64;
+        for (j, &(label, run)) in self.label_runs.iter().enumerate() {
+            if !(-1..NUM_CLASSES as i8).contains(&label) {
+                return Err(format!("label_runs[{j}]: label {label} is not -1 (ignored) or a class 0..{NUM_CLASSES}"));
+            }
+            labelled += run as u64;
+            if run == 0 || labelled > frames {
+                return Err(format!("label_runs[{j}]: a run of {run} (the runs must cover the {frames} frames)"));
+            }
+        }
+        if !self.label_runs.is_empty() && labelled != frames {
+            return Err(format!("label_runs: cover {labelled} frames, the video has {frames}"));
+        }
+        let mut next = 0usize;
+        for (j, s) in self.shards.iter().enumerate() {
+            let at = |reason: String| format!("shards[{j}] ({}).{reason}", s.key);
+            if s.key.is_empty() || s.key.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+                return Err(at(format!("key: `{}` is not an object key", s.key)));
+            }
+            if s.first_frame != next {
+                return Err(at(format!(
+                    "first_frame: {}, expected {next} (shards cover the frames in order)",
+                    s.first_frame
+                )));
+            }
+            if s.frames == 0 || s.frames > self.frames - next {
+                return Err(at(format!(
+                    "frames: {} (the video has {} frames from {next})",
+                    s.frames,
+                    self.frames - next
+                )));
+            }
+            if s.segments != s.frames.div_ceil(segment_frames) {
+                return Err(at(format!(
+                    "segments: {}, but {} frames in segments of {segment_frames} make {}",
+                    s.segments,
+                    s.frames,
+                    s.frames.div_ceil(segment_frames)
+                )));
+            }
+            if s.bytes > MAX_SHARD_BYTES {
+                return Err(at(format!("bytes: {} is more than {MAX_SHARD_BYTES}", s.bytes)));
+            }
+            if s.sha256.len() != 64 || !s.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(at("sha256: not a SHA-256 in hex".into()));
+            }
+            next += s.frames;
+        }
+        if next != self.frames {
+            return Err(format!("shards: cover {next} frames, the video has {}", self.frames));
+        }
+        Ok(())
+    }
 }

@@ -59,16 +59,18 @@ impl Confusion {
     }
 
     /// The paper's class-wise table (label, train ratio %, F1), then the macro F1 and the confusion matrix.
-    pub fn render(&self, train_ratios: &[f64; NUM_CLASSES]) -> String {
-        let mut out = format!("{:<10} {:>15} {:>8} {:>10}\n", "Label", "Train Ratio(%)", "F1", "frames");
+    /// The class-wise table: per class the training set's share of labelled frames (`train_ratios`, fractions
+    /// as `manifest.class_ratios` holds them; without them, the scored frames' own shares), F1 and support;
+    /// macro F1; the confusion matrix.
+    pub fn render(&self, train_ratios: Option<&[f64; NUM_CLASSES]>) -> String {
+        let frames = self.frames().max(1) as f64;
+        let (header, ratio): (&str, Box<dyn Fn(usize) -> f64>) = match train_ratios {
+            Some(r) => ("Train Ratio(%)", Box::new(move |c| 100.0 * r[c])),
+            None => ("Share(%)", Box::new(move |c| 100.0 * self.support(c) as f64 / frames)),
+        };
+        let mut out = format!("{:<10} {:>15} {:>8} {:>10}\n", "Label", header, "F1", "frames");
         for (c, e) in Expression::ALL.iter().enumerate() {
-            out.push_str(&format!(
-                "{:<10} {:>15.2} {:>8.4} {:>10}\n",
-                e.name(),
-                train_ratios[c],
-                self.f1(c),
-                self.support(c)
-            ));
+            out.push_str(&format!("{:<10} {:>15.2} {:>8.4} {:>10}\n", e.name(), ratio(c), self.f1(c), self.support(c)));
         }
         out.push_str(&format!(
             "Macro F1 {:.4} over {} frames (accuracy {:.4})\n\n",
@@ -111,6 +113,7 @@ mod tests {
         let mut twice = m.clone();
         twice.merge(&m);
         assert_eq!(twice.frames(), 8);
-        assert!(m.render(&[12.5; 8]).contains("Macro F1 0.1833"));
+        assert!(m.render(Some(&[0.125; 8])).contains("Macro F1 0.1833"));
+        assert!(m.render(Some(&[0.125; 8])).contains("12.50"));
     }
 }

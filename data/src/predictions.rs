@@ -25,25 +25,28 @@ pub type Predictions = BTreeMap<String, Vec<u8>>;
 
 /// Writes `predictions.txt` through a temporary file and a rename (an existing file is replaced only whole).
 pub fn write_predictions(path: &Path, predictions: &Predictions) -> Result<()> {
-    let tmp = path.with_extension("txt.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    let write = |tmp: &Path| -> std::io::Result<()> {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(tmp)?);
         writeln!(out, "{}", header())?;
         for (video, labels) in predictions {
             for (i, label) in labels.iter().enumerate() {
                 writeln!(out, "{video}/{:05}.jpg,{label}", i + 1)?;
             }
         }
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()
+        out.flush()
     };
-    write().map_err(|e| DataError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
+    crate::files::replace_with(path, write).map_err(|e| DataError::io(path, e))
 }
 
 /// Reads `predictions.txt`. With `expected` (frames per video), every video must be known and complete:
 /// exactly frames 1..=n, each once.
 pub fn read_predictions(path: &Path, expected: Option<&BTreeMap<String, usize>>) -> Result<Predictions> {
     let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+    parse_predictions(&text, path, expected)
+}
+
+/// [`read_predictions`] on the file's text; `path` names it in errors.
+pub fn parse_predictions(text: &str, path: &Path, expected: Option<&BTreeMap<String, usize>>) -> Result<Predictions> {
     let bad = |line: usize, reason: String| DataError::BadPredictions { file: path.to_path_buf(), line, reason };
     let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l.trim()));
     let first = lines.next().map(|(_, l)| l).unwrap_or("");

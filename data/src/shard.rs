@@ -64,6 +64,9 @@ pub fn read_shard(name: &str, bytes: &Bytes) -> Result<Vec<Sample>, ShardError> 
                 return Err(err(format!("`{key}.audio.f32` has {} bytes, not a whole number of f32", pcm.len())));
             }
             let labels = take("labels.i8")?.iter().map(|&b| b as i8).collect::<Vec<_>>();
+            if let Some(bad) = labels.iter().find(|&&l| !(-1..crate::NUM_CLASSES as i8).contains(&l)) {
+                return Err(err(format!("`{key}.labels.i8`: label {bad} is not -1 (ignored) or a class 0..8")));
+            }
             let face_missing = take("mask.u8")?.to_vec();
             if face_missing.len() != labels.len() {
                 return Err(err(format!("`{key}`: {} labels but {} mask bytes", labels.len(), face_missing.len())));

@@ -41,6 +41,9 @@ pub enum StoreError {
     NotFound { uri: String, key: String },
     #[error("{uri}/{key}: {reason}")]
     Request { uri: String, key: String, reason: String },
+    /// An object of another size than the one its reader was told (read no further than its headers).
+    #[error("{uri}/{key}: {found} bytes, expected {expected}")]
+    Size { uri: String, key: String, found: u64, expected: u64 },
     #[error("{uri}: cannot reach the storage{} within {}s: {reason}", .endpoint.as_ref().map(|e| format!(" at {e}")).unwrap_or_default(), PROBE_FOR.as_secs())]
     Unreachable { uri: String, endpoint: Option<String>, reason: String },
 }
@@ -58,6 +61,16 @@ pub struct Store {
     local_root: Option<std::path::PathBuf>,
 }
 
+/// The process's `AWS_*` variables that have a value (an empty one counts as unset), by name.
+pub fn aws_environment() -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, v)| k.starts_with("AWS_") && !v.is_empty())
+        .collect();
+    vars.sort();
+    vars
+}
+
 impl Store {
     pub fn open(uri: &str) -> Result<Store, StoreError> {
         Self::open_with(uri, &[])
@@ -72,12 +85,21 @@ impl Store {
             if bucket.is_empty() {
                 return Err(open_err("no bucket name (s3://bucket/prefix)".into()));
             }
-            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
-            let endpoint = std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT")).ok();
+            // The AWS_* environment, as `AmazonS3Builder::from_env` reads it, except that an empty variable
+            // counts as unset (CI systems and shells export empty secrets; an empty key or endpoint would be
+            // used as given).
+            let mut builder = AmazonS3Builder::new().with_bucket_name(bucket);
+            for (name, value) in aws_environment() {
+                if let Ok(key) = name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+                    builder = builder.with_config(key, value);
+                }
+            }
+            let env = |name: &str| aws_environment().into_iter().find(|(n, _)| n == name).map(|(_, v)| v);
+            let endpoint = env("AWS_ENDPOINT_URL").or_else(|| env("AWS_ENDPOINT"));
             if let Some(endpoint) = &endpoint {
                 builder = builder.with_allow_http(endpoint.starts_with("http://")).with_endpoint(endpoint);
             }
-            if let Ok(region) = std::env::var("AWS_REGION") {
+            if let Some(region) = env("AWS_REGION") {
                 builder = builder.with_region(region);
             }
             for (key, value) in s3_options {
@@ -229,6 +251,24 @@ impl Store {
         .await
     }
 
+    /// [`Store::get`] of an object whose size is known (a manifest's shard, a commit's object): the size the
+    /// response declares is compared first, so an object of another size is never downloaded.
+    pub async fn get_sized(&self, key: &str, expected: u64) -> Result<Bytes, StoreError> {
+        self.retrying(key, || async {
+            let got = self.inner.get(&self.path(key)).await.map_err(|e| self.request_err(key, e))?;
+            if got.meta.size != expected {
+                return Err(StoreError::Size {
+                    uri: self.uri.clone(),
+                    key: key.to_string(),
+                    found: got.meta.size,
+                    expected,
+                });
+            }
+            got.bytes().await.map_err(|e| self.request_err(key, e))
+        })
+        .await
+    }
+
     pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         self.retrying(key, || async {
             match self.inner.head(&self.path(key)).await {
@@ -299,6 +339,10 @@ impl Blocking<'_> {
 
     pub fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         block_on(self.0.get(key))
+    }
+
+    pub fn get_sized(&self, key: &str, expected: u64) -> Result<Bytes, StoreError> {
+        block_on(self.0.get_sized(key, expected))
     }
 
     pub fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, StoreError> {

@@ -136,3 +136,44 @@ fn corrupt_and_truncated_files_are_errors_naming_the_file() {
     let e = decode_video(&tmp.path().join("absent.mp4"), None, |_| Ok(())).unwrap_err().to_string();
     assert!(e.contains("absent.mp4") && e.contains("cannot open"), "{e}");
 }
+
+/// Media that would make the decoder read other files or allocate what the file declares: a "video" that is
+/// an HLS playlist naming another file (decoded through it before the format whitelist), and a frame rate of
+/// 1e-5 fps (whose duration asked for ~5e11 audio samples before the frame-rate bound). Each fails its file
+/// with a clear error.
+#[test]
+fn hostile_media_is_refused_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let segment = tmp.path().join("segment.ts");
+    let p = segment.to_str().unwrap();
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=64x48:rate=25:duration=1",
+        "-c:v",
+        "libx264",
+        "-f",
+        "mpegts",
+        "-y",
+        p,
+    ]);
+    let playlist = tmp.path().join("playlist.mp4");
+    std::fs::write(&playlist, format!("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{p}\n#EXT-X-ENDLIST\n"))
+        .unwrap();
+    let e = decode_video(&playlist, None, |_| Ok(())).unwrap_err().to_string();
+    assert!(e.contains("playlist.mp4") && e.contains("cannot open") && e.contains("local files only"), "{e}");
+    let e = decode_audio(&playlist, 16_000).unwrap_err().to_string();
+    assert!(e.contains("playlist.mp4"), "{e}");
+    // The segment itself is a readable format.
+    assert_eq!(decode_video(&segment, None, |_| Ok(())).unwrap().frames, 25);
+
+    let slow = tmp.path().join("slow.mp4");
+    let s = slow.to_str().unwrap();
+    ffmpeg(&["-f", "lavfi", "-i", "testsrc2=size=64x48:rate=1/100000", "-frames:v", "2", "-c:v", "libx264", "-y", s]);
+    let e = decode_video(&slow, None, |_| Ok(())).unwrap_err().to_string();
+    assert!(e.contains("slow.mp4") && e.contains("implausible frame rate"), "{e}");
+    // Asked directly for that much audio, the decoder refuses before allocating.
+    let e = decode_audio(&slow, audio_samples(2, 1e-5)).unwrap_err().to_string();
+    assert!(e.contains("slow.mp4") && e.contains("too long"), "{e}");
+}

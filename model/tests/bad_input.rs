@@ -107,6 +107,11 @@ fn invalid_config_fields_are_named() {
     edit_config(&dir, |c| c["conv_stride"] = serde_json::json!([5, 2]));
     assert_mentions(&w2v_err(&dir), &["config.json", "`conv_dim`", "conv_stride (2)"]);
 
+    // A zero stride once divided by zero when counting output frames.
+    let (_tmp, dir) = copy_fixture("wav2vec2-tiny-group");
+    edit_config(&dir, |c| c["conv_stride"][1] = 0.into());
+    assert_mentions(&w2v_err(&dir), &["config.json", "`conv_stride`", "0: every entry must be positive"]);
+
     let (_tmp, dir) = copy_fixture("wav2vec2-tiny-group");
     edit_config(&dir, |c| c["hidden_size"] = "wide".into());
     assert_mentions(&w2v_err(&dir), &["config.json", "invalid type"]);

@@ -29,6 +29,9 @@ pub struct LaunchArgs {
     pub name: Option<String>,
 }
 
+/// Where in the checkpoint store a launch across hosts puts the job file for its ranks.
+pub const CONFIG_DIR: &str = "config";
+
 /// The job's micro-batches per step on `world` ranks; the error names the config file.
 fn check_ranks(job: &JobConfig, world: usize) -> Result<()> {
     job.accumulation(world).with_context(|| format!("{world} ranks"))?;
@@ -56,12 +59,15 @@ fn default_worker() -> Result<PathBuf> {
     Ok(me.with_file_name("worker"))
 }
 
-/// A DNS-1123 name for the MPIJob.
-fn k8s_name(config: &Path) -> String {
+/// A DNS-1123 name for the MPIJob: `avexpr-<config stem>-<run id prefix>`, so that two `paper.yaml` of
+/// different folders (different checkpoint stores) get different MPIJobs.
+fn k8s_name(config: &Path, run_id: &str) -> String {
     let stem = config.file_stem().map_or("job".into(), |s| s.to_string_lossy().to_lowercase());
     let clean: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let suffix = format!("-{}", &run_id[..6]);
     let name = format!("avexpr-{}", clean.trim_matches('-'));
-    name.chars().take(50).collect::<String>().trim_end_matches('-').to_string()
+    let head: String = name.chars().take(k8s::MAX_NAME - suffix.len()).collect();
+    head.trim_end_matches('-').to_string() + &suffix
 }
 
 /// `orchestrator launch`: returns the final report.
@@ -84,8 +90,16 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
     if target != Target::K8s {
         anyhow::ensure!(worker.is_file(), "the worker binary {} does not exist (--worker PATH)", worker.display());
     }
+    // Ranks on other hosts do not see this machine's files: they read the job file from the checkpoint store,
+    // where this launch puts it (under the file's own name, so the default run_dir stays `runs/<stem>`).
+    let across_hosts = matches!(target, Target::Hostfile(_)) && a.nodes > 1;
+    let file_name = config.file_name().map_or("job.yaml".into(), |n| n.to_string_lossy().into_owned());
+    let ranks_config = match across_hosts {
+        true => PathBuf::from(format!("{}/{CONFIG_DIR}/{file_name}", job_cfg.checkpoint.uri.trim_end_matches('/'))),
+        false => config.clone(),
+    };
     let job = Job {
-        config: config.clone(),
+        config: ranks_config,
         job: job_cfg.clone(),
         nodes: a.nodes,
         gpus_per_node: a.gpus_per_node,
@@ -93,7 +107,9 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
         worker,
         plan: format!("{}/{}", job_cfg.checkpoint.uri.trim_end_matches('/'), avexpr_worker::plan::PLAN_KEY),
     };
-    let name = a.name.clone().unwrap_or_else(|| k8s_name(&config));
+    let run_id = k8s::run_id(&job_cfg);
+    let name = a.name.clone().unwrap_or_else(|| k8s_name(&config, &run_id));
+    let mpijob = k8s::MpiJob { name: name.clone(), namespace: job_cfg.launch.k8s.namespace.clone(), run_id };
     let mut k8s_yaml = None;
     if target == Target::K8s {
         let text = std::fs::read_to_string(&config).with_context(|| config.display().to_string())?;
@@ -102,6 +118,8 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
             return Ok(yaml);
         }
         k8s::check_kubectl()?;
+        // Before anything is written: an MPIJob of this name that another job owns is never replaced.
+        mpijob.check_ours()?;
         k8s_yaml = Some(yaml);
     } else if a.dry_run {
         return Ok(job.mpirun_argv().join(" ") + "\n");
@@ -122,6 +140,15 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
     let lease_id = lease.as_ref().map(|l| l.id().to_string()).unwrap_or_default();
     let (p, uri) = plan::make(&job_cfg, &manifest, world)?;
     eprint!("plan {uri}\n{}", plan::describe(&p, &manifest));
+    if across_hosts {
+        let text = std::fs::read(&config).with_context(|| config.display().to_string())?;
+        let key = format!("{CONFIG_DIR}/{file_name}");
+        Store::open(&job_cfg.checkpoint.uri)?
+            .blocking()
+            .put(&key, text.into())
+            .context("checkpoint.uri: writing the job file")?;
+        eprintln!("job file for the ranks: {}", job.config.display());
+    }
     std::fs::create_dir_all(&job_cfg.run_dir).with_context(|| format!("run_dir {}", job_cfg.run_dir.display()))?;
 
     let watcher = Watcher::new(&job)?;
@@ -134,7 +161,6 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
     };
     watcher.save(&record)?;
     let mut last_out = None;
-    let namespace = job_cfg.launch.k8s.namespace.clone();
     watcher.run(&job, &mut record, |n| match &k8s_yaml {
         None => {
             let out = job_cfg.run_dir.join(format!("attempt-{n}.out"));
@@ -143,9 +169,9 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
             Ok((Attempt::mpirun(&job, &out, &log, &lease_id)?, Some(log)))
         }
         Some(yaml) => {
-            k8s::delete(&name, &namespace);
+            mpijob.delete()?;
             k8s::apply(yaml)?;
-            Ok((Attempt::K8s { name: name.clone(), namespace: namespace.clone() }, None))
+            Ok((Attempt::K8s(mpijob.clone()), None))
         }
     })?;
 

@@ -52,22 +52,34 @@ fn first_container<'a>(spec: &'a mut Value, replica: &str) -> Result<&'a mut Val
 /// The ConfigMap and MPIJob of a launch, in apply order. `config_text` is the job's config file.
 pub fn render(job: &Job, name: &str, config_text: &str, templates: Option<&Path>) -> Result<Vec<Value>> {
     let k = &job.job.launch.k8s;
+    check_name(name)?;
+    let run_id = run_id(&job.job);
     for (field, uri) in [("data.shards", &job.job.data.shards), ("checkpoint.uri", &job.job.checkpoint.uri)] {
         anyhow::ensure!(
             uri.starts_with("s3://") || uri.starts_with("/cache/") && !k.cache_pvc.is_empty(),
             "{field}: `{uri}` is a local path; pods need an s3:// URI (or /cache/... with launch.k8s.cache_pvc)"
         );
     }
+    anyhow::ensure!(
+        !k.image.is_empty(),
+        "launch.k8s.image: not set: the worker image built from k8s/Dockerfile and pushed to your registry, best \
+         by digest (registry.example.org/avexpr/worker@sha256:...), so that the pods run exactly that build"
+    );
+    if !k.image.contains("@sha256:") {
+        tracing::warn!(image = %k.image, "launch.k8s.image is a tag, not a digest: the pods run whatever it points to");
+    }
     let config_name = format!("{name}-config");
 
     let mut cm = template(templates, "configmap.yaml", CONFIGMAP)?;
     *at(&mut cm, &["metadata", "name"])? = config_name.clone().into();
     *at(&mut cm, &["metadata", "namespace"])? = k.namespace.clone().into();
+    *at(&mut cm, &["metadata", "labels", RUN_ID_LABEL])? = run_id.clone().into();
     *at(&mut cm, &["data", "job.yaml"])? = config_text.into();
 
     let mut mj = template(templates, "mpijob.yaml", MPIJOB)?;
     *at(&mut mj, &["metadata", "name"])? = name.into();
     *at(&mut mj, &["metadata", "namespace"])? = k.namespace.clone().into();
+    *at(&mut mj, &["metadata", "labels", RUN_ID_LABEL])? = run_id.into();
     let spec = at(&mut mj, &["spec"])?;
     *at(spec, &["slotsPerWorker"])? = (job.gpus_per_node as u64).into();
     *at(spec, &["mpiReplicaSpecs", "Worker", "replicas"])? = (job.nodes as u64).into();
@@ -160,24 +172,106 @@ pub fn apply(yaml: &str) -> Result<()> {
     Ok(())
 }
 
-/// The MPIJob's outcome from its last condition (a preempted launcher fails like any other: not told apart here).
-pub fn job_state(name: &str, namespace: &str) -> Option<Outcome> {
-    let out = Command::new("kubectl")
-        .args(["get", "mpijob", name, "-n", namespace, "-o", "jsonpath={.status.conditions[-1:].type}"])
-        .output()
-        .ok()?;
-    match String::from_utf8_lossy(&out.stdout).trim() {
-        "Succeeded" => Some(Outcome::Succeeded),
-        "Failed" => Some(Outcome::Failed(format!("MPIJob {namespace}/{name} failed"))),
-        _ => None,
-    }
+/// The label that ties an MPIJob and its ConfigMap to one job (its checkpoint store): checked before any
+/// delete, so that a launch never deletes another job's MPIJob that happens to have the same name.
+pub const RUN_ID_LABEL: &str = "avexpr.io/run-id";
+
+/// A job's run id: its checkpoint store (one job writes a store at a time), hashed.
+pub fn run_id(job: &avexpr_worker::job::JobConfig) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(job.checkpoint.uri.trim_end_matches('/').as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
-pub fn delete(name: &str, namespace: &str) {
-    let status = Command::new("kubectl")
-        .args(["delete", "mpijob", name, "-n", namespace, "--ignore-not-found", "--wait=true"])
-        .status();
-    if !matches!(status, Ok(s) if s.success()) {
-        tracing::warn!("kubectl delete mpijob {namespace}/{name} failed: {status:?}");
+/// The longest MPIJob name: the operator names pods `<name>-worker-<i>` and their hostnames must stay DNS labels.
+pub const MAX_NAME: usize = 50;
+
+/// An MPIJob name as Kubernetes accepts it (a DNS-1123 label, short enough for the pods' names).
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    anyhow::ensure!(
+        ok,
+        "--name `{name}`: not a valid MPIJob name (a DNS-1123 label: lowercase letters, digits and '-', starting \
+         and ending with a letter or digit, at most {MAX_NAME} characters)"
+    );
+    Ok(())
+}
+
+/// One launch's MPIJob in the cluster.
+#[derive(Debug, Clone)]
+pub struct MpiJob {
+    pub name: String,
+    pub namespace: String,
+    pub run_id: String,
+}
+
+impl MpiJob {
+    /// The outcome from its last condition. A failed launcher carries no exit code here: the watcher tells a
+    /// preemption apart by the ranks' heartbeats.
+    pub fn state(&self) -> Option<Outcome> {
+        let out = Command::new("kubectl")
+            .args(["get", "mpijob", "-n", &self.namespace, "-o", "jsonpath={.status.conditions[-1:].type}", "--"])
+            .arg(&self.name)
+            .output()
+            .ok()?;
+        match String::from_utf8_lossy(&out.stdout).trim() {
+            "Succeeded" => Some(Outcome::Succeeded),
+            "Failed" => Some(Outcome::Failed(format!("MPIJob {}/{} failed", self.namespace, self.name))),
+            _ => None,
+        }
+    }
+
+    /// Fails if an MPIJob of this name exists for another job (another run id, or none).
+    pub fn check_ours(&self) -> Result<()> {
+        let label = RUN_ID_LABEL.replace('.', "\\.");
+        let out = Command::new("kubectl")
+            .args(["get", "mpijob", "-n", &self.namespace, "--ignore-not-found"])
+            .arg(format!("-o=jsonpath={{.metadata.labels.{label}}}|"))
+            .arg("--")
+            .arg(&self.name)
+            .output()
+            .context("kubectl get mpijob")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "kubectl get mpijob {}/{} failed: {}",
+            self.namespace,
+            self.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        // Empty: no such MPIJob. Otherwise `<run id>|` (an empty id: not made by a launch of this version).
+        let Some(found) = stdout.trim().strip_suffix('|') else { return Ok(()) };
+        anyhow::ensure!(
+            found == self.run_id,
+            "MPIJob {}/{} belongs to another job (run id `{found}`, this job's is `{}`: another checkpoint.uri); \
+             it is left alone: pass another --name",
+            self.namespace,
+            self.name,
+            self.run_id
+        );
+        Ok(())
+    }
+
+    /// Deletes it (and waits), only if it is this job's.
+    pub fn delete(&self) -> Result<()> {
+        self.check_ours()?;
+        let status = Command::new("kubectl")
+            .args(["delete", "mpijob", "-n", &self.namespace, "--ignore-not-found", "--wait=true", "--"])
+            .arg(&self.name)
+            .status()
+            .context("kubectl delete mpijob")?;
+        anyhow::ensure!(status.success(), "kubectl delete mpijob {}/{} failed ({status})", self.namespace, self.name);
+        Ok(())
+    }
+
+    /// [`Self::delete`] where nothing more can be done about a failure than saying it.
+    pub fn delete_or_warn(&self) {
+        if let Err(e) = self.delete() {
+            tracing::warn!("{e:#}");
+        }
     }
 }

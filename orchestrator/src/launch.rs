@@ -33,8 +33,8 @@ pub fn check_hostfile(file: &Path, nodes: usize) -> Result<Vec<String>> {
 pub enum Attempt {
     /// mpirun, in its own process group.
     Mpirun { child: Child },
-    /// An applied MPIJob, followed through its launcher pod's phase.
-    K8s { name: String, namespace: String },
+    /// An applied MPIJob, followed through its conditions.
+    K8s(crate::k8s::MpiJob),
 }
 
 impl Attempt {
@@ -76,7 +76,7 @@ impl Attempt {
                 Ok(None) => None,
                 Err(e) => Some(Outcome::Failed(format!("cannot wait for mpirun: {e}"))),
             },
-            Attempt::K8s { name, namespace } => crate::k8s::job_state(name, namespace),
+            Attempt::K8s(mpijob) => mpijob.state(),
         }
     }
 
@@ -89,7 +89,7 @@ impl Attempt {
             Attempt::Mpirun { child } => unsafe {
                 libc::kill(child.id() as i32, libc::SIGUSR1);
             },
-            Attempt::K8s { name, namespace } => crate::k8s::delete(name, namespace),
+            Attempt::K8s(mpijob) => mpijob.delete_or_warn(),
         }
     }
 
@@ -136,7 +136,7 @@ impl Attempt {
                 }
                 let _ = child.wait();
             }
-            Attempt::K8s { name, namespace } => crate::k8s::delete(name, namespace),
+            Attempt::K8s(mpijob) => mpijob.delete_or_warn(),
         }
     }
 }

@@ -92,10 +92,7 @@ impl Job {
         }
         // The store's credentials and endpoint reach remote ranks only when named (Open MPI forwards the
         // variables `-x` names, with mpirun's values): names only, never values, on the command line.
-        let mut aws: Vec<String> =
-            std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()).filter(|k| k.starts_with("AWS_")).collect();
-        aws.sort();
-        for name in aws {
+        for (name, _) in avexpr_data::store::aws_environment() {
             argv.extend(["-x".into(), name]);
         }
         argv.extend(self.job.launch.mpirun_args.iter().cloned());

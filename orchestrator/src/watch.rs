@@ -95,6 +95,12 @@ impl Watcher {
         })
     }
 
+    /// Whether the checkpoint of `step` is committed.
+    fn committed(&self, step: u64) -> bool {
+        let name = avexpr_worker::checkpoint::checkpoint_name(step);
+        self.store.blocking().exists(&format!("{name}/{}", avexpr_worker::checkpoint::COMMIT)).unwrap_or(false)
+    }
+
     fn clear_beats(&self) {
         for r in 0..self.world {
             let _ = self.store.blocking().delete(&heartbeat::key(r));
@@ -209,6 +215,18 @@ impl Watcher {
                     ));
                 }
             };
+            // A launcher that reports only "failed" (an MPIJob's status carries no exit code) for ranks that all
+            // stopped preempted with that step's checkpoint committed: a preemption, as the exit code says locally.
+            let outcome = match outcome {
+                Outcome::Failed(reason) => match preempted_at(&beats).filter(|step| self.committed(*step)) {
+                    Some(step) => {
+                        tracing::info!(step, "every rank's heartbeat says it stopped preempted, checkpoint committed");
+                        Outcome::Preempted
+                    }
+                    None => Outcome::Failed(reason),
+                },
+                other => other,
+            };
             match outcome {
                 Outcome::Succeeded => {
                     bar.finish_and_clear();
@@ -286,6 +304,13 @@ impl Watcher {
     }
 }
 
+/// The step at which every rank stopped preempted (each one's last heartbeat says `preempted` at that same step),
+/// if they all did.
+fn preempted_at(beats: &[Option<Heartbeat>]) -> Option<u64> {
+    let step = beats.first()?.as_ref()?.step;
+    beats.iter().all(|b| b.as_ref().is_some_and(|b| b.phase == "preempted" && b.step == step)).then_some(step)
+}
+
 fn progress_message(b: &Heartbeat) -> String {
     let mut msg = String::new();
     if let Some(loss) = b.loss {
@@ -309,4 +334,23 @@ fn is_worker(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| c.split(|&b| b == 0).next().is_some_and(|exe| exe.ends_with(b"worker")))
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(phase: &str, step: u64) -> Option<Heartbeat> {
+        Some(Heartbeat { phase: phase.into(), step, ..Heartbeat::default() })
+    }
+
+    #[test]
+    fn a_preemption_is_every_rank_stopped_preempted_at_one_step() {
+        assert_eq!(preempted_at(&[beat("preempted", 30), beat("preempted", 30)]), Some(30));
+        // One rank still training, at another step, or silent: a failure, not a preemption.
+        assert_eq!(preempted_at(&[beat("preempted", 30), beat("training", 30)]), None);
+        assert_eq!(preempted_at(&[beat("preempted", 30), beat("preempted", 31)]), None);
+        assert_eq!(preempted_at(&[beat("preempted", 30), None]), None);
+        assert_eq!(preempted_at(&[]), None);
+    }
 }

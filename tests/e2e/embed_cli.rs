@@ -91,6 +91,32 @@ fn bad_audio_fails_naming_the_file_and_keeps_the_previous_output() {
     assert_eq!(std::fs::read(&out).unwrap(), b"previous result");
 }
 
+/// An image whose size would make the resize allocate gigabytes (a 1x65535 strip: ~10 GB at 224 px) fails
+/// naming the file, at once; the previous output stays.
+#[test]
+fn an_image_that_would_take_gigabytes_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let strip = tmp.path().join("strip.png");
+    image::RgbImage::new(1, 65_535).save(&strip).unwrap();
+    let out = tmp.path().join("emb.safetensors");
+    std::fs::write(&out, b"earlier output").unwrap();
+    let started = std::time::Instant::now();
+    let output = binary("worker")
+        .args(["embed", "--device", "cpu", "--clip"])
+        .arg(fixtures::clip_tiny_with_tokenizer().unwrap())
+        .arg("--images")
+        .arg(&strip)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("strip.png") && stderr.contains("1x65535 pixels: an aspect ratio beyond 64:1"), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert_eq!(std::fs::read(&out).unwrap(), b"earlier output");
+}
+
 #[test]
 fn usage_errors_are_reported() {
     let output = binary("worker").args(["embed", "--out", "x.safetensors"]).output().unwrap();

@@ -130,9 +130,37 @@ fn the_best_checkpoint_is_always_committed() {
     let stdout = String::from_utf8_lossy(&train.stdout).into_owned();
     ok(train);
     assert!(stdout.contains("at step 1 (kept as checkpoint step-00000001)"), "{stdout}");
+    // Its outputs replace a previous evaluation's whole: written under a temporary name and renamed (strace),
+    // never opened for writing in place, where an interruption would leave a truncated table.
     let out = d.root.join("best-eval");
-    ok(binary("worker").args(["evaluate", "--config"]).arg(&config).arg("--out").arg(&out).output().unwrap());
-    assert!(out.join("eval.json").is_file());
+    let trace = d.root.join("evaluate.trace");
+    ok(Command::new("strace")
+        .args(["-f", "-e", "trace=openat,rename,renameat,renameat2", "-o"])
+        .arg(&trace)
+        .arg(binary("worker").get_program())
+        .args(["evaluate", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&out)
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap());
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    for file in ["table.txt", "eval.json", "confusion.png"] {
+        let path = format!("\"{}\"", out.join(file).display());
+        assert!(out.join(file).is_file(), "{file}");
+        let written_in_place =
+            trace.lines().any(|l| l.contains("openat(") && l.contains(&path) && l.contains("O_WRONLY"));
+        assert!(!written_in_place, "{file} written in place:\n{trace}");
+        assert!(trace.lines().any(|l| l.contains("rename") && l.contains(&path)), "{file} not renamed into place");
+    }
+    // The table's train ratios are this dataset's (the manifest's), not the paper's fixed ones.
+    let manifest = manifest(&d.shards);
+    let table = std::fs::read_to_string(out.join("table.txt")).unwrap();
+    for (c, line) in table.lines().skip(1).take(8).enumerate() {
+        let ratio = line.split_whitespace().nth(1).unwrap();
+        assert_eq!(ratio, format!("{:.2}", 100.0 * manifest.class_ratios[c]), "{table}");
+    }
 }
 
 /// A store holding a run's checkpoints is not reused by accident: a fresh start into it is refused unless asked
@@ -146,6 +174,8 @@ fn a_used_store_is_not_reused_by_accident() {
     let config = job(&d, "used", 2, "");
     let train = |args: &[&str]| binary("worker").args(["train", "--config"]).arg(&config).args(args).output().unwrap();
     ok(train(&[]));
+    let first_metrics = std::fs::read_to_string(run_dir(&config).join("metrics.jsonl")).unwrap();
+    assert_eq!(first_metrics.lines().count(), 2);
     let out = train(&["--resume", "none"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("already holds 1 checkpoint(s)"), "{stderr}");
@@ -167,6 +197,16 @@ fn a_used_store_is_not_reused_by_accident() {
     let log = ok(train(&["--resume", "none", "--overwrite"]));
     assert!(log.contains("--overwrite: deleting the store's checkpoints"), "{log}");
     assert!(checkpoint(&config, 4).join("COMMIT.json").is_file());
+    // The first run's metrics are kept beside the new run's, not truncated.
+    assert!(log.contains("held another run's metrics: kept as"), "{log}");
+    let kept: Vec<String> = std::fs::read_dir(run_dir(&config))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("metrics."))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert_eq!(kept, vec![first_metrics]);
+    assert_eq!(std::fs::read_to_string(run_dir(&config).join("metrics.jsonl")).unwrap().lines().count(), 4);
 }
 
 /// One writer per checkpoint store: a live holder of its lease is named and the job refused; the lease of a

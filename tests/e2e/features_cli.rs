@@ -138,6 +138,22 @@ fn stale_or_missing_caches_and_augmentation_are_refused() {
     bytes[last] ^= 1;
     std::fs::write(&weights, bytes).unwrap();
     cases.push((text.replace(&w2v.display().to_string(), &changed.display().to_string()), "the Wav2Vec 2.0 weights"));
+    // Preprocessing settings of a checkpoint: the CLIP image mean changed in a copy.
+    let clip = avexpr_model::fixtures::clip_tiny_with_tokenizer().unwrap();
+    let clip_changed = d.root.join("clip-changed");
+    std::fs::create_dir_all(&clip_changed).unwrap();
+    for e in std::fs::read_dir(&clip).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, clip_changed.join(p.file_name().unwrap())).unwrap();
+    }
+    let pre = clip_changed.join("preprocessor_config.json");
+    let mut settings: serde_json::Value = serde_json::from_slice(&std::fs::read(&pre).unwrap()).unwrap();
+    settings["image_mean"] = serde_json::json!([0.5, 0.5, 0.5]);
+    std::fs::write(&pre, serde_json::to_vec(&settings).unwrap()).unwrap();
+    cases.push((
+        text.replace(&clip.display().to_string(), &clip_changed.display().to_string()),
+        "the CLIP weights or preprocessing",
+    ));
     // The dataset: ingested again with other segments.
     let other = d.root.join("shards-other");
     ok(avexpr_tests::binary("data")
@@ -157,6 +173,44 @@ fn stale_or_missing_caches_and_augmentation_are_refused() {
         assert!(!ok_t && stderr.contains(want), "case {i}: want `{want}`: {stderr}");
         assert!(!stderr.contains("step 1/"), "case {i} trained: {stderr}");
     }
+}
+
+/// No rank writes a unit into a cache that does not hold its key yet (a unit without a key could be another
+/// setting's): rank 0, which alone once wrote `key.json`, starts 8 s after rank 1, and the cache is watched.
+#[test]
+fn no_rank_writes_units_before_the_cache_holds_its_key() {
+    let d = dataset();
+    let cache = d.root.join("cache");
+    let config = cached_job(&d, "late", Some(&cache));
+    let worker = avexpr_tests::binary("worker").get_program().to_string_lossy().into_owned();
+    let config_arg = config.display().to_string();
+    // Two app contexts (MPMD): rank 0 is a shell that sleeps, then becomes the worker.
+    let late = format!("sleep 8; exec {worker} extract --config {config_arg}");
+    let mut child = std::process::Command::new("mpirun")
+        .args(["--oversubscribe", "-np", "1", "sh", "-c", &late, ":", "-np", "1", &worker, "extract", "--config"])
+        .arg(&config)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env_remove("LD_LIBRARY_PATH")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _guard = KillOnDrop(vec![child.id() as i32]);
+    let keyless_units = |dir: &Path| {
+        let files = walk(dir);
+        let has_key = files.iter().any(|p| p.file_name().is_some_and(|n| n == "key.json"));
+        let units = files.iter().filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("key.json")).count();
+        if has_key { 0 } else { units }
+    };
+    while child.try_wait().unwrap().is_none() {
+        let n = keyless_units(&cache);
+        assert_eq!(n, 0, "{n} unit(s) written into a cache without a key");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(cache.join("features.json").is_file());
 }
 
 /// Kill -9 an extraction after one rank wrote its units while the other was stopped before writing any; the

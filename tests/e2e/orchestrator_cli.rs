@@ -97,9 +97,24 @@ fn local_launch_survives_a_killed_and_a_hung_rank_bitwise() {
     assert_eq!(metrics(&reference), metrics(&killed), "the metrics file continues without repeats or gaps");
 
     // A rank preempted (SIGTERM, as an eviction or a spot reclaim sends it): every rank stops after the same
-    // step with its checkpoint committed, and the relaunch continues from it: no restart, no step redone.
+    // step with its checkpoint committed, and the relaunch continues from it: no restart, no step redone. The
+    // launcher here reports failure without the ranks' exit code, as an MPIJob's status does: the ranks'
+    // heartbeats (all preempted at one step) and the committed checkpoint tell the orchestrator.
     let preempted = launch_job(&d, "preempted", 60.0);
-    let mut child = start(&preempted);
+    let launcher = d.root.join("launcher");
+    std::fs::create_dir_all(&launcher).unwrap();
+    let real =
+        String::from_utf8(std::process::Command::new("sh").args(["-c", "command -v mpirun"]).output().unwrap().stdout)
+            .unwrap();
+    std::fs::write(launcher.join("mpirun"), format!("#!/bin/sh\n{} \"$@\" || exit 1\n", real.trim())).unwrap();
+    std::fs::set_permissions(launcher.join("mpirun"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", launcher.display(), std::env::var("PATH").unwrap());
+    let mut child = launch(&preempted, 2)
+        .env("PATH", path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let pid = wait_for_step(&preempted, 1, 25, &mut child);
     // SAFETY: a worker process this test started.
     unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -255,7 +270,9 @@ fn bad_arguments_are_rejected_before_anything_starts() {
     let text = std::fs::read_to_string(&config).unwrap().replace(&d.shards.display().to_string(), "s3://avexpr/shards");
     std::fs::write(&s3, text + "  # s3\n").unwrap();
     let text = std::fs::read_to_string(&s3).unwrap();
-    let text = text.replace("checkpoint: {every: 10,", "checkpoint: {uri: s3://avexpr/runs/bad, every: 10,");
+    let text = text
+        .replace("checkpoint: {every: 10,", "checkpoint: {uri: s3://avexpr/runs/bad, every: 10,")
+        .replace("launch: {", "launch: {k8s: {image: 'registry.example.org/avexpr/worker@sha256:0123'}, ");
     std::fs::write(&s3, text).unwrap();
     let out = binary("orchestrator")
         .args(["launch", "--target", "k8s", "--config"])
@@ -314,7 +331,12 @@ fn k8s_manifests_validate_and_hold_no_credentials() {
     assert!(cm["data"]["job.yaml"].as_str().unwrap().contains("s3://avexpr/shards"));
     assert_eq!(mj["apiVersion"], "kubeflow.org/v2beta1");
     assert_eq!(mj["kind"], "MPIJob");
-    assert_eq!(mj["metadata"]["name"], "avexpr-k8s");
+    let name = mj["metadata"]["name"].as_str().unwrap();
+    assert!(name.starts_with("avexpr-k8s-") && name.len() == "avexpr-k8s-".len() + 6, "{name}");
+    let run_id = mj["metadata"]["labels"]["avexpr.io/run-id"].as_str().unwrap();
+    assert_eq!(run_id.len(), 16);
+    assert_eq!(cm["metadata"]["labels"]["avexpr.io/run-id"], run_id);
+    assert!(name.ends_with(&run_id[..6]), "{name} {run_id}");
     let spec = &mj["spec"];
     assert_eq!(spec["slotsPerWorker"], 2);
     assert_eq!(spec["mpiImplementation"], "OpenMPI");
@@ -345,7 +367,13 @@ fn k8s_manifests_validate_and_hold_no_credentials() {
     for replica in [launcher, worker] {
         let pod = &replica["template"]["spec"];
         assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
-        assert!(pod["containers"][0]["resources"]["limits"].is_object(), "resource limits on every container");
+        assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+        assert_eq!(pod["automountServiceAccountToken"], false);
+        let c = &pod["containers"][0];
+        assert!(c["resources"]["limits"].is_object(), "resource limits on every container");
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
+        assert_eq!(c["image"], "registry.example.org/avexpr/worker:1.0");
     }
 
     // Kubernetes' own schemas.
@@ -382,6 +410,60 @@ fn k8s_manifests_validate_and_hold_no_credentials() {
     std::fs::write(&files[2], serde_json::to_string(&broken).unwrap()).unwrap();
     let out = std::process::Command::new(&validate).arg("--strict").arg(&files[2]).output().unwrap();
     assert!(!out.status.success(), "kubernetes-validate --strict accepted an unknown field");
+}
+
+/// `--target k8s` never harms what it does not own: no image means no launch (a default would name a public
+/// image that would receive the S3 Secret), a name that is not a DNS-1123 label (`--all`) is refused, and an
+/// MPIJob of the same name that another job owns (another run-id label) is neither deleted nor replaced. No
+/// cluster here: `kubectl` is a stand-in that records its arguments and answers `get` as a cluster holding
+/// another job's MPIJob would.
+#[test]
+fn k8s_launch_never_touches_another_jobs_mpijob() {
+    let d = dataset();
+    let config = job(&d, "paper", 100, "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&d.shards.display().to_string(), "s3://avexpr/shards")
+        .replace("checkpoint: {every: 2,", "checkpoint: {uri: s3://avexpr/runs/mine, every: 2,");
+    std::fs::write(&config, &text).unwrap();
+    let run = |config: &Path, extra: &[&str], path: &str| {
+        let out = binary("orchestrator")
+            .args(["launch", "--target", "k8s", "--config"])
+            .arg(config)
+            .args(extra)
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let path = std::env::var("PATH").unwrap();
+    let (ok, stderr) = run(&config, &["--dry-run"], &path);
+    assert!(!ok && stderr.contains("launch.k8s.image: not set"), "{stderr}");
+
+    let with_image = d.root.join("with-image.yaml");
+    std::fs::write(&with_image, text + "launch: {k8s: {image: 'registry.example.org/avexpr/worker@sha256:0123'}}\n")
+        .unwrap();
+    let (ok, stderr) = run(&with_image, &["--dry-run", "--name=--all"], &path);
+    assert!(!ok && stderr.contains("--name `--all`: not a valid MPIJob name"), "{stderr}");
+
+    let bin = d.root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = d.root.join("kubectl.calls");
+    std::fs::write(
+        bin.join("kubectl"),
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {calls}\ncase \"$1\" in\n  version) exit 0 ;;\n  \
+             get) echo 'someone-elses-run|' ;;\n  *) exit 0 ;;\nesac\n",
+            calls = calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(bin.join("kubectl"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (ok, stderr) = run(&with_image, &["--name", "shared-name"], &format!("{}:{path}", bin.display()));
+    assert!(!ok && stderr.contains("MPIJob default/shared-name belongs to another job"), "{stderr}");
+    let calls = std::fs::read_to_string(&calls).unwrap();
+    assert!(calls.lines().any(|l| l.starts_with("get mpijob") && l.ends_with("-- shared-name")), "{calls}");
+    assert!(!calls.contains("delete") && !calls.contains("apply"), "another job's MPIJob was touched: {calls}");
 }
 
 fn serde_yaml_value(text: &str) -> serde_json::Value {
@@ -443,11 +525,15 @@ impl Drop for TwoHosts {
     }
 }
 
-/// `--target hostfile` across two "hosts" (network namespaces, with a stand-in for ssh that enters the
-/// other namespace, as ../shared/ENVIRONMENT.md describes): the job completes, its traffic crosses the veth
-/// pair, and the result equals a local 2-rank run's bitwise.
+/// `--target hostfile` across two "hosts": network namespaces joined by a veth pair, with a stand-in for ssh
+/// that enters the other namespace (../shared/ENVIRONMENT.md). The second host is set up as another machine
+/// would be: it does not see the launching host's job files (the test's folder is hidden under an empty tmpfs in
+/// its own mount namespace) and its ranks start from a login environment (no AWS_* unless mpirun forwards them).
+/// Shards and checkpoints live on a Garage server on the first host's address. The job completes (the ranks read
+/// the job file from the store, with the credentials forwarded by name), its traffic crosses the veth pair, and
+/// the result equals a local 2-rank run's bitwise.
 #[test]
-fn hostfile_run_across_two_network_namespaces() {
+fn hostfile_run_across_two_hosts_with_their_own_files_and_environment() {
     let hosts = match TwoHosts::create() {
         Ok(h) => h,
         Err(reason) => {
@@ -460,20 +546,40 @@ fn hostfile_run_across_two_network_namespaces() {
     let local = job(&d, "local", steps, "");
     ok(launch(&local, 2).output().unwrap());
 
+    use avexpr_data::garage::{BUCKET, Garage, in_netns};
+    let garage = Garage::start_in_netns(&hosts.names[0], &hosts.addrs[0]);
+    let on_host_a = |program: &Path| {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &hosts.names[0]]).arg(program).env_remove("LD_LIBRARY_PATH").envs(garage.env());
+        cmd
+    };
+    let shards = format!("s3://{BUCKET}/shards");
+    ok(on_host_a(binary("data").get_program().as_ref())
+        .args(["ingest", "--segment-frames", "16", "--shard-frames", "32", "--root"])
+        .arg(d.root.join("affwild2"))
+        .args(["--out", &shards])
+        .output()
+        .unwrap());
+
     let agent = d.root.join("agent.sh");
-    std::fs::write(
-        &agent,
-        format!(
-            "#!/bin/sh\n# In place of ssh: run the command in the host's network namespace.\nhost=\"$1\"; shift\n\
-             case \"$host\" in\n  {a}) ns={na} ;;\n  {b}) ns={nb} ;;\n  *) echo \"unknown host $host\" >&2; exit 1 ;;\nesac\n\
-             exec ip netns exec \"$ns\" sh -c \"$*\"\n",
-            a = hosts.addrs[0],
-            b = hosts.addrs[1],
-            na = hosts.names[0],
-            nb = hosts.names[1],
-        ),
-    )
-    .unwrap();
+    let script = r#"#!/bin/sh
+# In place of ssh: run the command on the host (in its network namespace). The second host has its own view of
+# the files (the test's folder hidden under an empty tmpfs) and a login environment.
+host="$1"; shift
+case "$host" in
+  HOST_A) exec ip netns exec NS_A sh -c "$*" ;;
+  HOST_B) exec ip netns exec NS_B unshare --mount --propagation private sh -c \
+      'mount -t tmpfs hostb "$0" && exec env -i PATH="$PATH" HOME="$HOME" sh -c "$1"' ROOT "$*" ;;
+  *) echo "unknown host $host" >&2; exit 1 ;;
+esac
+"#;
+    let script = script
+        .replace("HOST_A", &hosts.addrs[0])
+        .replace("HOST_B", &hosts.addrs[1])
+        .replace("NS_A", &hosts.names[0])
+        .replace("NS_B", &hosts.names[1])
+        .replace("ROOT", &d.root.display().to_string());
+    std::fs::write(&agent, script).unwrap();
     std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let hostfile = d.root.join("hostfile");
     std::fs::write(&hostfile, format!("{} slots=1\n{} slots=1\n", hosts.addrs[0], hosts.addrs[1])).unwrap();
@@ -483,29 +589,37 @@ fn hostfile_run_across_two_network_namespaces() {
         "remote",
         steps,
         &format!(
-            "launch: {{shared_filesystem: true, mpirun_args: [--mca, plm_rsh_agent, {agent}, --mca, oob_tcp_if_include, {subnet}, \
+            "launch: {{mpirun_args: [--mca, plm_rsh_agent, {agent}, --mca, oob_tcp_if_include, {subnet}, \
              --mca, btl_tcp_if_include, {subnet}, --mca, btl, 'self,tcp']}}\n",
             agent = agent.display()
         ),
     );
+    let text = std::fs::read_to_string(&remote)
+        .unwrap()
+        .replace(&d.shards.display().to_string(), &shards)
+        .replace("checkpoint: {every: 2,", &format!("checkpoint: {{uri: 's3://{BUCKET}/remote', every: 2,"));
+    std::fs::write(&remote, text).unwrap();
     let before = hosts.tx_bytes(1);
-    // The orchestrator (and mpirun) run on the first host.
-    let orchestrator = binary("orchestrator").get_program().to_owned();
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &hosts.names[0]])
-        .arg(orchestrator)
+    // The orchestrator (and mpirun) run on the first host, with the store's credentials in their environment.
+    let out = on_host_a(binary("orchestrator").get_program().as_ref())
         .args(["launch", "--nodes", "2", "--target", "hostfile", "--hostfile"])
         .arg(&hostfile)
         .arg("--config")
         .arg(&remote)
-        .env_remove("LD_LIBRARY_PATH")
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    ok(out);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), ok(out));
     assert!(stdout.contains("job succeeded: 1 attempt(s), 0 restart(s)"), "{stdout}");
+    assert!(stderr.contains(&format!("job file for the ranks: s3://{BUCKET}/remote/config/remote.yaml")), "{stderr}");
     let sent = hosts.tx_bytes(1) - before;
     println!("the second host sent {sent} bytes over the veth pair");
     assert!(sent > 100_000, "the second host sent only {sent} bytes over the veth pair");
-    assert_eq!(max_diff(&variables(&local, steps), &variables(&remote, steps)), 0.0);
+    let variables_file = d.root.join("remote.safetensors");
+    let bytes = in_netns(&hosts.names[0], || {
+        garage.store(&format!("s3://{BUCKET}/remote")).blocking().get(&format!("step-{steps:08}/variables.safetensors"))
+    })
+    .unwrap();
+    std::fs::write(&variables_file, bytes).unwrap();
+    let remote_vars = tch::Tensor::read_safetensors(&variables_file).unwrap().into_iter().collect();
+    assert_eq!(max_diff(&variables(&local, steps), &remote_vars), 0.0);
 }

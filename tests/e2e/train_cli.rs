@@ -122,7 +122,10 @@ fn bad_configs_and_stores_fail_before_training_naming_the_field() {
     let out = binary("worker")
         .args(["train", "--config"])
         .arg(&config)
-        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
+        // An empty variable counts as unset (before, the empty AWS_ENDPOINT_URL hid AWS_ENDPOINT).
+        .env("AWS_ENDPOINT_URL", "")
+        .env("AWS_SESSION_TOKEN", "")
+        .env("AWS_ENDPOINT", format!("http://127.0.0.1:{port}"))
         .env("AWS_ACCESS_KEY_ID", "GKunused")
         .env("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
         .env("AWS_REGION", "garage")

@@ -81,6 +81,46 @@ struct Commit {
     objects: Vec<CommitEntry>,
 }
 
+/// The largest object a commit may list (a paper-width model's variables and optimizer state are ~100 MB).
+const MAX_OBJECT_BYTES: u64 = 64 << 30;
+
+impl Commit {
+    /// Parses the `COMMIT.json` of checkpoint folder `dir`: exactly the checkpoint's objects, each in `dir`, of a
+    /// plausible size, with a SHA-256 in hex; `step` the folder's.
+    fn parse(bytes: &[u8], dir: &str) -> std::result::Result<Commit, String> {
+        let commit: Commit = serde_json::from_slice(bytes).map_err(|e| format!("malformed: {e}"))?;
+        if checkpoint_name(commit.step) != dir {
+            return Err(format!("step {} does not match the folder", commit.step));
+        }
+        let mut keys: Vec<String> = commit.objects.iter().map(|e| e.key.clone()).collect();
+        keys.sort();
+        let mut expected: Vec<String> = OBJECTS.iter().map(|o| format!("{dir}/{o}")).collect();
+        expected.sort();
+        if keys != expected {
+            return Err(format!("lists {keys:?}, expected {expected:?}"));
+        }
+        for e in &commit.objects {
+            if e.bytes > MAX_OBJECT_BYTES {
+                return Err(format!("{}: {} bytes is more than {MAX_OBJECT_BYTES}", e.key, e.bytes));
+            }
+            if e.sha256.len() != 64 || !e.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!("{}: not a SHA-256 in hex", e.key));
+            }
+        }
+        Ok(commit)
+    }
+}
+
+/// Checks a `COMMIT.json` as [`CheckpointStore::load`] does before reading any object it lists.
+pub fn check_commit(bytes: &[u8], dir: &str) -> std::result::Result<(), String> {
+    Commit::parse(bytes, dir).map(drop)
+}
+
+/// Parses a checkpoint's `state.json` as [`CheckpointStore::load`] does.
+pub fn parse_state(bytes: &[u8]) -> std::result::Result<CheckpointState, String> {
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
+}
+
 /// A checkpoint read back (or about to be written).
 pub struct Checkpoint {
     /// The store it was read from.
@@ -280,14 +320,17 @@ impl CheckpointStore {
             other => Ok(other?),
         };
         let commit_bytes = get(&format!("{dir}/{COMMIT}"))?;
-        let commit: Commit =
-            serde_json::from_slice(&commit_bytes).map_err(|e| corrupt(format!("{COMMIT} is malformed: {e}")))?;
+        let commit = Commit::parse(&commit_bytes, dir).map_err(|e| corrupt(format!("{COMMIT}: {e}")))?;
         let mut objects = BTreeMap::new();
         for e in &commit.objects {
-            let bytes = get(&e.key)?;
-            if bytes.len() as u64 != e.bytes {
-                return Err(corrupt(format!("{} has {} bytes, the commit says {}", e.key, bytes.len(), e.bytes)));
-            }
+            // Sizes first: an object of another size than the commit's is not downloaded.
+            let bytes = match self.store.blocking().get_sized(&e.key, e.bytes) {
+                Err(StoreError::NotFound { .. }) => Err(corrupt(format!("{} is missing", e.key))),
+                Err(StoreError::Size { found, .. }) => {
+                    Err(corrupt(format!("{} has {found} bytes, the commit says {}", e.key, e.bytes)))
+                }
+                other => Ok(other?),
+            }?;
             let sha = hex::encode(Sha256::digest(&bytes));
             if sha != e.sha256 {
                 return Err(corrupt(format!("{}: SHA-256 {sha}, the commit says {}", e.key, e.sha256)));
@@ -300,7 +343,7 @@ impl CheckpointStore {
             uri: self.store.uri().to_string(),
             name: dir.to_string(),
             commit_sha256: hex::encode(Sha256::digest(&commit_bytes)),
-            state: serde_json::from_slice(object("state.json")?).map_err(|e| corrupt(format!("state.json: {e}")))?,
+            state: parse_state(object("state.json")?).map_err(|e| corrupt(format!("state.json: {e}")))?,
             variables: tensors("variables.safetensors")?,
             optimizer: tensors("optimizer.safetensors")?,
         })

@@ -152,11 +152,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Ha
         .collect::<Result<Vec<_>>>()?;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
-    let tmp =
-        dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
-    safetensors::serialize_to_file(views, Some(metadata), &tmp)
-        .with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("{}: cannot move {} into place", path.display(), tmp.display()))?;
-    Ok(())
+    avexpr_data::files::replace_with(path, |tmp| {
+        safetensors::serialize_to_file(views, Some(metadata), tmp).map_err(|e| anyhow::anyhow!("{e}"))
+    })
+    .with_context(|| format!("{}: cannot write", path.display()))
 }

@@ -101,8 +101,13 @@ pub fn evaluate_to(job: &JobConfig, dist: &Dist, checkpoint: &str, split: Split,
     if dist.rank == 0 {
         anyhow::ensure!(c.frames() > 0, "the {split:?} split has no labelled frames to score");
         std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
-        let table = c.render(&avexpr_data::affwild2::PAPER_TRAIN_RATIOS);
-        std::fs::write(out.join("table.txt"), &table)?;
+        let table = c.render(Some(&session.manifest.class_ratios));
+        // Each file replaces a previous evaluation's whole (never left half-written).
+        let write = |name: &str, bytes: &[u8]| {
+            let path = out.join(name);
+            avexpr_data::files::write_atomic(&path, bytes).with_context(|| path.display().to_string())
+        };
+        write("table.txt", table.as_bytes())?;
         let f1 = c.f1_per_class();
         let report = serde_json::json!({
             "checkpoint": checkpoint,
@@ -114,12 +119,10 @@ pub fn evaluate_to(job: &JobConfig, dist: &Dist, checkpoint: &str, split: Split,
             "classes": avexpr_data::Expression::ALL.map(|e| e.name()),
             "confusion": c.counts,
         });
-        std::fs::write(out.join("eval.json"), serde_json::to_string_pretty(&report)?)?;
-        crate::plots::confusion_png(
-            &out.join("confusion.png"),
-            c,
-            &format!("{split:?}, {checkpoint}: {}", summary(c)),
-        )?;
+        write("eval.json", serde_json::to_string_pretty(&report)?.as_bytes())?;
+        avexpr_data::files::replace_with(&out.join("confusion.png"), |tmp| {
+            crate::plots::confusion_png(tmp, c, &format!("{split:?}, {checkpoint}: {}", summary(c)))
+        })?;
         print!("{table}");
         println!("wrote {}/{{table.txt,eval.json,confusion.png}}", out.display());
     }

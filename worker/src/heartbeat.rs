@@ -128,10 +128,15 @@ pub fn update(f: impl FnOnce(&mut Heartbeat)) {
     shared.changed.notify_all();
 }
 
+/// A heartbeat's JSON; `None` when it does not parse (being rewritten, or damaged): readers wait for the next.
+pub fn parse(bytes: &[u8]) -> Option<Heartbeat> {
+    serde_json::from_slice(bytes).ok()
+}
+
 /// Reads rank `rank`'s newest heartbeat (`None` when it has not written one).
 pub async fn read(store: &Store, rank: usize) -> Result<Option<Heartbeat>, avexpr_data::store::StoreError> {
     match store.get(&key(rank)).await {
-        Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+        Ok(bytes) => Ok(parse(&bytes)),
         Err(avexpr_data::store::StoreError::NotFound { .. }) => Ok(None),
         Err(e) => Err(e),
     }

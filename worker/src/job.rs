@@ -118,9 +118,10 @@ pub struct LaunchSection {
     /// Extra `mpirun` arguments (e.g. `--mca btl_tcp_if_include eth0`), for the local and hostfile targets
     /// and the Kubernetes launcher.
     pub mpirun_args: Vec<String>,
-    /// Hostfile launches over several hosts: every host mounts the job's local paths (shards, checkpoints, the
-    /// feature cache, the encoders, the config file) with the same content, e.g. over NFS. Without it, local
-    /// store paths are refused there (each host would read or write its own copy).
+    /// Hostfile launches over several hosts: every host mounts the job's local store paths (shards,
+    /// checkpoints, the feature cache) with the same content, e.g. over NFS. Without it, local store paths are
+    /// refused there (each host would read or write its own copy). The job file reaches the ranks through the
+    /// checkpoint store either way; the encoders' directories must exist on every host (like the binaries).
     pub shared_filesystem: bool,
     pub k8s: K8sSection,
 }
@@ -142,7 +143,9 @@ impl Default for LaunchSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct K8sSection {
-    /// The worker image (built from k8s/Dockerfile).
+    /// The worker image built from k8s/Dockerfile and pushed to your registry; required, best by digest
+    /// (`registry.example.org/avexpr/worker@sha256:...`). No default: a default would name an image on a
+    /// public registry, which would then receive the S3 Secret.
     pub image: String,
     pub namespace: String,
     /// CPU cores and memory per worker pod (requests = limits).
@@ -160,7 +163,7 @@ pub struct K8sSection {
 impl Default for K8sSection {
     fn default() -> Self {
         Self {
-            image: "avexpr/worker:latest".into(),
+            image: String::new(),
             namespace: "default".into(),
             cpu: "8".into(),
             memory: "64Gi".into(),
@@ -205,10 +208,34 @@ pub struct JobConfig {
 
 impl JobConfig {
     pub fn from_file(path: &Path) -> Result<JobConfig, JobError> {
+        let text = std::fs::read_to_string(path).map_err(|e| JobError {
+            path: path.to_path_buf(),
+            field: "<file>".into(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Self::from_text(&text, path)
+    }
+
+    /// A job file from a path or from a store (`s3://bucket/run/checkpoints/config/paper.yaml`: where
+    /// `orchestrator launch` puts it for ranks on hosts that do not see the launching machine's files).
+    pub fn load(location: &Path) -> Result<JobConfig, JobError> {
+        let uri = location.to_string_lossy();
+        if !uri.starts_with("s3://") {
+            return Self::from_file(location);
+        }
+        let err = |reason: String| JobError { path: location.to_path_buf(), field: "<file>".into(), reason };
+        let (dir, file) = uri.rsplit_once('/').ok_or_else(|| err("not an object URI".into()))?;
+        let store = avexpr_data::store::Store::open(dir).map_err(|e| err(e.to_string()))?;
+        let bytes = store.blocking().get(file).map_err(|e| err(format!("cannot read: {e}")))?;
+        let text = String::from_utf8(bytes.to_vec()).map_err(|_| err("not UTF-8 text".into()))?;
+        Self::from_text(&text, location)
+    }
+
+    /// A job file's text; `path` names it in messages and gives the default `run_dir` (`runs/<file stem>`).
+    pub fn from_text(text: &str, path: &Path) -> Result<JobConfig, JobError> {
         let err = |field: &str, reason: String| JobError { path: path.to_path_buf(), field: field.into(), reason };
-        let text = std::fs::read_to_string(path).map_err(|e| err("<file>", format!("cannot read: {e}")))?;
         let file: JobFile =
-            serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text)).map_err(|e| {
+            serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text)).map_err(|e| {
                 let path = e.path().to_string();
                 err(&path, avexpr_model::config::without_path(&path, e.into_inner().to_string()))
             })?;

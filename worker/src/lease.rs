@@ -5,7 +5,9 @@
 //! - `orchestrator launch` holds it for the whole launch (every attempt) and names it to its ranks
 //!   (`AVEXPR_LEASE`); their rank 0 joins it. A bare `worker train` (rank 0) holds its own.
 //! - A lease not renewed for its TTL, or held by a process of this host that no longer exists, is stale and is
-//!   taken over (with a warning). Anything else is refused, naming the holder.
+//!   taken over (with a warning). A live holder on this host gets a few seconds to end first (a job stopped or
+//!   aborted a moment ago may still be committing or being torn down). Anything else is refused, naming the
+//!   holder.
 //! - Creation is `PutMode::Create` (O_EXCL-like locally, `If-None-Match: *` on S3). Garage ignores that
 //!   condition and overwrites, so every acquisition reads the lease back after writing it, and every commit
 //!   checks it: two jobs racing for a free lease on Garage can both write it, but only the one whose write
@@ -21,6 +23,8 @@ use serde::{Deserialize, Serialize};
 pub const LEASE_KEY: &str = "lease.json";
 /// The lease id an orchestrator gives its ranks.
 pub const LEASE_ENV: &str = "AVEXPR_LEASE";
+/// How long a new holder waits for a live holder on the same machine to end before refusing.
+const LOCAL_GRACE: Duration = Duration::from_secs(10);
 
 /// Who holds a lease, as `lease.json` says.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,7 +100,10 @@ impl Lease {
     pub fn acquire(store: &Store, what: &str, ttl: Duration) -> Result<Lease, LeaseError> {
         let host = crate::heartbeat::hostname();
         let pid = std::process::id();
-        let id = format!("{host}:{pid}:{:.6}", now_unix_s());
+        // Unique even for two acquisitions of one process in the same microsecond.
+        static ACQUISITIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = ACQUISITIONS.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{host}:{pid}:{:.6}:{n}", now_unix_s());
         let what = what.to_string();
         let me = move |id: &str| Holder {
             id: id.to_string(),
@@ -106,7 +113,8 @@ impl Lease {
             renewed_unix_s: now_unix_s(),
             ttl_s: ttl.as_secs_f64(),
         };
-        for _ in 0..3 {
+        let mut waited = None;
+        for _ in 0..4 {
             let bytes = serde_json::to_vec_pretty(&me(&id)).expect("a holder serializes");
             if store.blocking().put_if_absent(LEASE_KEY, bytes.into())? {
                 match read(store)? {
@@ -116,6 +124,29 @@ impl Lease {
                 }
             }
             match read(store)? {
+                // A process of this machine that is ending (a run stopped or aborted a moment ago, whose rank
+                // 0 still commits or is being torn down): given a few seconds to go before being refused.
+                Some(holder)
+                    if !holder.is_stale()
+                        && holder.host == crate::heartbeat::hostname()
+                        && holder.pid != std::process::id()
+                        && waited.is_none() =>
+                {
+                    tracing::info!(
+                        "{}: the lease is held by {} (pid {}) on this machine; waiting up to {:.0} s for it to end",
+                        store.uri(),
+                        holder.what,
+                        holder.pid,
+                        LOCAL_GRACE.as_secs_f64()
+                    );
+                    let start = std::time::Instant::now();
+                    while start.elapsed() < LOCAL_GRACE
+                        && read(store)?.is_some_and(|h| h.id == holder.id && !h.is_stale())
+                    {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    waited = Some(start.elapsed());
+                }
                 Some(holder) if holder.is_stale() => {
                     tracing::warn!(
                         holder = %holder.id,
@@ -203,5 +234,57 @@ impl Drop for Lease {
         if self.owned && self.check().is_ok() {
             let _ = self.store.blocking().delete(LEASE_KEY);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder(host: &str, pid: u32, age_s: f64, ttl_s: f64) -> Holder {
+        Holder {
+            id: format!("{host}:{pid}:test"),
+            what: "another job".into(),
+            host: host.into(),
+            pid,
+            renewed_unix_s: now_unix_s() - age_s,
+            ttl_s,
+        }
+    }
+
+    fn store_held_by(h: &Holder) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().display().to_string()).unwrap();
+        store.blocking().put(LEASE_KEY, serde_json::to_vec(h).unwrap().into()).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn a_live_holder_elsewhere_is_refused_a_stale_or_dead_one_taken_over() {
+        let ttl = Duration::from_secs(30);
+        let (_d, store) = store_held_by(&holder("another-host", 1, 1.0, 30.0));
+        let err = Lease::acquire(&store, "test", ttl).err().expect("refused");
+        assert!(err.to_string().contains("is in use by another job on another-host"), "{err}");
+        // Not renewed within its TTL.
+        let (_d, store) = store_held_by(&holder("another-host", 1, 31.0, 30.0));
+        let lease = Lease::acquire(&store, "test", ttl).unwrap();
+        lease.check().unwrap();
+        // A process of this machine that is gone.
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        gone.wait().unwrap();
+        let (_d, store) = store_held_by(&holder(&crate::heartbeat::hostname(), gone.id(), 1.0, 30.0));
+        Lease::acquire(&store, "test", ttl).unwrap().check().unwrap();
+    }
+
+    #[test]
+    fn a_live_holder_on_this_machine_that_ends_within_the_grace_is_waited_for() {
+        let mut ending = std::process::Command::new("sleep").arg("1").spawn().unwrap();
+        let (_d, store) = store_held_by(&holder(&crate::heartbeat::hostname(), ending.id(), 1.0, 30.0));
+        let reaper = std::thread::spawn(move || ending.wait());
+        let start = std::time::Instant::now();
+        let lease = Lease::acquire(&store, "test", Duration::from_secs(30)).unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(500), "taken while its holder lived");
+        lease.check().unwrap();
+        reaper.join().unwrap().unwrap();
     }
 }

@@ -54,6 +54,7 @@ enum Command {
     },
     /// Train on the job's config as one rank (start N ranks with `mpirun -np N worker train ...`).
     Train {
+        /// The job file: a path, or an s3:// URI (how `orchestrator launch` gives it to ranks on other hosts).
         #[arg(long)]
         config: PathBuf,
         #[arg(long, value_enum, default_value_t = Resume::Auto)]
@@ -186,13 +187,13 @@ fn run(cli: Cli) -> Result<()> {
             anyhow::ensure!(resume == Resume::None || !overwrite, "--overwrite is for --resume none");
             let resume = resume == Resume::Auto;
             // The config is checked before MPI starts: a bad one fails every rank at once, with its message.
-            let job = avexpr_worker::job::JobConfig::from_file(&config)?;
+            let job = avexpr_worker::job::JobConfig::load(&config)?;
             let plan = plan.as_deref().map(avexpr_worker::plan::JobPlan::load).transpose()?;
             let dist = avexpr_worker::dist::Dist::init()?;
             avexpr_worker::train::train(&job, &dist, &avexpr_worker::train::TrainOptions { resume, overwrite, plan })?;
         }
         Command::Extract { config } => {
-            let job = avexpr_worker::job::JobConfig::from_file(&config)?;
+            let job = avexpr_worker::job::JobConfig::load(&config)?;
             let dist = avexpr_worker::dist::Dist::init()?;
             let r = avexpr_worker::features::extract(&job, &dist)?;
             tracing::info!(
@@ -209,13 +210,13 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Predict { config, checkpoint, split, out, smooth } => {
-            let job = avexpr_worker::job::JobConfig::from_file(&config)?;
+            let job = avexpr_worker::job::JobConfig::load(&config)?;
             let dist = avexpr_worker::dist::Dist::init()?;
             let options = avexpr_worker::predict::PredictOptions { checkpoint: &checkpoint, split, out: &out, smooth };
             avexpr_worker::predict::predict(&job, &dist, &options)?;
         }
         Command::Ablate { config, steps } => {
-            let job = avexpr_worker::job::JobConfig::from_file(&config)?;
+            let job = avexpr_worker::job::JobConfig::load(&config)?;
             let dist = avexpr_worker::dist::Dist::init()?;
             let outcomes = avexpr_worker::ablate::ablate(&job, &dist, steps)?;
             if dist.rank == 0 {
@@ -223,7 +224,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Evaluate { config, checkpoint, split, out } => {
-            let job = avexpr_worker::job::JobConfig::from_file(&config)?;
+            let job = avexpr_worker::job::JobConfig::load(&config)?;
             let dist = avexpr_worker::dist::Dist::init()?;
             avexpr_worker::eval::evaluate_to(&job, &dist, &checkpoint, split, &out)?;
         }

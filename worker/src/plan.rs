@@ -39,8 +39,25 @@ impl JobPlan {
         slots.chunks(self.accumulation.max(1)).map(|c| c.iter().sum()).collect()
     }
 
-    /// Checks the plan against the job it is used for.
-    pub fn check(&self, job: &JobConfig, ranks: usize) -> Result<()> {
+    /// Checks the plan against the job it is used for and the dataset it reads: every training video has a
+    /// slot, and every slot exists.
+    pub fn check(&self, job: &JobConfig, manifest: &Manifest, ranks: usize) -> Result<()> {
+        self.check_job(job, ranks)?;
+        for v in train_videos(manifest) {
+            match self.train.slot_of.get(&v.name) {
+                Some(&slot) if slot < self.train.slots => {}
+                Some(slot) => anyhow::bail!("the plan puts video `{}` in slot {slot} of {}", v.name, self.train.slots),
+                None => anyhow::bail!(
+                    "the plan has no slot for training video `{}` (made for another dataset?): make it again with \
+                     `orchestrator plan`",
+                    v.name
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn check_job(&self, job: &JobConfig, ranks: usize) -> Result<()> {
         anyhow::ensure!(
             self.ranks == ranks,
             "the plan was made for {} ranks, the job runs {ranks}: make it again with `orchestrator plan`",
@@ -68,7 +85,12 @@ impl JobPlan {
         let (dir, file) = uri.rsplit_once('/').unwrap_or((".", uri));
         let store = Store::open(if dir.is_empty() { "/" } else { dir }).with_context(|| format!("plan {uri}"))?;
         let bytes = store.blocking().get(file).with_context(|| format!("plan {uri}"))?;
-        serde_json::from_slice(&bytes).with_context(|| format!("plan {uri}: not a plan"))
+        Self::parse(&bytes).with_context(|| format!("plan {uri}"))
+    }
+
+    /// A plan's JSON.
+    pub fn parse(bytes: &[u8]) -> Result<JobPlan> {
+        serde_json::from_slice(bytes).context("not a plan")
     }
 }
 

@@ -12,7 +12,7 @@
 //!   cursor, the resolved config and the metrics so far; `--resume auto` continues from the newest valid one.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -35,6 +35,7 @@ use crate::metrics::{Phases, StepMetrics};
 use crate::optim::{AdamW, clip_grad_norm, learning_rate};
 use crate::preempt::{Preempted, Preemption};
 use crate::session::{Session, raw_batch};
+use avexpr_data::files::replace_with;
 
 pub struct TrainOptions {
     pub resume: bool,
@@ -129,8 +130,14 @@ impl<'a> Trainer<'a> {
         let device = session.device;
         let checkpoints = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?;
         if let Some(plan) = &options.plan {
-            plan.check(job, dist.world_size)?;
+            plan.check(job, &session.manifest, dist.world_size)?;
         }
+        // Rank 0 writes the store: it holds its lease (or joins the orchestrator's) before anything, heartbeats
+        // included, is written there. (A rank 0 that an aborting peer's mpirun is tearing down may hold its
+        // lease a few seconds more; `Lease::acquire` waits that long for a holder on the same machine.)
+        let lease = if dist.rank == 0 { Some(take_lease(job, checkpoints.store())?) } else { None };
+        // The other ranks write their heartbeats only once it is held (a refused rank 0 aborts the job here).
+        dist.barrier();
         let beacon = crate::heartbeat::Beacon::start(
             checkpoints.store().clone(),
             dist.rank,
@@ -155,12 +162,6 @@ impl<'a> Trainer<'a> {
         buckets.attach_grads(&vars)?;
         let mut opt = AdamW::new(job.train.optimizer, &named);
 
-        // Rank 0 writes the store: it holds its lease (or joins the orchestrator's) before any checkpoint is
-        // written. Not earlier: a rank 0 that an aborting peer's mpirun tears down catches the first SIGTERM
-        // (preemption) and holds its lease for a few seconds more, which a run started right after, taking the
-        // lease at once, met (features_cli).
-        let lease = if dist.rank == 0 { Some(take_lease(job, checkpoints.store())?) } else { None };
-
         if !options.resume && dist.rank == 0 {
             fresh_start(&checkpoints, options.overwrite)?;
         }
@@ -176,11 +177,7 @@ impl<'a> Trainer<'a> {
         std::fs::create_dir_all(&job.run_dir).with_context(|| format!("run_dir {}", job.run_dir.display()))?;
         let metrics_path = job.run_dir.join("metrics.jsonl");
         if dist.rank == 0 {
-            // The file says what the checkpoint says: a resumed run continues it without repeats.
-            let mut file = std::fs::File::create(&metrics_path)?;
-            for m in &history {
-                writeln!(file, "{}", serde_json::to_string(m)?)?;
-            }
+            start_metrics_file(&metrics_path, &history)?;
         }
 
         Ok(Trainer {
@@ -411,16 +408,18 @@ impl<'a> Trainer<'a> {
         };
         if dist.rank == 0 {
             println!("validation after step {step}: {}", summary(&validation));
-            print!("{}", validation.render(&avexpr_data::affwild2::PAPER_TRAIN_RATIOS));
+            print!("{}", validation.render(Some(&self.session.manifest.class_ratios)));
             for (file, result) in [
-                ("curves.png", crate::plots::curves_png(&job.run_dir.join("curves.png"), &self.history)),
+                (
+                    "curves.png",
+                    replace_with(&job.run_dir.join("curves.png"), |tmp| crate::plots::curves_png(tmp, &self.history)),
+                ),
                 (
                     "confusion.png",
-                    crate::plots::confusion_png(
-                        &job.run_dir.join("confusion.png"),
-                        &validation,
-                        &format!("validation, step {step}: {}", summary(&validation)),
-                    ),
+                    replace_with(&job.run_dir.join("confusion.png"), |tmp| {
+                        let title = format!("validation, step {step}: {}", summary(&validation));
+                        crate::plots::confusion_png(tmp, &validation, &title)
+                    }),
                 ),
             ] {
                 match result {
@@ -465,6 +464,27 @@ fn take_lease(job: &JobConfig, store: &Store) -> Result<Lease> {
 /// How long a lease lives without renewal: 15 heartbeat periods (30 s by default), at least 10 s.
 pub fn lease_ttl(job: &JobConfig) -> std::time::Duration {
     std::time::Duration::from_secs_f64((15.0 * job.launch.heartbeat_every_s).max(10.0))
+}
+
+/// `metrics.jsonl` says what the checkpoint says: a resumed run continues it without repeats. A file that does
+/// not begin with that history is another run's (a fresh start into a used run folder): it is kept as
+/// `metrics.<unix seconds>.jsonl`, never truncated. The new file replaces the old whole.
+fn start_metrics_file(path: &Path, history: &[StepMetrics]) -> Result<()> {
+    let mut text = String::new();
+    for m in history {
+        text += &serde_json::to_string(m)?;
+        text.push('\n');
+    }
+    if let Ok(old) = std::fs::read_to_string(path)
+        && !old.is_empty()
+        && (text.is_empty() || !old.starts_with(&text))
+    {
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let kept = path.with_file_name(format!("metrics.{secs}.jsonl"));
+        std::fs::rename(path, &kept).with_context(|| format!("keeping {} as {}", path.display(), kept.display()))?;
+        tracing::warn!("{} held another run's metrics: kept as {}", path.display(), kept.display());
+    }
+    avexpr_data::files::write_atomic(path, text.as_bytes()).with_context(|| path.display().to_string())
 }
 
 /// A fresh start must not share a store with another run's checkpoints: pruning would delete the new run's and

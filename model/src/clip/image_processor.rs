@@ -4,6 +4,11 @@
 use std::path::Path;
 
 use image::{DynamicImage, RgbImage, imageops::FilterType};
+
+/// The largest image side `open` decodes.
+pub const MAX_SIDE: u32 = 16_384;
+/// The most elongated image `open` accepts (long side : short side).
+pub const MAX_ASPECT: u32 = 64;
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
@@ -99,14 +104,35 @@ impl ClipImageProcessor {
         Ok(p)
     }
 
-    /// Opens and decodes an image file.
+    /// Opens and decodes an image file. Never allocates what a hostile file declares: sides above
+    /// [`MAX_SIDE`] and aspect ratios above [`MAX_ASPECT`]:1 (resizing a 1x65535 strip's short side to 224
+    /// would take ~10 GB) are refused, naming the file.
     pub fn open(path: &Path) -> Result<DynamicImage> {
-        image::ImageReader::open(path)
+        let bad = |reason: String| ModelError::BadImage { path: path.to_path_buf(), reason };
+        let mut reader = image::ImageReader::open(path)
             .map_err(|e| ModelError::io(path, e))?
             .with_guessed_format()
+            .map_err(|e| ModelError::io(path, e))?;
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(MAX_SIDE);
+        limits.max_image_height = Some(MAX_SIDE);
+        limits.max_alloc = Some(1 << 30);
+        reader.limits(limits.clone());
+        let (w, h) = reader.into_dimensions().map_err(|e| bad(e.to_string()))?;
+        let (short, long) = (w.min(h), w.max(h));
+        if short == 0 || long > MAX_ASPECT * short {
+            return Err(bad(format!(
+                "{w}x{h} pixels: an aspect ratio beyond {MAX_ASPECT}:1 is not a face image (resizing its short side \
+                 to the encoder's size would take {} MB)",
+                224u64 * 224 * 3 * long as u64 / short.max(1) as u64 / 1_000_000
+            )));
+        }
+        let mut reader = image::ImageReader::open(path)
             .map_err(|e| ModelError::io(path, e))?
-            .decode()
-            .map_err(|e| ModelError::BadImage { path: path.to_path_buf(), reason: e.to_string() })
+            .with_guessed_format()
+            .map_err(|e| ModelError::io(path, e))?;
+        reader.limits(limits);
+        reader.decode().map_err(|e| bad(e.to_string()))
     }
 
     /// Resize so the shortest side is `shortest_edge` (the other side truncated, as HF does), then centre crop.

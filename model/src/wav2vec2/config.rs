@@ -126,6 +126,26 @@ impl Wav2Vec2Config {
                 ),
             ));
         }
+        // Sizes come from a file: zero or negative ones would divide by zero or ask for absurd shapes.
+        for (field, values) in
+            [("conv_dim", &self.conv_dim), ("conv_stride", &self.conv_stride), ("conv_kernel", &self.conv_kernel)]
+        {
+            if let Some(v) = values.iter().find(|v| **v <= 0) {
+                return Err(ModelError::config(path, field, format!("{v}: every entry must be positive")));
+            }
+        }
+        for (field, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_conv_pos_embeddings", self.num_conv_pos_embeddings),
+        ] {
+            if v <= 0 {
+                return Err(ModelError::config(path, field, format!("{v}: must be positive")));
+            }
+        }
+        if self.num_hidden_layers < 0 {
+            return Err(ModelError::config(path, "num_hidden_layers", "must not be negative"));
+        }
         if self.num_attention_heads <= 0 || self.hidden_size % self.num_attention_heads != 0 {
             return Err(ModelError::config(
                 path,

@@ -36,14 +36,14 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
     let key = CacheKey::of(job, &session.manifest_bytes)?;
     let cache = Store::open(&features.uri).context("data.features.uri")?;
     cache.blocking().check_reachable(CACHE_KEY).context("data.features.uri")?;
-    // No collective here: ranks start extracting independently (a stopped rank cannot hold the others).
-    match cache.blocking().get(CACHE_KEY) {
-        Err(StoreError::NotFound { .. }) if dist.rank == 0 => {
-            cache.blocking().put(CACHE_KEY, serde_json::to_vec_pretty(&key)?.into())?;
-        }
-        Err(StoreError::NotFound { .. }) => {} // rank 0 writes it; its key is this key
-        other => check_key(&key, &serde_json::from_slice(&other?)?, cache.uri())?,
-    }
+    // No collective here: ranks start extracting independently (a stopped rank cannot hold the others). Every
+    // rank writes the key if there is none yet (create-only) and then checks the one there: no rank writes
+    // units into a cache of other settings, whoever comes first.
+    cache.blocking().put_if_absent(CACHE_KEY, serde_json::to_vec_pretty(&key)?.into())?;
+    let stored = cache.blocking().get(CACHE_KEY)?;
+    let stored =
+        serde_json::from_slice(&stored).with_context(|| format!("{}/{CACHE_KEY}: not a cache key", cache.uri()))?;
+    check_key(&key, &stored, cache.uri())?;
 
     let model = session.build_model()?;
     let cfg = SamplerConfig { shuffle_shards: 1, class_balanced: false, dense: false, ..job.sampler() };

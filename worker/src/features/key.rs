@@ -20,6 +20,7 @@ pub const CACHE_KEY: &str = "key.json";
 /// What cached features depend on: equal keys, equal features.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CacheKey {
+    /// Over config.json, preprocessor_config.json and the weights (the name kept from earlier caches).
     pub clip_weights_sha256: String,
     pub wav2vec2_weights_sha256: String,
     pub dataset_manifest_sha256: String,
@@ -69,10 +70,10 @@ impl CacheKey {
     pub fn differences(&self, cache: &CacheKey) -> Vec<String> {
         let mut out = Vec::new();
         if self.clip_weights_sha256 != cache.clip_weights_sha256 {
-            out.push("the CLIP weights (model.clip.checkpoint) changed".into());
+            out.push("the CLIP weights or preprocessing (model.clip.checkpoint) changed".into());
         }
         if self.wav2vec2_weights_sha256 != cache.wav2vec2_weights_sha256 {
-            out.push("the Wav2Vec 2.0 weights (model.wav2vec2.checkpoint) changed".into());
+            out.push("the Wav2Vec 2.0 weights or preprocessing (model.wav2vec2.checkpoint) changed".into());
         }
         if self.dataset_manifest_sha256 != cache.dataset_manifest_sha256 {
             out.push("the dataset changed (data.shards: another manifest.json)".into());
@@ -95,14 +96,19 @@ impl CacheKey {
     }
 }
 
-/// SHA-256 over an HF checkpoint directory's config and weight files (name and bytes, in name order).
+/// SHA-256 over an HF checkpoint directory's config, preprocessing config and weight files (name and bytes, in
+/// name order).
 fn hash_checkpoint(dir: &Path) -> Result<String> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("encoder checkpoint {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            name == "config.json" || name.ends_with(".safetensors") || name.ends_with(".bin")
+            // preprocessor_config.json: the image mean/std and the audio normalisation the encoders' inputs get.
+            name == "config.json"
+                || name == "preprocessor_config.json"
+                || name.ends_with(".safetensors")
+                || name.ends_with(".bin")
         })
         .collect();
     files.sort();

@@ -24,3 +24,4 @@ mod unit;
 pub use extract::{ExtractReport, extract};
 pub use key::{CACHE_KEY, CACHE_MANIFEST, CacheKey, CacheManifest, Preprocessing, UnitRecord};
 pub use loader::{Cache, CachedBatch, FeatureLoader, open_cache};
+pub use unit::check_unit;

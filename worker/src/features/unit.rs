@@ -187,13 +187,46 @@ pub(super) fn write_unit(
     Ok(safetensors::tensor::serialize(tensors, Some(meta))?)
 }
 
+/// Reads a stored unit and stacks all its rows into a batch, as the cache's loader does with the rows it picks:
+/// for callers that only need to know whether a unit is usable.
+pub fn check_unit(key: &str, bytes: &[u8]) -> Result<()> {
+    let unit = read_unit(key, bytes)?;
+    let rows: Vec<Row<'_>> = (0..unit.by_start.len()).map(|i| unit.rows.row(i)).collect();
+    FeatureRows::stack(unit.rows.dims, &rows);
+    Ok(())
+}
+
 pub(super) fn read_unit(key: &str, bytes: &[u8]) -> Result<Unit> {
     let st = SafeTensors::deserialize(bytes).with_context(|| format!("feature unit {key}: not safetensors"))?;
     let get = |name: &str| st.tensor(name).with_context(|| format!("feature unit {key}: no `{name}`"));
     let image = get("image")?;
     let audio = get("audio")?;
     let [n, frames, image_dim] = image.shape()[..] else { anyhow::bail!("feature unit {key}: image shape") };
-    let [_, states, audio_frames, hidden] = audio.shape()[..] else { anyhow::bail!("feature unit {key}: audio shape") };
+    let [audio_n, states, audio_frames, hidden] = audio.shape()[..] else {
+        anyhow::bail!("feature unit {key}: audio shape")
+    };
+    // Every field's dtype and shape, before any is read as rows (safetensors checks each size against its own
+    // shape, not the shapes against each other).
+    let expect = |name: &str, dtypes: &[Dtype], shape: &[usize]| -> Result<()> {
+        let t = get(name)?;
+        anyhow::ensure!(
+            dtypes.contains(&t.dtype()) && t.shape() == shape,
+            "feature unit {key}: `{name}` is {:?} {:?}, expected {dtypes:?} {shape:?}",
+            t.dtype(),
+            t.shape()
+        );
+        Ok(())
+    };
+    expect("image", &[Dtype::F32, Dtype::F16], &[n, frames, image_dim])?;
+    expect("audio", &[Dtype::F32, Dtype::F16], &[audio_n, states, audio_frames, hidden])?;
+    anyhow::ensure!(audio_n == n, "feature unit {key}: {n} image rows but {audio_n} audio rows");
+    expect("face_mask", &[Dtype::U8], &[n, frames])?;
+    expect("labels", &[Dtype::I8], &[n, frames])?;
+    for name in ["start", "audio_valid"] {
+        expect(name, &[Dtype::I64], &[n])?;
+    }
+    expect("fps", &[Dtype::F64], &[n])?;
+    expect("target", &[Dtype::I8], &[n])?;
     let i64s = |name: &str| -> Result<Vec<i64>> {
         Ok(get(name)?.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8"))).collect())
     };
@@ -209,7 +242,62 @@ pub(super) fn read_unit(key: &str, bytes: &[u8]) -> Result<Unit> {
         start: i64s("start")?,
         target: get("target")?.data().iter().map(|&b| b as i8).collect(),
     };
+    let class = |l: &i8| (-1..avexpr_data::NUM_CLASSES as i8).contains(l);
+    anyhow::ensure!(rows.labels.iter().all(class), "feature unit {key}: a label outside -1..8");
+    anyhow::ensure!(rows.target.iter().all(class), "feature unit {key}: a target outside -1..8");
+    anyhow::ensure!(
+        rows.audio_valid.iter().all(|v| (0..=audio_frames as i64).contains(v)),
+        "feature unit {key}: audio_valid outside 0..={audio_frames}"
+    );
+    anyhow::ensure!(
+        rows.fps.iter().all(|f| avexpr_data::manifest::limits::FPS.contains(f)),
+        "feature unit {key}: an fps outside {:?}",
+        avexpr_data::manifest::limits::FPS
+    );
     let by_start: HashMap<i64, usize> = rows.start.iter().enumerate().map(|(i, s)| (*s, i)).collect();
     anyhow::ensure!(by_start.len() == n, "feature unit {key}: repeated clip starts");
     Ok(Unit { rows, by_start })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clip(start: i64) -> ClipFeatures {
+        let dims = DIMS;
+        ClipFeatures {
+            start,
+            fps: 30.0,
+            target: 1,
+            image: vec![0.5; dims.frames * dims.image_dim],
+            face_mask: vec![1; dims.frames],
+            labels: vec![1; dims.frames],
+            audio: vec![0.25; dims.states * 3 * dims.hidden],
+            audio_valid: 3,
+        }
+    }
+
+    const DIMS: Dims = Dims { frames: 4, image_dim: 2, states: 1, hidden: 3 };
+
+    /// A unit whose tensors are each well formed (safetensors checks each size against its own shape) but whose
+    /// shapes disagree with each other: refused, naming the field, where stacking its rows once panicked.
+    #[test]
+    fn a_unit_with_shapes_that_disagree_is_refused() {
+        let bytes = write_unit("v", 0, vec![clip(0), clip(4)], FeatureDtype::F32, DIMS).unwrap();
+        check_unit("v/00000.safetensors", &bytes).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let labels = [1u8; 4];
+        let tensors: Vec<(String, TensorView<'_>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(name, t)| match name.as_str() {
+                // One row of labels for two clips.
+                "labels" => (name, view(Dtype::I8, vec![1, 4], &labels)),
+                _ => (name, t),
+            })
+            .collect();
+        let broken = safetensors::tensor::serialize(tensors, None).unwrap();
+        let err = check_unit("v/00000.safetensors", &broken).unwrap_err().to_string();
+        assert!(err.contains("`labels` is I8 [1, 4], expected [I8] [2, 4]"), "{err}");
+    }
 }
