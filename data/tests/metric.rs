@@ -97,8 +97,9 @@ fn data_score_cli_prints_the_table_and_json() {
         String::from_utf8(out.stdout).unwrap()
     };
     let table = run(false);
+    // No training set at hand: the ratio column is the scored frames' own class shares.
     assert!(
-        table.contains("Train Ratio(%)") && table.contains(&format!("Macro F1 {:.4}", sklearn().macro_f1)),
+        table.contains("Share(%)") && table.contains(&format!("Macro F1 {:.4}", sklearn().macro_f1)),
         "{table}"
     );
     let json: serde_json::Value = serde_json::from_str(&run(true)).unwrap();
