@@ -98,10 +98,7 @@ fn data_score_cli_prints_the_table_and_json() {
     };
     let table = run(false);
     // No training set at hand: the ratio column is the scored frames' own class shares.
-    assert!(
-        table.contains("Share(%)") && table.contains(&format!("Macro F1 {:.4}", sklearn().macro_f1)),
-        "{table}"
-    );
+    assert!(table.contains("Share(%)") && table.contains(&format!("Macro F1 {:.4}", sklearn().macro_f1)), "{table}");
     let json: serde_json::Value = serde_json::from_str(&run(true)).unwrap();
     assert!((json["macro_f1"].as_f64().unwrap() - sklearn().macro_f1).abs() < 1e-12);
 }

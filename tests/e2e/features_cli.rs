@@ -175,44 +175,6 @@ fn stale_or_missing_caches_and_augmentation_are_refused() {
     }
 }
 
-/// No rank writes a unit into a cache that does not hold its key yet (a unit without a key could be another
-/// setting's): rank 0, which alone once wrote `key.json`, starts 8 s after rank 1, and the cache is watched.
-#[test]
-fn no_rank_writes_units_before_the_cache_holds_its_key() {
-    let d = dataset();
-    let cache = d.root.join("cache");
-    let config = cached_job(&d, "late", Some(&cache));
-    let worker = avexpr_tests::binary("worker").get_program().to_string_lossy().into_owned();
-    let config_arg = config.display().to_string();
-    // Two app contexts (MPMD): rank 0 is a shell that sleeps, then becomes the worker.
-    let late = format!("sleep 8; exec {worker} extract --config {config_arg}");
-    let mut child = std::process::Command::new("mpirun")
-        .args(["--oversubscribe", "-np", "1", "sh", "-c", &late, ":", "-np", "1", &worker, "extract", "--config"])
-        .arg(&config)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env_remove("LD_LIBRARY_PATH")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _guard = KillOnDrop(vec![child.id() as i32]);
-    let keyless_units = |dir: &Path| {
-        let files = walk(dir);
-        let has_key = files.iter().any(|p| p.file_name().is_some_and(|n| n == "key.json"));
-        let units = files.iter().filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("key.json")).count();
-        if has_key { 0 } else { units }
-    };
-    while child.try_wait().unwrap().is_none() {
-        let n = keyless_units(&cache);
-        assert_eq!(n, 0, "{n} unit(s) written into a cache without a key");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(cache.join("features.json").is_file());
-}
-
 /// Kill -9 an extraction after one rank wrote its units while the other was stopped before writing any; the
 /// rerun writes only the missing units, and the cache equals an uninterrupted extraction's byte for byte.
 #[test]

@@ -561,7 +561,9 @@ fn hostfile_run_across_two_hosts_with_their_own_files_and_environment() {
         .output()
         .unwrap());
 
-    let agent = d.root.join("agent.sh");
+    // The stand-in for ssh is installed on every host, as ssh is: outside the folder the second host cannot see.
+    let agent_dir = tempfile::tempdir().unwrap();
+    let agent = agent_dir.path().join("agent.sh");
     let script = r#"#!/bin/sh
 # In place of ssh: run the command on the host (in its network namespace). The second host has its own view of
 # the files (the test's folder hidden under an empty tmpfs) and a login environment.
@@ -608,6 +610,13 @@ esac
         .arg(&remote)
         .output()
         .unwrap();
+    if !out.status.success() {
+        // The ranks' own output says why (kept in the run folder, which the test removes).
+        for n in 0..2 {
+            let log = run_dir(&remote).join(format!("attempt-{n}.log"));
+            println!("--- {}:\n{}", log.display(), std::fs::read_to_string(&log).unwrap_or_default());
+        }
+    }
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), ok(out));
     assert!(stdout.contains("job succeeded: 1 attempt(s), 0 restart(s)"), "{stdout}");
     assert!(stderr.contains(&format!("job file for the ranks: s3://{BUCKET}/remote/config/remote.yaml")), "{stderr}");

@@ -5,9 +5,9 @@
 //! - `orchestrator launch` holds it for the whole launch (every attempt) and names it to its ranks
 //!   (`AVEXPR_LEASE`); their rank 0 joins it. A bare `worker train` (rank 0) holds its own.
 //! - A lease not renewed for its TTL, or held by a process of this host that no longer exists, is stale and is
-//!   taken over (with a warning). A live holder on this host gets a few seconds to end first (a job stopped or
-//!   aborted a moment ago may still be committing or being torn down). Anything else is refused, naming the
-//!   holder.
+//!   taken over (with a warning). A holder asked to stop by a signal says so in the lease (`ending`) and gets
+//!   a few seconds to release it (it may still be committing, or be torn down by an aborting peer). Anything
+//!   else is refused at once, naming the holder.
 //! - Creation is `PutMode::Create` (O_EXCL-like locally, `If-None-Match: *` on S3). Garage ignores that
 //!   condition and overwrites, so every acquisition reads the lease back after writing it, and every commit
 //!   checks it: two jobs racing for a free lease on Garage can both write it, but only the one whose write
@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 pub const LEASE_KEY: &str = "lease.json";
 /// The lease id an orchestrator gives its ranks.
 pub const LEASE_ENV: &str = "AVEXPR_LEASE";
-/// How long a new holder waits for a live holder on the same machine to end before refusing.
-const LOCAL_GRACE: Duration = Duration::from_secs(10);
+/// How long a new holder waits for a holder that says it is ending before refusing.
+const ENDING_GRACE: Duration = Duration::from_secs(15);
 
 /// Who holds a lease, as `lease.json` says.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,6 +35,10 @@ pub struct Holder {
     pub pid: u32,
     pub renewed_unix_s: f64,
     pub ttl_s: f64,
+    /// The holder is stopping (asked to by a signal: a preemption, an interrupted launch, a peer's abort) and
+    /// will release the lease within seconds: a new job waits for it instead of being refused.
+    #[serde(default)]
+    pub ending: bool,
 }
 
 impl Holder {
@@ -98,6 +102,17 @@ fn read(store: &Store) -> Result<Option<Holder>, LeaseError> {
 impl Lease {
     /// Takes the store's lease for `what`, renewed every `ttl / 10`; a stale one is taken over.
     pub fn acquire(store: &Store, what: &str, ttl: Duration) -> Result<Lease, LeaseError> {
+        Self::acquire_ending_on(store, what, ttl, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// [`Lease::acquire`], saying in the lease that its holder is ending as soon as `ending` is set (a signal
+    /// asked it to stop), so that a job started meanwhile waits for the lease instead of being refused.
+    pub fn acquire_ending_on(
+        store: &Store,
+        what: &str,
+        ttl: Duration,
+        ending: Arc<AtomicBool>,
+    ) -> Result<Lease, LeaseError> {
         let host = crate::heartbeat::hostname();
         let pid = std::process::id();
         // Unique even for two acquisitions of one process in the same microsecond.
@@ -105,6 +120,7 @@ impl Lease {
         let n = ACQUISITIONS.fetch_add(1, Ordering::Relaxed);
         let id = format!("{host}:{pid}:{:.6}:{n}", now_unix_s());
         let what = what.to_string();
+        let is_ending = ending.clone();
         let me = move |id: &str| Holder {
             id: id.to_string(),
             what: what.clone(),
@@ -112,40 +128,37 @@ impl Lease {
             pid,
             renewed_unix_s: now_unix_s(),
             ttl_s: ttl.as_secs_f64(),
+            ending: is_ending.load(Ordering::SeqCst),
         };
-        let mut waited = None;
+        let mut waited = false;
         for _ in 0..4 {
             let bytes = serde_json::to_vec_pretty(&me(&id)).expect("a holder serializes");
             if store.blocking().put_if_absent(LEASE_KEY, bytes.into())? {
                 match read(store)? {
-                    Some(h) if h.id == id => return Ok(Self::start(store, id, ttl, me.clone())),
+                    Some(h) if h.id == id => return Ok(Self::start(store, id, ttl, ending, me.clone())),
                     Some(holder) => return Err(LeaseError::Held { uri: store.uri().to_string(), holder }),
                     None => continue,
                 }
             }
             match read(store)? {
-                // A process of this machine that is ending (a run stopped or aborted a moment ago, whose rank
-                // 0 still commits or is being torn down): given a few seconds to go before being refused.
-                Some(holder)
-                    if !holder.is_stale()
-                        && holder.host == crate::heartbeat::hostname()
-                        && holder.pid != std::process::id()
-                        && waited.is_none() =>
-                {
+                // A holder that says it is ending (a run stopped a moment ago whose rank 0 still commits, or
+                // one torn down by an aborting peer): given a few seconds to go before being refused.
+                Some(holder) if holder.ending && !holder.is_stale() && !waited => {
                     tracing::info!(
-                        "{}: the lease is held by {} (pid {}) on this machine; waiting up to {:.0} s for it to end",
+                        "{}: the lease is held by {} on {} (pid {}), which is ending; waiting up to {:.0} s for it",
                         store.uri(),
                         holder.what,
+                        holder.host,
                         holder.pid,
-                        LOCAL_GRACE.as_secs_f64()
+                        ENDING_GRACE.as_secs_f64()
                     );
                     let start = std::time::Instant::now();
-                    while start.elapsed() < LOCAL_GRACE
+                    while start.elapsed() < ENDING_GRACE
                         && read(store)?.is_some_and(|h| h.id == holder.id && !h.is_stale())
                     {
                         std::thread::sleep(Duration::from_millis(200));
                     }
-                    waited = Some(start.elapsed());
+                    waited = true;
                 }
                 Some(holder) if holder.is_stale() => {
                     tracing::warn!(
@@ -179,7 +192,13 @@ impl Lease {
     }
 
     /// The held lease, renewed every `ttl / 10` until dropped.
-    fn start(store: &Store, id: String, ttl: Duration, me: impl Fn(&str) -> Holder + Send + 'static) -> Lease {
+    fn start(
+        store: &Store,
+        id: String,
+        ttl: Duration,
+        ending: Arc<AtomicBool>,
+        me: impl Fn(&str) -> Holder + Send + 'static,
+    ) -> Lease {
         let stop = Arc::new(AtomicBool::new(false));
         let (s, i, flag) = (store.clone(), id.clone(), stop.clone());
         let renewer = std::thread::Builder::new()
@@ -187,11 +206,15 @@ impl Lease {
             .spawn(move || {
                 let every = ttl / 10;
                 let mut since = std::time::Instant::now();
+                let mut said_ending = false;
                 while !flag.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(100).min(every));
-                    if since.elapsed() < every {
+                    // Renewed at once when the holder starts ending, so that the lease says so.
+                    let newly_ending = !said_ending && ending.load(Ordering::SeqCst);
+                    if since.elapsed() < every && !newly_ending {
                         continue;
                     }
+                    said_ending |= newly_ending;
                     since = std::time::Instant::now();
                     // Renewed only while still ours; a lost lease is found by the next check.
                     match read(&s) {
@@ -249,6 +272,7 @@ mod tests {
             pid,
             renewed_unix_s: now_unix_s() - age_s,
             ttl_s,
+            ending: false,
         }
     }
 
@@ -276,15 +300,42 @@ mod tests {
         Lease::acquire(&store, "test", ttl).unwrap().check().unwrap();
     }
 
+    /// A holder that says it is ending (stopped by a signal, committing its last checkpoint or being torn down)
+    /// is waited for; one that does not is refused at once. Before, a run started right after an aborted one met
+    /// its rank 0 still holding the lease and was refused.
     #[test]
-    fn a_live_holder_on_this_machine_that_ends_within_the_grace_is_waited_for() {
+    fn a_holder_that_says_it_is_ending_is_waited_for() {
         let mut ending = std::process::Command::new("sleep").arg("1").spawn().unwrap();
-        let (_d, store) = store_held_by(&holder(&crate::heartbeat::hostname(), ending.id(), 1.0, 30.0));
+        let here = crate::heartbeat::hostname();
+        let (_d, store) = store_held_by(&Holder { ending: true, ..holder(&here, ending.id(), 1.0, 30.0) });
         let reaper = std::thread::spawn(move || ending.wait());
         let start = std::time::Instant::now();
         let lease = Lease::acquire(&store, "test", Duration::from_secs(30)).unwrap();
         assert!(start.elapsed() >= Duration::from_millis(500), "taken while its holder lived");
         lease.check().unwrap();
         reaper.join().unwrap().unwrap();
+
+        let mut running = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let (_d, store) = store_held_by(&holder(&here, running.id(), 1.0, 30.0));
+        let start = std::time::Instant::now();
+        assert!(Lease::acquire(&store, "test", Duration::from_secs(30)).is_err());
+        assert!(start.elapsed() < Duration::from_secs(2), "a running holder is refused at once");
+        running.kill().unwrap();
+        running.wait().unwrap();
+    }
+
+    /// The holder's lease says `ending` within moments of its flag being set.
+    #[test]
+    fn a_lease_says_when_its_holder_is_ending() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().display().to_string()).unwrap();
+        let flag = Arc::new(AtomicBool::new(false));
+        let lease = Lease::acquire_ending_on(&store, "test", Duration::from_secs(30), flag.clone()).unwrap();
+        assert!(!read(&store).unwrap().unwrap().ending);
+        flag.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(read(&store).unwrap().unwrap().ending);
+        drop(lease);
+        assert!(read(&store).unwrap().is_none(), "released");
     }
 }

@@ -41,6 +41,11 @@ impl Preemption {
         Ok(Self { requested })
     }
 
+    /// The flag itself (set by the signal handlers), for what must follow it from another thread.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.requested.clone()
+    }
+
     /// Whether this process was asked to stop.
     pub fn requested(&self) -> bool {
         self.requested.load(Ordering::SeqCst)

@@ -457,7 +457,8 @@ impl Start {
 fn take_lease(job: &JobConfig, store: &Store) -> Result<Lease> {
     Ok(match std::env::var(LEASE_ENV) {
         Ok(id) => Lease::join(store, &id)?,
-        Err(_) => Lease::acquire(store, "worker train", lease_ttl(job))?,
+        // Says it is ending once SIGTERM/SIGUSR1 arrive (a preemption, or mpirun tearing the job down).
+        Err(_) => Lease::acquire_ending_on(store, "worker train", lease_ttl(job), Preemption::install()?.flag())?,
     })
 }
 

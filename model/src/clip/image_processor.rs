@@ -109,16 +109,14 @@ impl ClipImageProcessor {
     /// would take ~10 GB) are refused, naming the file.
     pub fn open(path: &Path) -> Result<DynamicImage> {
         let bad = |reason: String| ModelError::BadImage { path: path.to_path_buf(), reason };
-        let mut reader = image::ImageReader::open(path)
-            .map_err(|e| ModelError::io(path, e))?
-            .with_guessed_format()
-            .map_err(|e| ModelError::io(path, e))?;
-        let mut limits = image::Limits::default();
-        limits.max_image_width = Some(MAX_SIDE);
-        limits.max_image_height = Some(MAX_SIDE);
-        limits.max_alloc = Some(1 << 30);
-        reader.limits(limits.clone());
-        let (w, h) = reader.into_dimensions().map_err(|e| bad(e.to_string()))?;
+        let reader = || -> Result<image::ImageReader<std::io::BufReader<std::fs::File>>> {
+            image::ImageReader::open(path)
+                .map_err(|e| ModelError::io(path, e))?
+                .with_guessed_format()
+                .map_err(|e| ModelError::io(path, e))
+        };
+        // The header's size first (nothing decoded), then the decode under limits.
+        let (w, h) = reader()?.into_dimensions().map_err(|e| bad(e.to_string()))?;
         let (short, long) = (w.min(h), w.max(h));
         if short == 0 || long > MAX_ASPECT * short {
             return Err(bad(format!(
@@ -127,10 +125,14 @@ impl ClipImageProcessor {
                 224u64 * 224 * 3 * long as u64 / short.max(1) as u64 / 1_000_000
             )));
         }
-        let mut reader = image::ImageReader::open(path)
-            .map_err(|e| ModelError::io(path, e))?
-            .with_guessed_format()
-            .map_err(|e| ModelError::io(path, e))?;
+        if long > MAX_SIDE {
+            return Err(bad(format!("{w}x{h} pixels: a side above {MAX_SIDE} is not a face image")));
+        }
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(MAX_SIDE);
+        limits.max_image_height = Some(MAX_SIDE);
+        limits.max_alloc = Some(1 << 30);
+        let mut reader = reader()?;
         reader.limits(limits);
         reader.decode().map_err(|e| bad(e.to_string()))
     }
