@@ -88,7 +88,7 @@ pub fn decode_video(
         return Err(media_err(path, "unknown frame rate", format!("{rate}")));
     }
     let fps = rate.numerator() as f64 / rate.denominator() as f64;
-    let fps_range = crate::manifest::limits::FPS;
+    let fps_range = crate::limits::FPS;
     if !fps_range.contains(&fps) {
         return Err(media_err(path, "implausible frame rate", format!("{fps} fps is not in {fps_range:?}")));
     }
@@ -125,12 +125,8 @@ pub fn decode_video(
                 on_frame(RgbFrame { index: *frames, width: w, height: h, data })?;
             }
             *frames += 1;
-            if *frames > crate::manifest::limits::MAX_FRAMES {
-                return Err(media_err(
-                    path,
-                    "too long",
-                    format!("more than {} frames", crate::manifest::limits::MAX_FRAMES),
-                ));
+            if *frames > crate::limits::MAX_FRAMES {
+                return Err(media_err(path, "too long", format!("more than {} frames", crate::limits::MAX_FRAMES)));
             }
         }
         Ok(())

@@ -14,6 +14,7 @@ pub mod files;
 pub mod garage;
 pub mod ingest;
 pub mod layout;
+pub mod limits;
 pub mod loader;
 pub mod logging;
 pub mod manifest;

@@ -107,19 +107,6 @@ pub fn read_manifest_bytes(store: &Store) -> Result<(Bytes, Manifest), ManifestE
     Ok((bytes, manifest))
 }
 
-/// Bounds on what a manifest may declare: beyond them a number is damage or hostility, and trusting it would
-/// divide by zero, index out of bounds or allocate what the file asks for.
-pub mod limits {
-    /// Frames in one video (about 90 hours at 30 fps).
-    pub const MAX_FRAMES: usize = 10_000_000;
-    pub const MAX_SEGMENT_FRAMES: usize = 100_000;
-    pub const MAX_FACE_SIZE: u32 = 4096;
-    /// Frame rates a video may have (Aff-Wild2's lie between about 7.5 and 60).
-    pub const FPS: std::ops::RangeInclusive<f64> = 0.5..=1000.0;
-    /// One shard object.
-    pub const MAX_SHARD_BYTES: u64 = 16 << 30;
-}
-
 impl Manifest {
     /// Parses and validates `manifest.json`; the error names the field (`videos[3] (name).fps: ...`).
     pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
@@ -131,7 +118,7 @@ impl Manifest {
     /// Every value the readers rely on, checked: counts within bounds and consistent with each other, labels
     /// in range, shards covering each video's frames in order.
     pub fn validate(&self) -> Result<(), String> {
-        use limits::*;
+        use crate::limits::*;
         if self.format != FORMAT {
             return Err(format!("format: `{}`, expected `{FORMAT}` (ingest again with this version)", self.format));
         }
@@ -168,7 +155,7 @@ impl VideoRecord {
 
     /// Checks the record against itself and the manifest's `segment_frames`; the error starts with the field.
     pub fn validate(&self, segment_frames: usize) -> Result<(), String> {
-        use limits::*;
+        use crate::limits::*;
         if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
             return Err(format!("name: `{}` is not a video name", self.name));
         }

@@ -250,9 +250,9 @@ pub(super) fn read_unit(key: &str, bytes: &[u8]) -> Result<Unit> {
         "feature unit {key}: audio_valid outside 0..={audio_frames}"
     );
     anyhow::ensure!(
-        rows.fps.iter().all(|f| avexpr_data::manifest::limits::FPS.contains(f)),
+        rows.fps.iter().all(|f| avexpr_data::limits::FPS.contains(f)),
         "feature unit {key}: an fps outside {:?}",
-        avexpr_data::manifest::limits::FPS
+        avexpr_data::limits::FPS
     );
     let by_start: HashMap<i64, usize> = rows.start.iter().enumerate().map(|(i, s)| (*s, i)).collect();
     anyhow::ensure!(by_start.len() == n, "feature unit {key}: repeated clip starts");
