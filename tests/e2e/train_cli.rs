@@ -23,6 +23,12 @@ fn two_ranks_train_exactly_what_one_rank_accumulating_trains() {
     assert!(max_diff(&a, &variables(&one, 2)) > 1e-4, "training moved the variables");
 }
 
+/// The processes whose command line names `config` (the ranks of a job on it).
+fn pids_running(config: &Path) -> Vec<libc::pid_t> {
+    let out = std::process::Command::new("pgrep").arg("-f").arg(config).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
 #[test]
 fn a_killed_run_resumes_to_the_uninterrupted_result() {
     let d = dataset();
@@ -44,12 +50,23 @@ fn a_killed_run_resumes_to_the_uninterrupted_result() {
         assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint at step 4");
         std::thread::sleep(Duration::from_millis(5));
     }
-    // SIGKILL to mpirun and both ranks at once: the process group mpirun leads.
+    // SIGKILL to mpirun (the process group it leads) and to both ranks (Open MPI starts them in groups of their
+    // own), and wait until they are gone, as after a crash: a rank left alive would still hold the store's lease.
     let group = child.id() as libc::pid_t;
     assert!(group > 1);
-    // SAFETY: kill(2) on a process group this test created.
+    let ranks = pids_running(&killed);
+    // SAFETY: kill(2) on a process group this test created and on its ranks.
     assert_eq!(unsafe { libc::kill(-group, libc::SIGKILL) }, 0);
+    for &pid in &ranks {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
     child.wait().unwrap();
+    let start = Instant::now();
+    while !pids_running(&killed).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(30), "the killed ranks did not go");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         !checkpoint(&killed, steps).join("COMMIT.json").is_file(),
         "killed too late to test anything: the run had finished"

@@ -30,7 +30,16 @@ thread_local! {
 /// The system allocator, counting this thread's live bytes and their peak, refusing huge single requests.
 struct Counting;
 
+/// All threads' live bytes and their peak (for calls that do their work on other threads, e.g. tokio's).
+static LIVE_ALL: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+static PEAK_ALL: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+/// The tests of this binary one at a time, so that the all-threads peak is one test's.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn count(delta: isize) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = LIVE_ALL.fetch_add(delta, Relaxed) + delta;
+    PEAK_ALL.fetch_max(now, Relaxed);
     let _ = LIVE.try_with(|live| {
         let now = live.get() + delta;
         live.set(now);
@@ -93,6 +102,15 @@ fn peak_of(f: impl FnOnce()) -> usize {
     PEAK.with(|p| p.set(start));
     f();
     (PEAK.with(Cell::get) - start).max(0) as usize
+}
+
+/// Runs `f`; returns the most bytes all threads held at once meanwhile (beyond what was live before).
+fn global_peak_of(f: impl FnOnce()) -> usize {
+    use std::sync::atomic::Ordering::Relaxed;
+    let start = LIVE_ALL.load(Relaxed);
+    PEAK_ALL.store(start, Relaxed);
+    f();
+    (PEAK_ALL.load(Relaxed) - start).max(0) as usize
 }
 
 /// Replacements for a number in a document: the values a broken or hostile writer would put there.
@@ -223,6 +241,7 @@ fn plan_clips(manifest: &Manifest) -> usize {
 
 #[test]
 fn every_reader_survives_generated_documents() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // Real documents to start from.
     let d = dataset();
     let cache = d.root.join("cache");
@@ -372,4 +391,30 @@ fn every_reader_survives_generated_documents() {
         figures.push(line);
     }
     assert_eq!(figures.len(), 11);
+}
+
+/// A shard is fetched only at the size the manifest gives it: a 256 MiB object listed as 1000 bytes is refused
+/// from the response's headers, without its body in memory (before, the whole object was read, then its size
+/// compared).
+#[test]
+fn a_shard_of_another_size_is_not_downloaded() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let big = std::fs::File::create(dir.path().join("big.tar")).unwrap();
+    big.set_len(256 << 20).unwrap();
+    let store = avexpr_data::store::Store::open(&dir.path().display().to_string()).unwrap();
+    let shard = avexpr_data::manifest::ShardRecord {
+        key: "big.tar".into(),
+        bytes: 1000,
+        sha256: "0".repeat(64),
+        first_frame: 0,
+        frames: 32,
+        segments: 1,
+    };
+    let mut result = None;
+    let peak =
+        global_peak_of(|| result = Some(avexpr_data::store::block_on(avexpr_data::fetch::fetch_shard(&store, &shard))));
+    let err = result.unwrap().unwrap_err().to_string();
+    assert!(err.contains("big.tar") && err.contains("268435456 bytes, the manifest says 1000"), "{err}");
+    assert!(peak < 16 << 20, "{peak} bytes held to refuse it");
 }

@@ -48,10 +48,17 @@ impl Holder {
 
     /// Not renewed within its TTL, or a process of this host that is gone.
     fn is_stale(&self) -> bool {
-        self.age_s() > self.ttl_s
-            || self.host == crate::heartbeat::hostname()
-                && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+        self.age_s() > self.ttl_s || self.host == crate::heartbeat::hostname() && !process_lives(self.pid)
     }
+}
+
+/// Whether process `pid` of this machine runs: it exists and is not a zombie (a killed rank whose parent died
+/// stays one until init reaps it, and holds nothing).
+fn process_lives(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // `pid (comm) state ...`: the state follows the last ')'.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X") | None)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -281,6 +288,31 @@ mod tests {
         let store = Store::open(&dir.path().display().to_string()).unwrap();
         store.blocking().put(LEASE_KEY, serde_json::to_vec(h).unwrap().into()).unwrap();
         (dir, store)
+    }
+
+    /// A zombie (killed, not yet reaped: what a rank of a SIGKILLed mpirun is until init reaps it) holds
+    /// nothing; before, its /proc entry made its lease look held.
+    #[test]
+    fn a_zombie_does_not_hold_a_lease() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap()
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .trim_start()
+            .starts_with('R')
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "a zombie until waited for");
+        assert!(!process_lives(pid));
+        let (_d, store) = store_held_by(&holder(&crate::heartbeat::hostname(), pid, 1.0, 30.0));
+        Lease::acquire(&store, "test", Duration::from_secs(30)).unwrap().check().unwrap();
+        child.wait().unwrap();
+        assert!(process_lives(std::process::id()));
     }
 
     #[test]
