@@ -44,6 +44,10 @@ pub fn describe(plan: &JobPlan, manifest: &Manifest) -> String {
         text += &format!("{rank:>6} {n:>8} {load:>16}\n");
     }
     text += &format!("imbalance {:.2}% (largest rank load over the mean)\n", 100.0 * imbalance(&loads));
+    text += &format!(
+        "{} data slots: the plan (and the job's checkpoints) hold on any number of ranks dividing it\n",
+        plan.train.slots
+    );
     text
 }
 

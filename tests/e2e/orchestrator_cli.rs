@@ -196,7 +196,7 @@ fn bad_arguments_are_rejected_before_anything_starts() {
         (vec!["--nodes", "0"], "--nodes must be at least 1"),
         (vec!["--gpus-per-node", "0"], "--gpus-per-node must be at least 1"),
         // global batch 4 of micro-batches of 2 cannot spread over 3 ranks.
-        (vec!["--nodes", "3"], "train.global_batch"),
+        (vec!["--nodes", "3"], "its 2 data slots (global_batch / micro_batch) run on 1, 2 rank(s)"),
         (vec!["--target", "hostfile"], "--target hostfile needs --hostfile"),
         (
             vec!["--target", "slurm"],
@@ -255,15 +255,19 @@ fn bad_arguments_are_rejected_before_anything_starts() {
     assert!(!stdout.contains("GK-not-to-be-printed") && !stdout.contains("10.0.0.1"), "{stdout}");
     assert!(!run_dir(&config).exists(), "nothing started");
 
-    // A plan made for 2 ranks, given to a 1-rank job.
+    // A plan is per data slot: made on 2 ranks, it holds on any number of ranks with its 2 slots; a job with
+    // another slot count (global batch 8 of micro-batches of 2: 4 slots) is refused.
     let out = binary("orchestrator").args(["plan", "--nodes", "2", "--config"]).arg(&config).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     ok(out);
-    assert!(text.contains("imbalance"), "{text}");
+    assert!(text.contains("imbalance") && text.contains("2 data slots"), "{text}");
     let plan = run_dir(&config).join("checkpoints/plan.json");
-    let out = binary("worker").args(["train", "--config"]).arg(&config).arg("--plan").arg(&plan).output().unwrap();
+    let wider = d.root.join("wider.yaml");
+    std::fs::write(&wider, std::fs::read_to_string(&config).unwrap().replace("global_batch: 4,", "global_batch: 8,"))
+        .unwrap();
+    let out = binary("worker").args(["train", "--config"]).arg(&wider).arg("--plan").arg(&plan).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("the plan was made for 2 ranks, the job runs 1"), "{stderr}");
+    assert!(!out.status.success() && stderr.contains("the plan was made for 2 data slots, the job has 4"), "{stderr}");
 
     // k8s without kubectl: said before anything is applied.
     let s3 = d.root.join("s3.yaml");

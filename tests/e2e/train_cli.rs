@@ -29,6 +29,86 @@ fn pids_running(config: &Path) -> Vec<libc::pid_t> {
     String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
+/// Starts `ranks` ranks on `config` and SIGKILLs mpirun (the process group it leads) and every rank (Open MPI
+/// starts them in groups of their own) once the checkpoint of `at` is committed, then waits until they are gone,
+/// as after a crash (a rank left alive would still hold the store's lease).
+fn kill_after_checkpoint(config: &Path, ranks: usize, at: u64, steps: u64) {
+    let mut child = mpirun(ranks, "worker")
+        .args(["train", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !checkpoint(config, at).join("COMMIT.json").is_file() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint at step {at}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let group = child.id() as libc::pid_t;
+    assert!(group > 1);
+    let pids = pids_running(config);
+    // SAFETY: kill(2) on a process group this test created and on its ranks.
+    assert_eq!(unsafe { libc::kill(-group, libc::SIGKILL) }, 0);
+    for &pid in &pids {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    child.wait().unwrap();
+    while !pids_running(config).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(150), "the killed ranks did not go");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !checkpoint(config, steps).join("COMMIT.json").is_file(),
+        "killed too late to test anything: the run had finished"
+    );
+}
+
+/// Elastic resume: a job checkpointed on R ranks continues on R' ranks with the same data slots (global_batch /
+/// micro_batch = ranks x accumulation). Every slot continues from its cursor, so the global batches are the
+/// uninterrupted run's: 2 -> 1 and 1 -> 2 ranks (2 slots), 4 -> 2 ranks (4 slots). The final variables equal the
+/// uninterrupted run's within float reduction order (gradients summed over ranks, or accumulated on one), and
+/// the loss curve up to the kill is the uninterrupted run's, line for line.
+#[test]
+fn a_job_resumes_on_another_number_of_ranks() {
+    let d = dataset();
+    let steps = 8;
+    for (slots, from, to) in [(2usize, 2usize, 1usize), (2, 1, 2), (4, 4, 2)] {
+        let make = |name: &str| {
+            let config = job(&d, name, steps, "");
+            let text = std::fs::read_to_string(&config)
+                .unwrap()
+                .replace("global_batch: 4,", &format!("global_batch: {},", 2 * slots));
+            std::fs::write(&config, text).unwrap();
+            config
+        };
+        let reference = make(&format!("reference-{from}-{to}"));
+        ok(mpirun(from, "worker").args(["train", "--config"]).arg(&reference).output().unwrap());
+        let elastic = make(&format!("elastic-{from}-{to}"));
+        kill_after_checkpoint(&elastic, from, 4, steps);
+        let log = ok(mpirun(to, "worker").args(["train", "--config"]).arg(&elastic).output().unwrap());
+        assert!(log.contains("resumed"), "{log}");
+        let diff = max_diff(&variables(&reference, steps), &variables(&elastic, steps));
+        println!("{from} -> {to} ranks ({slots} slots): largest variable difference after {steps} steps {diff:e}");
+        assert!(diff < 1e-5, "{from} -> {to} ranks: variables differ by {diff}");
+        let metrics = |c: &Path| std::fs::read_to_string(run_dir(c).join("metrics.jsonl")).unwrap();
+        let (a, b) = (metrics(&reference), metrics(&elastic));
+        let head = |m: &str| m.lines().take(4).map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(head(&a), head(&b), "{from} -> {to}: the loss curve up to the kill differs");
+        assert_eq!(b.lines().count(), steps as usize);
+    }
+    // On a number of ranks that does not divide the slots: the error names the ones that do.
+    let config = job(&d, "three", steps, "");
+    let out = mpirun(3, "worker").args(["train", "--config"]).arg(&config).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("its 2 data slots (global_batch / micro_batch) run on 1, 2 rank(s)"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn a_killed_run_resumes_to_the_uninterrupted_result() {
     let d = dataset();
@@ -37,40 +117,7 @@ fn a_killed_run_resumes_to_the_uninterrupted_result() {
     ok(mpirun(2, "worker").args(["train", "--config"]).arg(&reference).output().unwrap());
 
     let killed = job(&d, "killed", steps, "");
-    let mut child = mpirun(2, "worker")
-        .args(["train", "--config"])
-        .arg(&killed)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .process_group(0)
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !checkpoint(&killed, 4).join("COMMIT.json").is_file() {
-        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint at step 4");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    // SIGKILL to mpirun (the process group it leads) and to both ranks (Open MPI starts them in groups of their
-    // own), and wait until they are gone, as after a crash: a rank left alive would still hold the store's lease.
-    let group = child.id() as libc::pid_t;
-    assert!(group > 1);
-    let ranks = pids_running(&killed);
-    // SAFETY: kill(2) on a process group this test created and on its ranks.
-    assert_eq!(unsafe { libc::kill(-group, libc::SIGKILL) }, 0);
-    for &pid in &ranks {
-        // SAFETY: as above.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-    child.wait().unwrap();
-    let start = Instant::now();
-    while !pids_running(&killed).is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(30), "the killed ranks did not go");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        !checkpoint(&killed, steps).join("COMMIT.json").is_file(),
-        "killed too late to test anything: the run had finished"
-    );
+    kill_after_checkpoint(&killed, 2, 4, steps);
     let log = ok(mpirun(2, "worker").args(["train", "--config"]).arg(&killed).output().unwrap());
     assert!(log.contains("resumed"), "{log}");
     let diff = max_diff(&variables(&reference, steps), &variables(&killed, steps));

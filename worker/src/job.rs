@@ -310,6 +310,18 @@ impl JobConfig {
         Ok(())
     }
 
+    /// Data slots (`global_batch / micro_batch`): fixed by the job, whatever the number of ranks. A checkpoint
+    /// holds one cursor per slot, so a job resumes on any number of ranks that divides it.
+    pub fn slots(&self) -> usize {
+        self.train.global_batch / self.train.micro_batch.max(1)
+    }
+
+    /// The numbers of ranks the job can run on (the divisors of its slot count).
+    pub fn world_sizes(&self) -> Vec<usize> {
+        let slots = self.slots();
+        (1..=slots).filter(|r| slots.is_multiple_of(*r)).collect()
+    }
+
     /// Micro-batches per optimizer step on each of `world_size` ranks.
     pub fn accumulation(&self, world_size: usize) -> Result<usize, JobError> {
         let per_step = self.train.micro_batch * world_size;
@@ -318,8 +330,12 @@ impl JobConfig {
                 path: self.source.clone(),
                 field: "train.global_batch".into(),
                 reason: format!(
-                    "{} is not a multiple of train.micro_batch ({}) x ranks ({world_size})",
-                    self.train.global_batch, self.train.micro_batch
+                    "{} is not a multiple of train.micro_batch ({}) x ranks ({world_size}): its {} data slots \
+                     (global_batch / micro_batch) run on {} rank(s)",
+                    self.train.global_batch,
+                    self.train.micro_batch,
+                    self.slots(),
+                    self.world_sizes().iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
                 ),
             });
         }

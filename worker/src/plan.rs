@@ -1,6 +1,7 @@
-//! The job's shard plan: which training videos each rank reads. `orchestrator plan` writes it to
-//! `plan.json` in the job's checkpoint store; `worker train --plan <uri>` honours it (rejecting one made for
-//! another world size); without one, every rank computes the same balanced plan itself.
+//! The job's shard plan: which training videos each data slot reads. `orchestrator plan` writes it to
+//! `plan.json` in the job's checkpoint store; `worker train --plan <uri>` honours it on any number of ranks with
+//! the same slot count (rejecting one made for another slot count); without one, every rank computes the same
+//! balanced plan itself.
 //!
 //! Training reads through `ranks x accumulation` data slots (see [`crate::train`]), so the plan assigns each
 //! video to a slot; slot `s` belongs to rank `s / accumulation` (with no accumulation, slot = rank).
@@ -57,18 +58,15 @@ impl JobPlan {
         Ok(())
     }
 
+    /// A plan assigns videos to data slots, not ranks: it holds for any number of ranks with the same slot count
+    /// (a job resumed on fewer or more nodes keeps its plan); only another slot count is refused.
     fn check_job(&self, job: &JobConfig, ranks: usize) -> Result<()> {
+        let slots = ranks * job.accumulation(ranks)?;
         anyhow::ensure!(
-            self.ranks == ranks,
-            "the plan was made for {} ranks, the job runs {ranks}: make it again with `orchestrator plan`",
-            self.ranks
-        );
-        let accumulation = job.accumulation(ranks)?;
-        anyhow::ensure!(
-            self.accumulation == accumulation && self.train.slots == ranks * accumulation,
-            "the plan was made for {} micro-batches per step, the job accumulates {accumulation} \
-             (train.global_batch changed?)",
-            self.accumulation
+            self.train.slots == slots,
+            "the plan was made for {} data slots, the job has {slots} (train.global_batch / train.micro_batch): \
+             make it again with `orchestrator plan`",
+            self.train.slots
         );
         Ok(())
     }
