@@ -11,7 +11,7 @@ use avexpr_worker::lease::Lease;
 
 use crate::launch::Attempt;
 use crate::spec::{Job, Target};
-use crate::watch::{RECORD_KEY, RunRecord, Watcher};
+use crate::watch::{RECORD_KEY, RunRecord, Started, Watcher};
 use crate::{k8s, plan};
 
 pub struct LaunchArgs {
@@ -27,6 +27,8 @@ pub struct LaunchArgs {
     pub templates: Option<PathBuf>,
     /// The MPIJob's name (default: avexpr-<config file stem>).
     pub name: Option<String>,
+    /// Hostfile launches: relaunch on the hosts that remain reachable, down to this many.
+    pub min_nodes: Option<usize>,
 }
 
 /// Where in the checkpoint store a launch across hosts puts the job file for its ranks.
@@ -77,6 +79,11 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
     let job_cfg = load_job(&a.config)?;
     let config = job_cfg.source.clone();
     check_ranks(&job_cfg, world)?;
+    let min_nodes = a.min_nodes.filter(|&m| m < a.nodes);
+    if let Some(m) = a.min_nodes {
+        anyhow::ensure!((1..=a.nodes).contains(&m), "--min-nodes {m}: must be in 1..=--nodes ({})", a.nodes);
+        anyhow::ensure!(matches!(target, Target::Hostfile(_)), "--min-nodes is for --target hostfile");
+    }
     if let Target::Hostfile(file) = &target {
         crate::launch::check_hostfile(file, a.nodes)?;
         if a.nodes > 1 {
@@ -166,12 +173,20 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
             let out = job_cfg.run_dir.join(format!("attempt-{n}.out"));
             let log = job_cfg.run_dir.join(format!("attempt-{n}.log"));
             last_out = Some(out.clone());
-            Ok((Attempt::mpirun(&job, &out, &log, &lease_id)?, Some(log)))
+            let this = match (&target, min_nodes) {
+                (Target::Hostfile(file), Some(min)) => crate::launch::elastic_job(&job, file, min, n)?,
+                _ => job.clone(),
+            };
+            Ok(Started {
+                attempt: Attempt::mpirun(&this, &out, &log, &lease_id)?,
+                log: Some(log),
+                world: this.world_size(),
+            })
         }
         Some(yaml) => {
             mpijob.delete()?;
             k8s::apply(yaml)?;
-            Ok((Attempt::K8s(mpijob.clone()), None))
+            Ok(Started { attempt: Attempt::K8s(mpijob.clone()), log: None, world })
         }
     })?;
 
@@ -227,10 +242,12 @@ pub fn status(run: &str) -> Result<String> {
             );
             for at in &r.attempts {
                 text += &format!(
-                    "  attempt {}: resumed from step {}, reached step {}: {}\n",
+                    "  attempt {}: {} rank(s), resumed from step {}, reached step {}{}: {}\n",
                     at.number,
+                    at.world_size,
                     at.resumed_from.map_or("?".into(), |s| s.to_string()),
                     at.reached_step,
+                    at.restart_s.map_or(String::new(), |s| format!(", restarted in {s:.1} s")),
                     at.outcome
                 );
             }

@@ -29,6 +29,85 @@ pub fn check_hostfile(file: &Path, nodes: usize) -> Result<Vec<String>> {
     Ok(hosts)
 }
 
+/// Whether `host` can start processes: the command mpirun starts its daemons with (`plm_rsh_agent` from
+/// `launch.mpirun_args`, else ssh) runs `true` there within 15 s.
+fn reachable(host: &str, mpirun_args: &[String]) -> bool {
+    let agent = mpirun_args.windows(2).find(|w| w[0] == "plm_rsh_agent").map(|w| w[1].clone());
+    let mut cmd = match &agent {
+        Some(agent) => {
+            let mut parts = agent.split_whitespace();
+            let mut c = Command::new(parts.next().unwrap_or("ssh"));
+            c.args(parts);
+            c
+        }
+        None => {
+            let mut c = Command::new("ssh");
+            c.args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]);
+            c
+        }
+    };
+    let Ok(mut child) =
+        cmd.arg(host).arg("true").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()
+    else {
+        return false;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.success(),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
+}
+
+/// The shape of attempt `number` of an elastic hostfile launch (`--min-nodes`): the hosts of `hostfile` that
+/// are reachable now, as many as the launch asks for and at least `min_nodes`, and a number of them whose ranks
+/// divide the job's data slots (the global batch stays the same; each rank accumulates more). Hosts come back
+/// at the next attempt when they answer again. Writes the attempt's hostfile into the run folder.
+pub fn elastic_job(job: &Job, hostfile: &Path, min_nodes: usize, number: u32) -> Result<Job> {
+    let text = std::fs::read_to_string(hostfile).with_context(|| format!("--hostfile {}", hostfile.display()))?;
+    let lines: Vec<&str> = text.lines().filter(|l| !l.split('#').next().unwrap_or("").trim().is_empty()).collect();
+    let host = |l: &str| l.split_whitespace().next().unwrap_or("").to_string();
+    let (up, down): (Vec<&str>, Vec<&str>) =
+        lines.iter().partition(|l| reachable(&host(l), &job.job.launch.mpirun_args));
+    let slots = job.job.slots();
+    let nodes = (min_nodes..=up.len().min(job.nodes))
+        .rev()
+        .find(|n| slots.is_multiple_of(n * job.gpus_per_node))
+        .with_context(|| {
+            format!(
+                "--hostfile {}: {} of {} host(s) reachable (unreachable: {}); --min-nodes {min_nodes} with {} rank(s) \
+                 per node needs a number of hosts whose ranks divide the job's {slots} data slots",
+                hostfile.display(),
+                up.len(),
+                job.nodes,
+                down.iter().map(|l| host(l)).collect::<Vec<_>>().join(", "),
+                job.gpus_per_node
+            )
+        })?;
+    if nodes < job.nodes {
+        tracing::warn!(
+            attempt = number,
+            "running on {nodes} of {} host(s) (unreachable: {}); the global batch stays {}: each rank accumulates \
+             {} micro-batch(es)",
+            job.nodes,
+            down.iter().map(|l| host(l)).collect::<Vec<_>>().join(", "),
+            job.job.train.global_batch,
+            slots / (nodes * job.gpus_per_node)
+        );
+    }
+    let file = job.job.run_dir.join(format!("hostfile-attempt-{number}"));
+    std::fs::write(&file, up[..nodes].join("\n") + "\n").with_context(|| file.display().to_string())?;
+    Ok(Job { nodes, target: crate::spec::Target::Hostfile(file), ..job.clone() })
+}
+
 /// One running attempt.
 pub enum Attempt {
     /// mpirun, in its own process group.

@@ -59,9 +59,14 @@ enum Command {
         /// A directory with edited copies of the k8s/ templates (mpijob.yaml, configmap.yaml).
         #[arg(long)]
         templates: Option<PathBuf>,
-        /// The MPIJob's name (default: avexpr-<config file stem>).
+        /// The MPIJob's name (default: avexpr-<config stem>-<hash of checkpoint.uri>).
         #[arg(long)]
         name: Option<String>,
+        /// Hostfile launches: when hosts cannot be reached, relaunch on those that remain, down to this many
+        /// (the global batch stays the same: each rank accumulates more); hosts that answer again rejoin at the
+        /// next restart. Default: --nodes (not elastic).
+        #[arg(long)]
+        min_nodes: Option<usize>,
     },
     /// A job's state: orchestrator record, newest checkpoint, metrics, restarts, live ranks.
     Status {
@@ -84,7 +89,7 @@ fn main() -> ExitCode {
     };
     match Cli::parse().command {
         Command::Plan { shape } => printed(jobs::plan(&shape.config, shape.nodes, shape.gpus_per_node)),
-        Command::Launch { shape, target, hostfile, dry_run, worker, templates, name } => {
+        Command::Launch { shape, target, hostfile, dry_run, worker, templates, name, min_nodes } => {
             printed(jobs::launch(&jobs::LaunchArgs {
                 config: shape.config,
                 nodes: shape.nodes,
@@ -95,6 +100,7 @@ fn main() -> ExitCode {
                 worker,
                 templates,
                 name,
+                min_nodes,
             }))
         }
         Command::Status { run } => printed(jobs::status(&run)),

@@ -33,6 +33,20 @@ pub struct AttemptRecord {
     pub outcome: String,
     /// Its mpirun output (local and hostfile targets).
     pub log: Option<PathBuf>,
+    /// Its ranks (fewer than the launch's when hosts were unreachable and `--min-nodes` allowed it).
+    #[serde(default)]
+    pub world_size: usize,
+    /// After a failed or preempted attempt: seconds from the failure's detection to this attempt's first new
+    /// optimizer step (relaunch, start-up, restore, the step itself).
+    #[serde(default)]
+    pub restart_s: Option<f64>,
+}
+
+/// An attempt as started: what to follow, where its output goes, how many ranks it has.
+pub struct Started {
+    pub attempt: Attempt,
+    pub log: Option<PathBuf>,
+    pub world: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -79,15 +93,16 @@ impl Watcher {
         Ok(())
     }
 
-    /// Every rank's newest heartbeat, read concurrently (hundreds of ranks on S3 must not take a second each).
-    fn beats(&self) -> Vec<Option<Heartbeat>> {
+    /// The newest heartbeat of each of `world` ranks, read concurrently (hundreds of ranks on S3 must not take a
+    /// second each).
+    fn beats(&self, world: usize) -> Vec<Option<Heartbeat>> {
         avexpr_data::store::block_on(async {
             let mut reads = tokio::task::JoinSet::new();
-            for r in 0..self.world {
+            for r in 0..world {
                 let store = self.store.clone();
                 reads.spawn(async move { (r, heartbeat::read(&store, r).await.ok().flatten()) });
             }
-            let mut beats = vec![None; self.world];
+            let mut beats = vec![None; world];
             while let Some(Ok((r, beat))) = reads.join_next().await {
                 beats[r] = beat;
             }
@@ -113,12 +128,7 @@ impl Watcher {
     }
 
     /// Runs attempts until one succeeds or `max_restarts` relaunches have failed too.
-    pub fn run(
-        &self,
-        job: &Job,
-        record: &mut RunRecord,
-        mut start: impl FnMut(u32) -> Result<(Attempt, Option<PathBuf>)>,
-    ) -> Result<()> {
+    pub fn run(&self, job: &Job, record: &mut RunRecord, mut start: impl FnMut(u32) -> Result<Started>) -> Result<()> {
         let max_restarts = job.job.launch.max_restarts;
         let show_bar = std::io::stderr().is_terminal();
         let bar = indicatif::ProgressBar::new(self.steps);
@@ -137,15 +147,18 @@ impl Watcher {
             signal_hook::flag::register(signal, stop.clone())?;
         }
         let mut previous_reached: Option<u64> = None;
+        // When the previous attempt's failure (or preemption) was detected.
+        let mut failed_at: Option<Instant> = None;
         for number in 0.. {
+            // Every rank's of the largest world: a smaller attempt must not read a bigger one's leftovers.
             self.clear_beats();
-            let (mut attempt, log) = start(number)?;
-            tracing::info!(attempt = number, "started {} rank(s)", self.world);
+            let Started { mut attempt, log, world } = start(number)?;
+            tracing::info!(attempt = number, "started {world} rank(s)");
             let launched = Instant::now();
-            let mut seen: Vec<Option<(u32, u64)>> = vec![None; self.world];
-            let mut changed = vec![launched; self.world];
+            let mut seen: Vec<Option<(u32, u64)>> = vec![None; world];
+            let mut changed = vec![launched; world];
             let mut last_report = launched;
-            let mut this = AttemptRecord { number, log: log.clone(), ..AttemptRecord::default() };
+            let mut this = AttemptRecord { number, log: log.clone(), world_size: world, ..AttemptRecord::default() };
             let mut beats: Vec<Option<Heartbeat>>;
             let mut interrupted: Option<Instant> = None;
             let outcome = loop {
@@ -159,7 +172,7 @@ impl Watcher {
                     interrupted = Some(Instant::now());
                 }
                 let finished = attempt.poll();
-                beats = self.beats();
+                beats = self.beats(world);
                 let now = Instant::now();
                 for (r, beat) in beats.iter().enumerate() {
                     let Some(b) = beat else { continue };
@@ -176,6 +189,18 @@ impl Watcher {
                     }
                 }
                 if let Some(Some(b)) = beats.first() {
+                    if let Some(t) = failed_at
+                        && b.seq >= 1
+                        && b.step > b.resumed_from
+                    {
+                        let seconds = t.elapsed().as_secs_f64();
+                        tracing::info!(
+                            attempt = number,
+                            "restarted: {seconds:.1} s from the failure's detection to a new step"
+                        );
+                        this.restart_s = Some(seconds);
+                        failed_at = None;
+                    }
                     bar.set_position(b.step);
                     let msg = progress_message(b);
                     if !show_bar && now.duration_since(last_report) >= Duration::from_secs(15) {
@@ -267,12 +292,14 @@ impl Watcher {
                          against launch.max_restarts)"
                     );
                     this.outcome = "preempted".into();
+                    failed_at = Some(Instant::now());
                     previous_reached = Some(this.reached_step.max(previous_reached.unwrap_or(0)));
                     record.attempts.push(this);
                     record.preemptions += 1;
                     self.save(record)?;
                 }
                 Outcome::Failed(reason) => {
+                    failed_at = Some(Instant::now());
                     let pids = self.local_pids(&beats);
                     attempt.stop(&pids);
                     tracing::warn!(attempt = number, "{reason}");

@@ -93,6 +93,8 @@ fn local_launch_survives_a_killed_and_a_hung_rank_bitwise() {
     let (stdout, stderr) = finish(child);
     assert!(stdout.contains("job succeeded: 2 attempt(s), 1 restart(s)"), "{stdout}\n{stderr}");
     assert!(stderr.contains("restarting from the last checkpoint"), "{stderr}");
+    let restart = stderr.lines().find(|l| l.contains("restarted:")).expect("the restart cost is logged");
+    println!("local restart cost: {restart}");
     assert_eq!(max_diff(&variables(&reference, STEPS), &variables(&killed, STEPS)), 0.0);
     assert_eq!(metrics(&reference), metrics(&killed), "the metrics file continues without repeats or gaps");
 
@@ -185,7 +187,7 @@ fn local_launch_survives_a_killed_and_a_hung_rank_bitwise() {
     ok(out);
     assert!(text.contains("status succeeded (2 ranks, target local), 1 restart(s)"), "{text}");
     assert!(text.contains(&format!("newest checkpoint step-{STEPS:08} at step {STEPS} of {STEPS}")), "{text}");
-    assert!(text.contains("attempt 1: resumed from step"), "{text}");
+    assert!(text.contains("attempt 1: 2 rank(s), resumed from step") && text.contains("restarted in"), "{text}");
 }
 
 #[test]
@@ -568,13 +570,16 @@ fn hostfile_run_across_two_hosts_with_their_own_files_and_environment() {
     // The stand-in for ssh is installed on every host, as ssh is: outside the folder the second host cannot see.
     let agent_dir = tempfile::tempdir().unwrap();
     let agent = agent_dir.path().join("agent.sh");
+    // While this file exists, the second host cannot be reached (its ssh fails, as for a host that went down).
+    let down = agent_dir.path().join("second-host.down");
     let script = r#"#!/bin/sh
 # In place of ssh: run the command on the host (in its network namespace). The second host has its own view of
 # the files (the test's folder hidden under an empty tmpfs) and a login environment.
 host="$1"; shift
 case "$host" in
   HOST_A) exec ip netns exec NS_A sh -c "$*" ;;
-  HOST_B) exec ip netns exec NS_B unshare --mount --propagation private sh -c \
+  HOST_B) [ -e DOWN ] && { echo "ssh: connect to host $host port 22: No route to host" >&2; exit 255; }
+      exec ip netns exec NS_B unshare --mount --propagation private sh -c \
       'mount -t tmpfs hostb "$0" && exec env -i PATH="$PATH" HOME="$HOME" sh -c "$1"' ROOT "$*" ;;
   *) echo "unknown host $host" >&2; exit 1 ;;
 esac
@@ -584,7 +589,8 @@ esac
         .replace("HOST_B", &hosts.addrs[1])
         .replace("NS_A", &hosts.names[0])
         .replace("NS_B", &hosts.names[1])
-        .replace("ROOT", &d.root.display().to_string());
+        .replace("ROOT", &d.root.display().to_string())
+        .replace("DOWN", &down.display().to_string());
     std::fs::write(&agent, script).unwrap();
     std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let hostfile = d.root.join("hostfile");
@@ -635,4 +641,79 @@ esac
     std::fs::write(&variables_file, bytes).unwrap();
     let remote_vars = tch::Tensor::read_safetensors(&variables_file).unwrap().into_iter().collect();
     assert_eq!(max_diff(&variables(&local, steps), &remote_vars), 0.0);
+
+    // Elastic: mid-run the second host goes down (its rank dies, its ssh fails from then on). With --min-nodes 1
+    // the orchestrator relaunches on the first host alone, which accumulates 2 micro-batches per step where 2
+    // ranks took one each: the same global batches, so the same result as the local 2-rank run.
+    let elastic = d.root.join("elastic.yaml");
+    let text = std::fs::read_to_string(&remote)
+        .unwrap()
+        .replace(&format!("s3://{BUCKET}/remote"), &format!("s3://{BUCKET}/elastic"));
+    std::fs::write(&elastic, text).unwrap();
+    let mut child = on_host_a(binary("orchestrator").get_program().as_ref())
+        .args(["launch", "--nodes", "2", "--min-nodes", "1", "--target", "hostfile", "--hostfile"])
+        .arg(&hostfile)
+        .arg("--config")
+        .arg(&elastic)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let store = |uri: &str| garage.store(uri);
+    let step_of_rank_0 = || {
+        in_netns(&hosts.names[0], || {
+            store(&format!("s3://{BUCKET}/elastic")).blocking().get("heartbeats/rank-0.json").ok()
+        })
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["step"].as_u64())
+        .unwrap_or(0)
+    };
+    let started = Instant::now();
+    while step_of_rank_0() < 10 {
+        assert!(child.try_wait().unwrap().is_none(), "the elastic launch ended early");
+        assert!(started.elapsed() < Duration::from_secs(180), "no progress on two hosts");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::fs::write(&down, "").unwrap();
+    let rank_1 = rank_pid(1, "elastic.yaml").expect("rank 1 of the elastic job");
+    // SAFETY: a rank this test started.
+    unsafe { libc::kill(rank_1, libc::SIGKILL) };
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), ok(out));
+    assert!(stdout.contains("job succeeded: 2 attempt(s), 1 restart(s)"), "{stdout}\n{stderr}");
+    assert!(stderr.contains(&format!("running on 1 of 2 host(s) (unreachable: {})", hosts.addrs[1])), "{stderr}");
+    for line in stderr.lines().filter(|l| l.contains("restarted:")) {
+        println!("hostfile restart cost: {line}");
+    }
+    let bytes = in_netns(&hosts.names[0], || {
+        store(&format!("s3://{BUCKET}/elastic")).blocking().get(&format!("step-{steps:08}/variables.safetensors"))
+    })
+    .unwrap();
+    std::fs::write(&variables_file, bytes).unwrap();
+    let elastic_vars = tch::Tensor::read_safetensors(&variables_file).unwrap().into_iter().collect();
+    let diff = max_diff(&variables(&local, steps), &elastic_vars);
+    println!("2 hosts -> 1 host mid-run: largest variable difference from the local 2-rank run {diff:e}");
+    assert!(diff < 1e-5, "{diff}");
+    let out = on_host_a(binary("orchestrator").get_program().as_ref()).arg("status").arg(&elastic).output().unwrap();
+    let status = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(status.contains("attempt 0: 2 rank(s)") && status.contains("attempt 1: 1 rank(s)"), "{status}");
+}
+
+/// The pid of rank `rank` of the job whose config file is named `config_name` (from its command line and the
+/// rank Open MPI puts in its environment).
+fn rank_pid(rank: usize, config_name: &str) -> Option<i32> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if !cmdline.contains(config_name) || !cmdline.contains("train") {
+            continue;
+        }
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let wanted = format!("OMPI_COMM_WORLD_RANK={rank}");
+        if environ.split(|&b| b == 0).any(|v| v == wanted.as_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
 }
