@@ -128,6 +128,11 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
         // Before anything is written: an MPIJob of this name that another job owns is never replaced.
         mpijob.check_ours()?;
         k8s_yaml = Some(yaml);
+    } else if target == Target::Slurm {
+        if a.dry_run {
+            return Ok(crate::slurm::render(&job, &name));
+        }
+        crate::slurm::check_sbatch()?;
     } else if a.dry_run {
         return Ok(job.mpirun_argv().join(" ") + "\n");
     }
@@ -168,7 +173,16 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
     };
     watcher.save(&record)?;
     let mut last_out = None;
+    let absolute_run_dir = std::env::current_dir()?.join(&job_cfg.run_dir);
     watcher.run(&job, &mut record, |n| match &k8s_yaml {
+        None if target == Target::Slurm => {
+            let script = job_cfg.run_dir.join(format!("slurm-attempt-{n}.sh"));
+            std::fs::write(&script, crate::slurm::render(&job, &name)).with_context(|| script.display().to_string())?;
+            let id = crate::slurm::submit(&script, &lease_id)?;
+            tracing::info!(attempt = n, "submitted {} as Slurm job {id}", script.display());
+            let log = absolute_run_dir.join(format!("slurm-{id}.out"));
+            Ok(Started { attempt: Attempt::Slurm(crate::slurm::SlurmJob { id }), log: Some(log), world })
+        }
         None => {
             let out = job_cfg.run_dir.join(format!("attempt-{n}.out"));
             let log = job_cfg.run_dir.join(format!("attempt-{n}.log"));

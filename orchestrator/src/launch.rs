@@ -114,6 +114,8 @@ pub enum Attempt {
     Mpirun { child: Child },
     /// An applied MPIJob, followed through its conditions.
     K8s(crate::k8s::MpiJob),
+    /// A submitted Slurm job (it may requeue itself after a warning or a preemption).
+    Slurm(crate::slurm::SlurmJob),
 }
 
 impl Attempt {
@@ -156,6 +158,7 @@ impl Attempt {
                 Err(e) => Some(Outcome::Failed(format!("cannot wait for mpirun: {e}"))),
             },
             Attempt::K8s(mpijob) => mpijob.state(),
+            Attempt::Slurm(job) => job.outcome(),
         }
     }
 
@@ -169,6 +172,23 @@ impl Attempt {
                 libc::kill(child.id() as i32, libc::SIGUSR1);
             },
             Attempt::K8s(mpijob) => mpijob.delete_or_warn(),
+            Attempt::Slurm(job) => job.interrupt(),
+        }
+    }
+
+    /// Whether the attempt waits for resources (a Slurm job pending or requeued): its ranks cannot beat.
+    pub fn waiting(&self) -> bool {
+        match self {
+            Attempt::Slurm(job) => job.waiting(),
+            _ => false,
+        }
+    }
+
+    /// Times the scheduler requeued the attempt itself (Slurm, after a warning or a preemption).
+    pub fn requeues(&self) -> u32 {
+        match self {
+            Attempt::Slurm(job) => job.restarts(),
+            _ => 0,
         }
     }
 
@@ -216,6 +236,7 @@ impl Attempt {
                 let _ = child.wait();
             }
             Attempt::K8s(mpijob) => mpijob.delete_or_warn(),
+            Attempt::Slurm(job) => job.cancel(),
         }
     }
 }

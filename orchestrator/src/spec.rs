@@ -14,6 +14,8 @@ pub enum Target {
     Hostfile(PathBuf),
     /// An MPIJob (`kubeflow.org/v2beta1`) rendered from `k8s/` and applied with `kubectl`.
     K8s,
+    /// An sbatch script submitted to Slurm; mpirun runs inside the allocation.
+    Slurm,
 }
 
 /// `--target`: where `orchestrator launch` starts the ranks.
@@ -25,6 +27,8 @@ pub enum TargetKind {
     Hostfile,
     /// An MPIJob applied with kubectl.
     K8s,
+    /// An sbatch script submitted to Slurm.
+    Slurm,
 }
 
 impl Target {
@@ -35,7 +39,10 @@ impl Target {
             (TargetKind::Hostfile, Some(f)) => Ok(Target::Hostfile(f.to_path_buf())),
             (TargetKind::Hostfile, None) => anyhow::bail!("--target hostfile needs --hostfile FILE"),
             (TargetKind::K8s, None) => Ok(Target::K8s),
-            (TargetKind::Local | TargetKind::K8s, Some(_)) => anyhow::bail!("--hostfile is only for --target hostfile"),
+            (TargetKind::Slurm, None) => Ok(Target::Slurm),
+            (TargetKind::Local | TargetKind::K8s | TargetKind::Slurm, Some(_)) => {
+                anyhow::bail!("--hostfile is only for --target hostfile")
+            }
         }
     }
 }
@@ -88,7 +95,7 @@ impl Job {
                 argv.extend(["--hostfile".into(), file.display().to_string()]);
                 argv.extend(["--npernode".into(), self.gpus_per_node.to_string()]);
             }
-            Target::K8s => {}
+            Target::K8s | Target::Slurm => {}
         }
         // The store's credentials and endpoint reach remote ranks only when named (Open MPI forwards the
         // variables `-x` names, with mpirun's values): names only, never values, on the command line.

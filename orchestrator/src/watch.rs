@@ -149,6 +149,8 @@ impl Watcher {
         let mut previous_reached: Option<u64> = None;
         // When the previous attempt's failure (or preemption) was detected.
         let mut failed_at: Option<Instant> = None;
+        // The rank-0 process that stopped then, when the job continues in place (a Slurm requeue).
+        let mut failed_pid: Option<u32> = None;
         for number in 0.. {
             // Every rank's of the largest world: a smaller attempt must not read a bigger one's leftovers.
             self.clear_beats();
@@ -188,10 +190,20 @@ impl Watcher {
                         }
                     }
                 }
+                if attempt.waiting() {
+                    // Pending or requeued: no rank runs, none can beat.
+                    changed.iter_mut().for_each(|t| *t = now);
+                }
                 if let Some(Some(b)) = beats.first() {
+                    if b.phase == "preempted" && failed_pid != Some(b.pid) && failed_at.is_none() {
+                        // Stopped for a requeue by the scheduler: the job continues in place.
+                        failed_at = Some(now);
+                        failed_pid = Some(b.pid);
+                    }
                     if let Some(t) = failed_at
                         && b.seq >= 1
                         && b.step > b.resumed_from
+                        && failed_pid != Some(b.pid)
                     {
                         let seconds = t.elapsed().as_secs_f64();
                         tracing::info!(
@@ -200,6 +212,7 @@ impl Watcher {
                         );
                         this.restart_s = Some(seconds);
                         failed_at = None;
+                        failed_pid = None;
                     }
                     bar.set_position(b.step);
                     let msg = progress_message(b);
@@ -252,6 +265,14 @@ impl Watcher {
                 },
                 other => other,
             };
+            let requeues = attempt.requeues();
+            if requeues > 0 {
+                tracing::info!(
+                    attempt = number,
+                    "the scheduler requeued the job {requeues} time(s); it resumed each time"
+                );
+                record.preemptions += requeues;
+            }
             match outcome {
                 Outcome::Succeeded => {
                     bar.finish_and_clear();

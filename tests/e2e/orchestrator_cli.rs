@@ -717,3 +717,72 @@ fn rank_pid(rank: usize, config_name: &str) -> Option<i32> {
     }
     None
 }
+
+/// `--target slurm` against a real one-node Slurm (munged, slurmctld, slurmd started by the test): the job is
+/// submitted with sbatch and runs to the end; then a run that gets the time-limit warning mid-way (SIGUSR1 to the
+/// batch shell, what `--signal=B:USR1@...` sends) checkpoints, requeues itself, resumes and ends with the
+/// uninterrupted run's variables and metrics: no step lost or redone.
+#[test]
+fn slurm_runs_the_job_and_a_warned_job_requeues_and_resumes() {
+    let slurm = match avexpr_tests::slurm::Slurm::start() {
+        Ok(s) => s,
+        Err(reason) => panic!("cannot start Slurm here: {reason}"),
+    };
+    let d = dataset();
+    let submit = |name: &str| {
+        let config = launch_job(&d, name, 60.0);
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("max_restarts: 2}", "max_restarts: 2, slurm: {gpus: false, signal_s: 30}}");
+        std::fs::write(&config, text).unwrap();
+        // One node of the test cluster, two ranks on it.
+        let child = launch(&config, 1)
+            .args(["--gpus-per-node", "2", "--target", "slurm"])
+            .envs(slurm.env())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        (config, child)
+    };
+    // A job asking for more nodes than the partition has fails at once, naming Slurm's reason (not pending
+    // forever under a watcher that waits for it).
+    let config = launch_job(&d, "slurm-too-big", 60.0);
+    let text =
+        std::fs::read_to_string(&config).unwrap().replace("max_restarts: 2}", "max_restarts: 0, slurm: {gpus: false}}");
+    std::fs::write(&config, text).unwrap();
+    let out = launch(&config, 2).args(["--target", "slurm"]).envs(slurm.env()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("cannot start: PartitionNodeLimit"), "{stderr}");
+
+    let (reference, child) = submit("slurm-reference");
+    let (stdout, stderr) = finish(child);
+    assert!(stdout.contains("job succeeded: 1 attempt(s), 0 restart(s)"), "{stdout}\n{stderr}");
+    let script = std::fs::read_to_string(run_dir(&reference).join("slurm-attempt-0.sh")).unwrap();
+    assert!(script.contains("#SBATCH --requeue") && script.contains("#SBATCH --signal=B:USR1@30"), "{script}");
+    assert!(!script.contains("AWS_SECRET_ACCESS_KEY="), "{script}");
+
+    let (warned, mut child) = submit("slurm-warned");
+    wait_for_step(&warned, 0, 150, &mut child);
+    let ids =
+        std::process::Command::new("squeue").args(["-h", "-o", "%i", "-t", "R"]).envs(slurm.env()).output().unwrap();
+    let id = String::from_utf8_lossy(&ids.stdout).trim().to_string();
+    assert!(!id.is_empty() && !id.contains('\n'), "one running job: {id}");
+    let out = std::process::Command::new("scancel")
+        .args(["--batch", "--signal=USR1", &id])
+        .envs(slurm.env())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (stdout, stderr) = finish(child);
+    assert!(
+        stdout.contains("job succeeded: 1 attempt(s), 0 restart(s), 0 step(s) redone after restarts, 1 preemption(s)"),
+        "{stdout}\n{stderr}"
+    );
+    assert_eq!(slurm.job_field(&id, "Restarts").as_deref(), Some("1"), "requeued once");
+    for line in stderr.lines().filter(|l| l.contains("restarted:")) {
+        println!("Slurm restart cost (requeue): {line}");
+    }
+    assert_eq!(max_diff(&variables(&reference, STEPS), &variables(&warned, STEPS)), 0.0);
+    assert_eq!(metrics(&reference), metrics(&warned), "the metrics file continues without repeats or gaps");
+}

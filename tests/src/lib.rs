@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: where cargo put the workspace's binaries.
 
 pub mod jobs;
+pub mod slurm;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -124,6 +124,31 @@ pub struct LaunchSection {
     /// checkpoint store either way; the encoders' directories must exist on every host (like the binaries).
     pub shared_filesystem: bool,
     pub k8s: K8sSection,
+    pub slurm: SlurmSection,
+}
+
+/// `launch.slurm`: what the rendered sbatch script asks of the cluster (`orchestrator launch --target slurm`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlurmSection {
+    /// `--partition` ("": the cluster's default).
+    pub partition: String,
+    /// `--time`, e.g. `24:00:00` ("": the partition's limit). Before it runs out, Slurm sends the warning
+    /// signal; the ranks checkpoint and the job requeues itself and resumes.
+    pub time: String,
+    /// Seconds before the time limit (or a preemption's grace) that the ranks get SIGUSR1: time for a step, an
+    /// evaluation if one is due and a checkpoint write.
+    pub signal_s: u32,
+    /// Ask for `--gpus-per-node` GPUs per node (off for CPU clusters without GPU GRES).
+    pub gpus: bool,
+    /// Extra `#SBATCH` options, e.g. `--account=abaw`, `--qos=normal`.
+    pub sbatch_args: Vec<String>,
+}
+
+impl Default for SlurmSection {
+    fn default() -> Self {
+        Self { partition: String::new(), time: String::new(), signal_s: 300, gpus: true, sbatch_args: Vec::new() }
+    }
 }
 
 impl Default for LaunchSection {
@@ -135,6 +160,7 @@ impl Default for LaunchSection {
             mpirun_args: Vec::new(),
             shared_filesystem: false,
             k8s: K8sSection::default(),
+            slurm: SlurmSection::default(),
         }
     }
 }

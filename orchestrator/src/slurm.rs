@@ -1,0 +1,205 @@
+//! The Slurm target: an sbatch script asking for `--nodes` nodes with `--gpus-per-node` tasks (and GPUs) each,
+//! running `mpirun` inside the allocation (Open MPI reads the allocation from Slurm), submitted with `sbatch`
+//! and followed with `squeue` / `scontrol`.
+//!
+//! Time limits and preemption: the script asks Slurm to send SIGUSR1 to its shell `launch.slurm.signal_s`
+//! seconds before the time limit (`--signal=B:USR1@...`); a preemption sends SIGTERM. The shell passes either
+//! on to mpirun as SIGUSR1, which passes it on to every rank. The ranks agree to stop
+//! after their step, commit its checkpoint and exit with 75 (worker/src/preempt.rs); the script then requeues
+//! the job (`scontrol requeue`, allowed by `--requeue`), which resumes from that checkpoint: no step lost.
+//! The environment reaches the job by name only (`--export=PATH,HOME,AWS_...`): no value is in the script.
+
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::spec::{Job, Outcome};
+
+/// The sbatch script of a launch; `name` is the job's name.
+pub fn render(job: &Job, name: &str) -> String {
+    let s = &job.job.launch.slurm;
+    let mut lines = vec![
+        "#!/bin/bash".to_string(),
+        "# Rendered by `orchestrator launch --target slurm`; resubmitting it as is resumes the job.".into(),
+        format!("#SBATCH --job-name={name}"),
+        format!("#SBATCH --nodes={}", job.nodes),
+        format!("#SBATCH --ntasks-per-node={}", job.gpus_per_node),
+    ];
+    if s.gpus {
+        lines.push(format!("#SBATCH --gpus-per-node={}", job.gpus_per_node));
+    }
+    if !s.partition.is_empty() {
+        lines.push(format!("#SBATCH --partition={}", s.partition));
+    }
+    if !s.time.is_empty() {
+        lines.push(format!("#SBATCH --time={}", s.time));
+    }
+    lines.push("#SBATCH --requeue".into());
+    // To the batch shell, which passes it on to mpirun, which passes it on to every rank.
+    lines.push(format!("#SBATCH --signal=B:USR1@{}", s.signal_s));
+    lines.push("#SBATCH --open-mode=append".into());
+    lines.push(format!("#SBATCH --output={}/slurm-%j.out", absolute(&job.job.run_dir).display()));
+    // Names only: sbatch copies their values from the submitting environment into the job's.
+    let mut export = vec!["PATH".to_string(), "HOME".into(), avexpr_worker::lease::LEASE_ENV.into()];
+    export.extend(avexpr_data::store::aws_environment().into_iter().map(|(name, _)| name));
+    // A cluster configured outside /etc/slurm: the job's own `scontrol requeue` must find it too.
+    if std::env::var_os("SLURM_CONF").is_some() {
+        export.push("SLURM_CONF".into());
+    }
+    lines.push(format!("#SBATCH --export={}", export.join(",")));
+    lines.extend(s.sbatch_args.iter().map(|a| format!("#SBATCH {a}")));
+    lines.push(String::new());
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        lines.push("export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1".into());
+    }
+    let mut argv = job.mpirun_argv();
+    argv.splice(1..1, ["-x".to_string(), avexpr_worker::lease::LEASE_ENV.to_string()]);
+    lines.push(argv.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ") + " &");
+    lines.push("pid=$!".into());
+    lines.push(
+        "# The time-limit warning (USR1) and a preemption (TERM) reach the ranks as USR1 through mpirun: they stop \
+         after their step with a checkpoint."
+            .into(),
+    );
+    lines.push("trap 'kill -USR1 \"$pid\"' USR1 TERM".into());
+    lines.push("while :; do wait \"$pid\"; rc=$?; kill -0 \"$pid\" 2>/dev/null || break; done".into());
+    lines.push(
+        "# 75: the ranks were warned (time limit) or preempted and committed the checkpoint of their last step.".into(),
+    );
+    lines.push(format!(
+        "if [ $rc -eq {} ]; then scontrol requeue \"$SLURM_JOB_ID\" && exit 0; fi",
+        avexpr_worker::preempt::EXIT_PREEMPTED
+    ));
+    lines.push("exit $rc".into());
+    lines.join("\n") + "\n"
+}
+
+fn absolute(path: &std::path::Path) -> std::path::PathBuf {
+    std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn shell_quote(arg: &str) -> String {
+    if !arg.is_empty() && arg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@+".contains(&b)) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
+}
+
+/// Fails (before anything is written) when `sbatch` cannot be run.
+pub fn check_sbatch() -> Result<()> {
+    match Command::new("sbatch").arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => anyhow::bail!("sbatch --version failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => anyhow::bail!("--target slurm needs sbatch on PATH: {e}"),
+    }
+}
+
+/// Submits the script; returns the job id.
+pub fn submit(script: &std::path::Path, lease: &str) -> Result<String> {
+    let out = Command::new("sbatch")
+        .arg("--parsable")
+        .arg(script)
+        .env(avexpr_worker::lease::LEASE_ENV, lease)
+        .output()
+        .context("--target slurm needs sbatch on PATH")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "sbatch {}: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().split(';').next().unwrap_or("").to_string();
+    anyhow::ensure!(!id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()), "sbatch printed no job id: {id}");
+    Ok(id)
+}
+
+/// Pending reasons that waiting does not resolve.
+const NEVER_STARTS: [&str; 6] =
+    ["PartitionNodeLimit", "PartitionConfig", "BadConstraints", "InvalidAccount", "InvalidQOS", "AssocGrp"];
+
+/// One submitted Slurm job.
+#[derive(Debug, Clone)]
+pub struct SlurmJob {
+    pub id: String,
+}
+
+impl SlurmJob {
+    /// `scontrol show job`'s fields.
+    fn fields(&self) -> Option<std::collections::HashMap<String, String>> {
+        let out = Command::new("scontrol").args(["show", "job", "-o", &self.id]).output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        Some(
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+                .collect(),
+        )
+    }
+
+    /// The job's state (`PENDING`, `RUNNING`, `COMPLETED`, ...).
+    pub fn state(&self) -> Option<String> {
+        self.fields().and_then(|f| f.get("JobState").cloned())
+    }
+
+    /// How many times Slurm requeued it.
+    pub fn restarts(&self) -> u32 {
+        self.fields().and_then(|f| f.get("Restarts")?.parse().ok()).unwrap_or(0)
+    }
+
+    /// The outcome once the job has ended; `None` while it is pending, running or requeued. A job pending for
+    /// a reason that no wait resolves (it asks for more than its partition has, an account or QOS it may not
+    /// use) is cancelled and fails with that reason.
+    pub fn outcome(&self) -> Option<Outcome> {
+        let fields = self.fields()?;
+        let state = fields.get("JobState")?.as_str();
+        let reason = fields.get("Reason").map_or("", String::as_str);
+        if state == "PENDING" && NEVER_STARTS.iter().any(|r| reason.starts_with(r)) {
+            self.cancel();
+            return Some(Outcome::Failed(format!(
+                "Slurm job {} cannot start: {reason} (it asks for {} node(s); see `scontrol show job {}`)",
+                self.id,
+                fields.get("NumNodes").map_or("?", String::as_str),
+                self.id
+            )));
+        }
+        let exit = fields.get("ExitCode").cloned().unwrap_or_default();
+        match state {
+            "COMPLETED" => Some(Outcome::Succeeded),
+            "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING" | "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED"
+            | "RESIZING" | "SUSPENDED" | "STOPPED" | "SIGNALING" => None,
+            _ if exit.starts_with(&format!("{}:", avexpr_worker::preempt::EXIT_PREEMPTED)) => Some(Outcome::Preempted),
+            other => Some(Outcome::Failed(format!("Slurm job {} ended {other} (exit code {exit})", self.id))),
+        }
+    }
+
+    /// Waiting for resources (pending, or requeued and pending): no heartbeat is due. Slurm holds a requeued
+    /// job back for two minutes (its BeginTime); ours requeue only with their checkpoint committed, so the hold
+    /// is lifted at once.
+    pub fn waiting(&self) -> bool {
+        let Some(fields) = self.fields() else { return false };
+        let state = fields.get("JobState").map_or("", String::as_str);
+        let requeued = fields.get("Restarts").is_some_and(|r| r != "0");
+        if state == "PENDING" && requeued && fields.get("Reason").is_some_and(|r| r == "BeginTime") {
+            let _ = Command::new("scontrol").args(["update", &format!("JobId={}", self.id), "StartTime=now"]).status();
+        }
+        matches!(state, "PENDING" | "REQUEUED" | "CONFIGURING")
+    }
+
+    /// Asks the ranks to stop after their step with a checkpoint, without requeueing: the job is made
+    /// non-requeueable first, so the script's requeue fails and the job ends with the ranks' 75.
+    pub fn interrupt(&self) {
+        let _ = Command::new("scontrol").args(["update", &format!("JobId={}", self.id), "Requeue=0"]).status();
+        let _ = Command::new("scancel").args(["--batch", "--signal=USR1", &self.id]).status();
+    }
+
+    pub fn cancel(&self) {
+        let status = Command::new("scancel").arg(&self.id).status();
+        if !matches!(status, Ok(s) if s.success()) {
+            tracing::warn!("scancel {} failed: {status:?}", self.id);
+        }
+    }
+}
