@@ -173,14 +173,21 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
     };
     watcher.save(&record)?;
     let mut last_out = None;
+    let mut previous_slurm: Option<crate::slurm::SlurmJob> = None;
     let absolute_run_dir = std::env::current_dir()?.join(&job_cfg.run_dir);
     watcher.run(&job, &mut record, |n| match &k8s_yaml {
         None if target == Target::Slurm => {
+            // Never two jobs on one store: the previous attempt's job is cancelled first (it may have requeued
+            // itself after ending in a state that looked final).
+            if let Some(previous) = previous_slurm.take() {
+                crate::slurm::SlurmJob::cancel(&previous);
+            }
             let script = job_cfg.run_dir.join(format!("slurm-attempt-{n}.sh"));
             std::fs::write(&script, crate::slurm::render(&job, &name)).with_context(|| script.display().to_string())?;
             let id = crate::slurm::submit(&script, &lease_id)?;
             tracing::info!(attempt = n, "submitted {} as Slurm job {id}", script.display());
             let log = absolute_run_dir.join(format!("slurm-{id}.out"));
+            previous_slurm = Some(crate::slurm::SlurmJob { id: id.clone() });
             Ok(Started { attempt: Attempt::Slurm(crate::slurm::SlurmJob { id }), log: Some(log), world })
         }
         None => {

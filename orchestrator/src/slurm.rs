@@ -55,6 +55,14 @@ pub fn render(job: &Job, name: &str) -> String {
     }
     let mut argv = job.mpirun_argv();
     argv.splice(1..1, ["-x".to_string(), avexpr_worker::lease::LEASE_ENV.to_string()]);
+    argv.splice(1..1, ["-x".to_string(), avexpr_worker::preempt::MARKER_ENV.to_string()]);
+    // The ranks say they stopped preempted, with their checkpoint committed, by creating this file: mpirun's exit
+    // code cannot say it (it reports 1 when it ends ranks that have not exited yet).
+    lines.push(format!(
+        "export {}={}/preempted-\"$SLURM_JOB_ID-${{SLURM_RESTART_COUNT:-0}}\"",
+        avexpr_worker::preempt::MARKER_ENV,
+        shell_quote(&absolute(&job.job.run_dir).display().to_string())
+    ));
     lines.push(argv.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ") + " &");
     lines.push("pid=$!".into());
     lines.push(
@@ -64,11 +72,10 @@ pub fn render(job: &Job, name: &str) -> String {
     );
     lines.push("trap 'kill -USR1 \"$pid\"' USR1 TERM".into());
     lines.push("while :; do wait \"$pid\"; rc=$?; kill -0 \"$pid\" 2>/dev/null || break; done".into());
-    lines.push(
-        "# 75: the ranks were warned (time limit) or preempted and committed the checkpoint of their last step.".into(),
-    );
+    lines.push("# The ranks were warned or preempted and committed the checkpoint of their last step: requeue.".into());
     lines.push(format!(
-        "if [ $rc -eq {} ]; then scontrol requeue \"$SLURM_JOB_ID\" && exit 0; fi",
+        "if [ -e \"${}\" ]; then scontrol requeue \"$SLURM_JOB_ID\" && exit 0; exit {}; fi",
+        avexpr_worker::preempt::MARKER_ENV,
         avexpr_worker::preempt::EXIT_PREEMPTED
     ));
     lines.push("exit $rc".into());
@@ -154,6 +161,22 @@ impl SlurmJob {
     /// a reason that no wait resolves (it asks for more than its partition has, an account or QOS it may not
     /// use) is cancelled and fails with that reason.
     pub fn outcome(&self) -> Option<Outcome> {
+        let outcome = self.outcome_now()?;
+        if outcome == Outcome::Succeeded || matches!(&outcome, Outcome::Failed(r) if r.contains("cannot start")) {
+            return Some(outcome);
+        }
+        // A job that requeues itself passes through an ended state (FAILED: the script and its ranks killed by
+        // their own requeue) for as long as they take to go, before it is pending again: an end is believed only
+        // when it lasts.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            self.outcome_now()?;
+        }
+        self.outcome_now()
+    }
+
+    fn outcome_now(&self) -> Option<Outcome> {
         let fields = self.fields()?;
         let state = fields.get("JobState")?.as_str();
         let reason = fields.get("Reason").map_or("", String::as_str);

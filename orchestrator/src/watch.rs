@@ -258,7 +258,10 @@ impl Watcher {
             let outcome = match outcome {
                 Outcome::Failed(reason) => match preempted_at(&beats).filter(|step| self.committed(*step)) {
                     Some(step) => {
-                        tracing::info!(step, "every rank's heartbeat says it stopped preempted, checkpoint committed");
+                        tracing::info!(
+                            step,
+                            "{reason}; every rank's heartbeat says it stopped preempted, checkpoint committed"
+                        );
                         Outcome::Preempted
                     }
                     None => Outcome::Failed(reason),

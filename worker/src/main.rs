@@ -308,6 +308,7 @@ fn main() -> ExitCode {
         Err(e) if e.is::<avexpr_worker::preempt::Preempted>() => {
             // Every rank stops after the same step (they agreed), so every rank finalises.
             tracing::warn!("{e}");
+            avexpr_worker::preempt::write_marker(&e.to_string());
             avexpr_worker::dist::finalize();
             ExitCode::from(avexpr_worker::preempt::EXIT_PREEMPTED)
         }

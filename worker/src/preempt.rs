@@ -12,6 +12,19 @@ use std::sync::{Arc, OnceLock};
 /// The exit code of a preempted rank whose checkpoint is committed (EX_TEMPFAIL: try again).
 pub const EXIT_PREEMPTED: u8 = 75;
 
+/// A file a preempted rank creates (after its checkpoint is committed) when this variable names one: how a
+/// batch script learns it, where mpirun's exit code cannot tell (the Slurm target).
+pub const MARKER_ENV: &str = "AVEXPR_PREEMPTED_MARKER";
+
+/// Creates the [`MARKER_ENV`] file, if one is asked for, saying `what`.
+pub fn write_marker(what: &str) {
+    if let Some(path) = std::env::var_os(MARKER_ENV).filter(|p| !p.is_empty())
+        && let Err(e) = std::fs::write(&path, format!("{what}\n"))
+    {
+        tracing::warn!("{MARKER_ENV}: cannot write {}: {e}", std::path::Path::new(&path).display());
+    }
+}
+
 /// Set from a signal handler when this process is asked to stop.
 #[derive(Clone)]
 pub struct Preemption {
