@@ -58,7 +58,8 @@ fn a_global_batch_that_the_world_cannot_split_names_the_file() {
     assert_eq!(
         e,
         format!(
-            "{}: train.global_batch: 16 is not a multiple of train.micro_batch (8) x ranks (3)",
+            "{}: train.global_batch: 16 is not a multiple of train.micro_batch (8) x ranks (3): its 2 data slots \
+             (global_batch / micro_batch) run on 1, 2 rank(s)",
             quickstart.display()
         )
     );
