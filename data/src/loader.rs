@@ -721,7 +721,7 @@ pub struct Loader {
 /// The names of the loader's threads that panicked. A panicking thread drops its channel ends like a thread
 /// that finished, so without this the stream would just end early: an evaluation would score part of a split.
 #[derive(Clone, Default)]
-struct Panics(Arc<std::sync::Mutex<Vec<String>>>);
+struct Panics(Arc<std::sync::Mutex<Vec<String>>>, Arc<std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>>);
 
 /// Records its thread's name in [`Panics`] when dropped by a panic's unwinding.
 struct PanicGuard {
@@ -740,13 +740,14 @@ impl Drop for PanicGuard {
 impl Panics {
     fn spawn(&self, name: String, f: Box<dyn FnOnce() + Send>) {
         let guard = PanicGuard { thread: name.clone(), panics: self.clone() };
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
                 let _guard = guard;
                 f()
             })
             .expect("spawning a loader thread");
+        self.1.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
     }
 
     /// The next item of a stream fed by these threads: at the stream's end, an error if one of them panicked.
@@ -757,6 +758,25 @@ impl Panics {
         match items.recv() {
             Ok(item) => Some(item),
             Err(_) => {
+                // Every sender is gone. A panicking thread drops its sender while unwinding, before its guard
+                // records the panic: the threads that ended are joined first, so that the record is complete.
+                let ended: Vec<_> = {
+                    let mut handles = self.1.lock().unwrap_or_else(|e| e.into_inner());
+                    let (done, running): (Vec<_>, Vec<_>) = handles.drain(..).partition(|h| h.is_finished());
+                    *handles = running;
+                    done
+                };
+                for h in ended {
+                    let _ = h.join();
+                }
+                // A thread still unwinding: give it a moment to finish.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+                while self.0.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+                    && self.1.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|h| !h.is_finished())
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
                 // The first thread that panicked, reported once; the stream then ends.
                 let thread = self.0.lock().unwrap_or_else(|e| e.into_inner()).drain(..).next()?;
                 Some(Err(LoaderError::ThreadPanicked { thread }))
