@@ -251,3 +251,68 @@ fn a_killed_extraction_resumes_to_the_same_cache() {
         assert!(a == b, "{} differs between the uninterrupted and the resumed extraction", path.display());
     }
 }
+
+/// A rank that reaches the cache while rank 0 has not (rank 0 here is a program that starts MPI and waits):
+/// it writes the key itself (create-only) before any unit, so an extraction of other settings into the same
+/// cache is refused instead of mixing its units with these.
+#[test]
+fn a_rank_alone_at_an_empty_cache_writes_the_key_before_its_units() {
+    let d = dataset();
+    let cache = d.root.join("cache");
+    let config = cached_job(&d, "alone", Some(&cache));
+    // Rank 0: MPI started with the worker's one start-up collective (its host's shared-memory split), then
+    // nothing until killed.
+    let source = d.root.join("waiting_rank.c");
+    std::fs::write(
+        &source,
+        "#include <mpi.h>\n#include <unistd.h>\nint main(int c, char **v) {\n  MPI_Comm local;\n  MPI_Init(&c, &v);\n  \
+         MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local);\n  for (;;) pause();\n}\n",
+    )
+    .unwrap();
+    let waiting = d.root.join("waiting_rank");
+    ok(std::process::Command::new("mpicc").arg(&source).arg("-o").arg(&waiting).output().unwrap());
+    let log = d.root.join("alone.log");
+    let mut child = std::process::Command::new("mpirun")
+        .args(["--oversubscribe", "-np", "1"])
+        .arg(&waiting)
+        .args([":", "-np", "1"])
+        .arg(avexpr_tests::binary("worker").get_program())
+        .args(["extract", "--config"])
+        .arg(&config)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env_remove("LD_LIBRARY_PATH")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // mpirun ends its ranks when terminated (a killed mpirun would leave them waiting forever).
+    let stop = |child: &mut std::process::Child| {
+        // SAFETY: a process this test started.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+    };
+    let units = || walk(&cache).iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")).count();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while units() == 0 {
+        if Instant::now() > deadline {
+            stop(&mut child);
+            panic!("rank 1 wrote no unit: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let key = std::fs::read(cache.join("key.json"));
+    stop(&mut child);
+    assert!(key.is_ok(), "rank 1 wrote units into a cache with no key");
+
+    // Another setting's extraction (alone, so rank 0) finds that key and is refused.
+    let other = d.root.join("alone-48.yaml");
+    std::fs::write(&other, std::fs::read_to_string(&config).unwrap().replace("image_size: 32", "image_size: 48"))
+        .unwrap();
+    let (ok_e, _, stderr) = run({
+        let mut c = mpirun(1, "worker");
+        c.args(["extract", "--config"]).arg(&other);
+        c
+    });
+    assert!(!ok_e && stderr.contains("data.image_size is 48, the cache was made with 32"), "{stderr}");
+}
