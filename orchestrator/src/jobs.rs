@@ -82,7 +82,10 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
     let min_nodes = a.min_nodes.filter(|&m| m < a.nodes);
     if let Some(m) = a.min_nodes {
         anyhow::ensure!((1..=a.nodes).contains(&m), "--min-nodes {m}: must be in 1..=--nodes ({})", a.nodes);
-        anyhow::ensure!(matches!(target, Target::Hostfile(_)), "--min-nodes is for --target hostfile");
+        anyhow::ensure!(
+            matches!(target, Target::Hostfile(_) | Target::K8s),
+            "--min-nodes is for --target hostfile and k8s"
+        );
     }
     if let Target::Hostfile(file) = &target {
         crate::launch::check_hostfile(file, a.nodes)?;
@@ -118,9 +121,10 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
     let name = a.name.clone().unwrap_or_else(|| k8s_name(&config, &run_id));
     let mpijob = k8s::MpiJob { name: name.clone(), namespace: job_cfg.launch.k8s.namespace.clone(), run_id };
     let mut k8s_yaml = None;
+    let mut config_text = String::new();
     if target == Target::K8s {
-        let text = std::fs::read_to_string(&config).with_context(|| config.display().to_string())?;
-        let yaml = k8s::to_yaml(&k8s::render(&job, &name, &text, a.templates.as_deref())?)?;
+        config_text = std::fs::read_to_string(&config).with_context(|| config.display().to_string())?;
+        let yaml = k8s::to_yaml(&k8s::render(&job, &name, &config_text, a.templates.as_deref())?)?;
         if a.dry_run {
             return Ok(yaml);
         }
@@ -174,6 +178,17 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
     watcher.save(&record)?;
     let mut last_out = None;
     let mut previous_slurm: Option<crate::slurm::SlurmJob> = None;
+    let elastic = match (&target, min_nodes) {
+        (Target::K8s, Some(min)) => {
+            let shape = job.clone();
+            Some(k8s::Elastic {
+                fits: std::rc::Rc::new(move |available| crate::launch::fitting_nodes(&shape, min, available)),
+                after: std::time::Duration::from_secs_f64(job_cfg.launch.k8s.unschedulable_s),
+                next_nodes: Default::default(),
+            })
+        }
+        _ => None,
+    };
     let absolute_run_dir = std::env::current_dir()?.join(&job_cfg.run_dir);
     watcher.run(&job, &mut record, |n| match &k8s_yaml {
         None if target == Target::Slurm => {
@@ -205,9 +220,28 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
             })
         }
         Some(yaml) => {
+            // After worker pods stayed unschedulable: the nodes that were placed; otherwise (the first attempt,
+            // and every restart: nodes may be back) all of them.
+            let nodes = elastic.as_ref().and_then(|e| e.next_nodes.take()).unwrap_or(job.nodes);
+            let this = Job { nodes, ..job.clone() };
+            let yaml = match nodes == job.nodes {
+                true => yaml.clone(),
+                false => {
+                    tracing::warn!(
+                        attempt = n,
+                        "running on {nodes} of {} node(s); the global batch stays {}: each rank accumulates {} \
+                         micro-batch(es)",
+                        job.nodes,
+                        job_cfg.train.global_batch,
+                        job_cfg.slots() / this.world_size()
+                    );
+                    k8s::to_yaml(&k8s::render(&this, &name, &config_text, a.templates.as_deref())?)?
+                }
+            };
             mpijob.delete()?;
-            k8s::apply(yaml)?;
-            Ok(Started { attempt: Attempt::K8s(mpijob.clone()), log: None, world })
+            k8s::apply(&yaml)?;
+            let attempt = k8s::K8sAttempt::new(mpijob.clone(), nodes, elastic.clone());
+            Ok(Started { attempt: Attempt::K8s(attempt), log: None, world: this.world_size() })
         }
     })?;
 

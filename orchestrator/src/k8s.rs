@@ -2,9 +2,12 @@
 //! in; `--templates DIR` reads edited copies) by setting fields on the parsed YAML, and applied, followed and
 //! deleted with `kubectl`.
 
+use std::cell::Cell;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde_yaml::{Mapping, Value};
@@ -273,5 +276,167 @@ impl MpiJob {
         if let Err(e) = self.delete() {
             tracing::warn!("{e:#}");
         }
+    }
+}
+
+/// The MPI Operator's labels on a job's pods: the job's name and the pod's role.
+const JOB_NAME_LABEL: &str = "training.kubeflow.org/job-name";
+const JOB_ROLE_LABEL: &str = "training.kubeflow.org/job-role";
+
+/// Where an MPIJob's worker pods stand.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Workers {
+    /// Placed on a node (PodScheduled true).
+    pub scheduled: usize,
+    /// Not running yet, placed or not.
+    pub pending: usize,
+    /// The scheduler's message for each pod it could not place (PodScheduled false, reason Unschedulable).
+    pub unschedulable: Vec<String>,
+}
+
+impl Workers {
+    /// From `kubectl get pods -o json`.
+    pub fn parse(json: &[u8]) -> Result<Workers> {
+        let list: serde_json::Value = serde_json::from_slice(json).context("kubectl get pods: not JSON")?;
+        let mut w = Workers::default();
+        for pod in list["items"].as_array().context("kubectl get pods: no `items`")? {
+            let status = &pod["status"];
+            if status["phase"].as_str() != Some("Running") {
+                w.pending += 1;
+            }
+            let scheduled = status["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["type"].as_str() == Some("PodScheduled"));
+            match scheduled {
+                Some(c) if c["status"].as_str() == Some("True") => w.scheduled += 1,
+                Some(c) if c["reason"].as_str() == Some("Unschedulable") => {
+                    let name = pod["metadata"]["name"].as_str().unwrap_or("?");
+                    w.unschedulable.push(format!("{name}: {}", c["message"].as_str().unwrap_or("no message")));
+                }
+                _ => {}
+            }
+        }
+        Ok(w)
+    }
+}
+
+impl MpiJob {
+    /// Its worker pods, as the MPI Operator labels them.
+    pub fn workers(&self) -> Result<Workers> {
+        let out = Command::new("kubectl")
+            .args(["get", "pods", "-n", &self.namespace, "-o", "json", "-l"])
+            .arg(format!("{JOB_NAME_LABEL}={},{JOB_ROLE_LABEL}=worker", self.name))
+            .output()
+            .context("kubectl get pods")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "kubectl get pods of MPIJob {}/{} failed: {}",
+            self.namespace,
+            self.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Workers::parse(&out.stdout)
+    }
+}
+
+/// An elastic launch's limits (`--min-nodes`): the fewest nodes, and how long a worker pod may stay
+/// unschedulable before the attempt is given up for a smaller one.
+#[derive(Clone)]
+pub struct Elastic {
+    /// The node counts the job can run on, given how many worker pods the cluster placed
+    /// ([`crate::launch::fitting_nodes`]).
+    pub fits: Rc<dyn Fn(usize) -> Option<usize>>,
+    pub after: Duration,
+    /// Set when an attempt ends for want of nodes: the number of nodes the next attempt should ask for.
+    pub next_nodes: Rc<Cell<Option<usize>>>,
+}
+
+/// A running MPIJob attempt: its conditions, and its worker pods while they wait for nodes.
+pub struct K8sAttempt {
+    pub mpijob: MpiJob,
+    pub nodes: usize,
+    pub elastic: Option<Elastic>,
+    unschedulable_since: Option<Instant>,
+    pending: bool,
+}
+
+impl K8sAttempt {
+    pub fn new(mpijob: MpiJob, nodes: usize, elastic: Option<Elastic>) -> K8sAttempt {
+        K8sAttempt { mpijob, nodes, elastic, unschedulable_since: None, pending: true }
+    }
+
+    /// The MPIJob's outcome once it has one; before that, worker pods the scheduler cannot place end an elastic
+    /// attempt after `launch.k8s.unschedulable_s` when the job fits on the pods that were placed.
+    pub fn poll(&mut self) -> Option<Outcome> {
+        if let Some(outcome) = self.mpijob.state() {
+            return Some(outcome);
+        }
+        let workers = match self.mpijob.workers() {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!("{e:#}");
+                return None;
+            }
+        };
+        self.pending = workers.pending > 0;
+        if workers.unschedulable.is_empty() {
+            self.unschedulable_since = None;
+            return None;
+        }
+        let since = *self.unschedulable_since.get_or_insert_with(|| {
+            tracing::warn!(
+                "{} of {} worker pod(s) cannot be scheduled: {}",
+                workers.unschedulable.len(),
+                self.nodes,
+                workers.unschedulable[0]
+            );
+            Instant::now()
+        });
+        let elastic = self.elastic.as_ref()?;
+        let smaller = (elastic.fits)(workers.scheduled).filter(|&n| n < self.nodes)?;
+        if since.elapsed() < elastic.after {
+            return None;
+        }
+        elastic.next_nodes.set(Some(smaller));
+        Some(Outcome::Unschedulable(format!(
+            "{} of {} worker pod(s) unschedulable for {:.0} s (launch.k8s.unschedulable_s; {}); relaunching on {smaller} \
+             node(s)",
+            workers.unschedulable.len(),
+            self.nodes,
+            since.elapsed().as_secs_f64(),
+            workers.unschedulable[0]
+        )))
+    }
+
+    /// Worker pods not running yet: no rank can beat.
+    pub fn waiting(&self) -> bool {
+        self.pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_pods_are_read_as_kubectl_prints_them() {
+        // Abridged from `kubectl get pods -o json` of a cluster with one free node for two worker pods.
+        let json = br#"{"apiVersion": "v1", "kind": "List", "items": [
+          {"metadata": {"name": "j-worker-0", "labels": {"training.kubeflow.org/job-role": "worker"}},
+           "status": {"phase": "Running", "conditions": [
+             {"type": "Initialized", "status": "True"}, {"type": "Ready", "status": "True"},
+             {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-12-02T10:00:00Z"}]}},
+          {"metadata": {"name": "j-worker-1"},
+           "status": {"phase": "Pending", "conditions": [
+             {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+              "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}]}},
+          {"metadata": {"name": "j-worker-2"}, "status": {"phase": "Pending"}}]}"#;
+        let w = Workers::parse(json).unwrap();
+        assert_eq!(w.scheduled, 1);
+        assert_eq!(w.pending, 2);
+        assert_eq!(w.unschedulable, ["j-worker-1: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu."]);
+        assert!(Workers::parse(b"{}").is_err());
     }
 }

@@ -67,6 +67,14 @@ fn reachable(host: &str, mpirun_args: &[String]) -> bool {
     }
 }
 
+/// The most nodes an elastic launch can run on when `available` can take its ranks: at most `--nodes`, at
+/// least `min_nodes`, and a number whose ranks divide the job's data slots (so the global batch stays the same,
+/// each rank accumulating more). `None` when no such number is available.
+pub fn fitting_nodes(job: &Job, min_nodes: usize, available: usize) -> Option<usize> {
+    let slots = job.job.slots();
+    (min_nodes.max(1)..=available.min(job.nodes)).rev().find(|n| slots.is_multiple_of(n * job.gpus_per_node))
+}
+
 /// The shape of attempt `number` of an elastic hostfile launch (`--min-nodes`): the hosts of `hostfile` that
 /// are reachable now, as many as the launch asks for and at least `min_nodes`, and a number of them whose ranks
 /// divide the job's data slots (the global batch stays the same; each rank accumulates more). Hosts come back
@@ -78,20 +86,17 @@ pub fn elastic_job(job: &Job, hostfile: &Path, min_nodes: usize, number: u32) ->
     let (up, down): (Vec<&str>, Vec<&str>) =
         lines.iter().partition(|l| reachable(&host(l), &job.job.launch.mpirun_args));
     let slots = job.job.slots();
-    let nodes = (min_nodes..=up.len().min(job.nodes))
-        .rev()
-        .find(|n| slots.is_multiple_of(n * job.gpus_per_node))
-        .with_context(|| {
-            format!(
-                "--hostfile {}: {} of {} host(s) reachable (unreachable: {}); --min-nodes {min_nodes} with {} rank(s) \
+    let nodes = fitting_nodes(job, min_nodes, up.len()).with_context(|| {
+        format!(
+            "--hostfile {}: {} of {} host(s) reachable (unreachable: {}); --min-nodes {min_nodes} with {} rank(s) \
                  per node needs a number of hosts whose ranks divide the job's {slots} data slots",
-                hostfile.display(),
-                up.len(),
-                job.nodes,
-                down.iter().map(|l| host(l)).collect::<Vec<_>>().join(", "),
-                job.gpus_per_node
-            )
-        })?;
+            hostfile.display(),
+            up.len(),
+            job.nodes,
+            down.iter().map(|l| host(l)).collect::<Vec<_>>().join(", "),
+            job.gpus_per_node
+        )
+    })?;
     if nodes < job.nodes {
         tracing::warn!(
             attempt = number,
@@ -112,8 +117,8 @@ pub fn elastic_job(job: &Job, hostfile: &Path, min_nodes: usize, number: u32) ->
 pub enum Attempt {
     /// mpirun, in its own process group.
     Mpirun { child: Child },
-    /// An applied MPIJob, followed through its conditions.
-    K8s(crate::k8s::MpiJob),
+    /// An applied MPIJob, followed through its conditions and its worker pods.
+    K8s(crate::k8s::K8sAttempt),
     /// A submitted Slurm job (it may requeue itself after a warning or a preemption).
     Slurm(crate::slurm::SlurmJob),
 }
@@ -157,7 +162,7 @@ impl Attempt {
                 Ok(None) => None,
                 Err(e) => Some(Outcome::Failed(format!("cannot wait for mpirun: {e}"))),
             },
-            Attempt::K8s(mpijob) => mpijob.state(),
+            Attempt::K8s(k) => k.poll(),
             Attempt::Slurm(job) => job.outcome(),
         }
     }
@@ -171,15 +176,17 @@ impl Attempt {
             Attempt::Mpirun { child } => unsafe {
                 libc::kill(child.id() as i32, libc::SIGUSR1);
             },
-            Attempt::K8s(mpijob) => mpijob.delete_or_warn(),
+            Attempt::K8s(k) => k.mpijob.delete_or_warn(),
             Attempt::Slurm(job) => job.interrupt(),
         }
     }
 
-    /// Whether the attempt waits for resources (a Slurm job pending or requeued): its ranks cannot beat.
+    /// Whether the attempt waits for resources (a Slurm job pending or requeued, worker pods not running yet):
+    /// its ranks cannot beat.
     pub fn waiting(&self) -> bool {
         match self {
             Attempt::Slurm(job) => job.waiting(),
+            Attempt::K8s(k) => k.waiting(),
             _ => false,
         }
     }
@@ -235,7 +242,7 @@ impl Attempt {
                 }
                 let _ = child.wait();
             }
-            Attempt::K8s(mpijob) => mpijob.delete_or_warn(),
+            Attempt::K8s(k) => k.mpijob.delete_or_warn(),
             Attempt::Slurm(job) => job.cancel(),
         }
     }

@@ -62,9 +62,10 @@ enum Command {
         /// The MPIJob's name (default: avexpr-<config stem>-<hash of checkpoint.uri>).
         #[arg(long)]
         name: Option<String>,
-        /// Hostfile launches: when hosts cannot be reached, relaunch on those that remain, down to this many
-        /// (the global batch stays the same: each rank accumulates more); hosts that answer again rejoin at the
-        /// next restart. Default: --nodes (not elastic).
+        /// Elastic launch: when hosts of the hostfile cannot be reached, or Kubernetes cannot schedule worker
+        /// pods for launch.k8s.unschedulable_s, relaunch on the nodes that remain, down to this many (the global
+        /// batch stays the same: each rank accumulates more); nodes that come back rejoin at the next restart.
+        /// Default: --nodes (not elastic).
         #[arg(long)]
         min_nodes: Option<usize>,
     },

@@ -116,6 +116,9 @@ pub enum Outcome {
     /// The ranks were asked to stop (SIGTERM or SIGUSR1 to one of them: an eviction, a spot reclaim, Slurm's
     /// warning), committed a checkpoint of their last step and exited with the worker's `EXIT_PREEMPTED`.
     Preempted,
+    /// Worker pods stayed unschedulable and an elastic launch (`--min-nodes`) can run on the ones that were
+    /// placed: the attempt is relaunched smaller (not a failure; nothing of it ran).
+    Unschedulable(String),
     Failed(String),
 }
 

@@ -322,6 +322,16 @@ impl Watcher {
                     record.preemptions += 1;
                     self.save(record)?;
                 }
+                Outcome::Unschedulable(reason) => {
+                    // Nothing of it ran: not a failure, and no rank to wait for.
+                    attempt.stop(&[]);
+                    tracing::warn!(attempt = number, "{reason}");
+                    this.outcome = format!("unschedulable: {reason}");
+                    failed_at = Some(Instant::now());
+                    previous_reached = Some(this.reached_step.max(previous_reached.unwrap_or(0)));
+                    record.attempts.push(this);
+                    self.save(record)?;
+                }
                 Outcome::Failed(reason) => {
                     failed_at = Some(Instant::now());
                     let pids = self.local_pids(&beats);

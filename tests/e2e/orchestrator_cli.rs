@@ -802,3 +802,196 @@ fn slurm_runs_the_job_and_a_warned_job_requeues_and_resumes() {
     assert_eq!(max_diff(&variables(&reference, STEPS), &variables(&warned, STEPS)), 0.0);
     assert_eq!(metrics(&reference), metrics(&warned), "the metrics file continues without repeats or gaps");
 }
+
+/// In place of `kubectl`: a one-namespace cluster of `capacity` nodes (a file the test rewrites) that runs an
+/// applied MPIJob's launcher command here once every worker pod fits (the MPI Operator's WaitForWorkersReady),
+/// and reports pods that do not fit as the scheduler does (PodScheduled False, reason Unschedulable).
+const KUBECTL_STANDIN: &str = r#"
+import json, os, signal, subprocess, sys, time, yaml
+state = os.environ["KUBECTL_STANDIN_DIR"]
+path = lambda name: os.path.join(state, name)
+with open(path("calls"), "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\n")
+def load():
+    try:
+        return json.load(open(path("job.json")))
+    except FileNotFoundError:
+        return None
+def save(job):
+    json.dump(job, open(path("job.json"), "w"))
+def capacity():
+    return int(open(path("capacity")).read())
+def maybe_launch(job):
+    if job is None or job.get("pid") or job["replicas"] > capacity():
+        return job
+    args = [path("job.yaml") if a == "/etc/avexpr/job.yaml" else a for a in job["args"]]
+    rc = path("rc-%d" % job["number"])
+    log = open(path("launcher-%d.log" % job["number"]), "w")
+    p = subprocess.Popen(["sh", "-c", 'mpirun --oversubscribe "$@"; echo $? > ' + rc, "sh"] + args,
+                         stdout=log, stderr=log, start_new_session=True)
+    job.update(pid=p.pid, rc=rc)
+    save(job)
+    return job
+cmd = sys.argv[1:]
+job = maybe_launch(load())
+if cmd[0] == "version":
+    sys.exit(0)
+if cmd[:2] == ["get", "mpijob"]:
+    if any(a.startswith("-o=jsonpath={.metadata.labels") for a in cmd):
+        print(job["run_id"] + "|" if job else "", end="")
+    elif job:
+        rc = job.get("rc")
+        if rc and os.path.exists(rc) and open(rc).read().strip():
+            print("Succeeded" if open(rc).read().strip() == "0" else "Failed", end="")
+        else:
+            print("Running" if job.get("pid") else "Created", end="")
+    sys.exit(0)
+if cmd[:2] == ["get", "pods"]:
+    items = []
+    for i in range((job or {}).get("replicas", 0)):
+        fits = i < capacity()
+        cond = {"type": "PodScheduled", "status": "True"} if fits else {
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/%d nodes are available: %d Insufficient cpu." % (capacity(), capacity())}
+        phase = "Running" if fits and job.get("pid") else "Pending"
+        items.append({"metadata": {"name": "%s-worker-%d" % (job["name"], i)},
+                      "status": {"phase": phase, "conditions": [cond]}})
+    print(json.dumps({"items": items}))
+    sys.exit(0)
+if cmd[0] == "apply":
+    try:
+        number = json.load(open(path("last.json")))["number"] + 1
+    except FileNotFoundError:
+        number = 0
+    json.dump({"number": number}, open(path("last.json"), "w"))
+    for doc in yaml.safe_load_all(sys.stdin):
+        if doc["kind"] == "ConfigMap":
+            open(path("job.yaml"), "w").write(doc["data"]["job.yaml"])
+        if doc["kind"] == "MPIJob":
+            spec = doc["spec"]["mpiReplicaSpecs"]
+            job = {"name": doc["metadata"]["name"], "run_id": doc["metadata"]["labels"]["avexpr.io/run-id"],
+                   "replicas": spec["Worker"]["replicas"], "number": number,
+                   "args": spec["Launcher"]["template"]["spec"]["containers"][0]["args"]}
+    save(job)
+    maybe_launch(job)
+    sys.exit(0)
+if cmd[0] == "delete":
+    if job and job.get("pid"):
+        try:
+            os.killpg(job["pid"], signal.SIGTERM)
+            for _ in range(100):
+                os.killpg(job["pid"], 0)
+                time.sleep(0.1)
+            os.killpg(job["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if job:
+        os.replace(path("job.json"), path("deleted-%d.json" % job["number"]))
+    sys.exit(0)
+sys.exit("kubectl stand-in: unknown command " + " ".join(cmd))
+"#;
+
+/// Kubernetes, elastic (`--min-nodes`): worker pods the cluster cannot schedule end the attempt after
+/// `launch.k8s.unschedulable_s`, the job runs on the nodes it has with the global batch unchanged, and grows back
+/// at the next restart when nodes return. No cluster here: `kubectl` is a stand-in that runs the MPIJob's real
+/// launcher command (mpirun of the workers) on this machine against Garage; the result equals a local 2-rank run's
+/// bitwise.
+#[test]
+fn k8s_elastic_launch_runs_on_the_pods_it_gets_and_grows_back() {
+    let d = dataset();
+    let steps = 40;
+    let reference = job(&d, "k8s-reference", steps, "");
+    ok(launch(&reference, 2).output().unwrap());
+
+    use avexpr_data::garage::{BUCKET, Garage};
+    let garage = Garage::start();
+    let shards = format!("s3://{BUCKET}/shards");
+    ok(binary("data")
+        .args(["ingest", "--segment-frames", "16", "--shard-frames", "32", "--root"])
+        .arg(d.root.join("affwild2"))
+        .args(["--out", &shards])
+        .envs(garage.env())
+        .output()
+        .unwrap());
+    let uri = format!("s3://{BUCKET}/k8s-elastic");
+    let config = job(
+        &d,
+        "k8s-elastic",
+        steps,
+        "launch: {heartbeat_every_s: 0.2, heartbeat_timeout_s: 60, max_restarts: 2, k8s: {image: \
+         'registry.example.org/avexpr/worker@sha256:0123', gpu_resource: '', unschedulable_s: 2}}\n",
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&d.shards.display().to_string(), &shards)
+        .replace("checkpoint: {every: 2,", &format!("checkpoint: {{uri: '{uri}', every: 2,"));
+    std::fs::write(&config, text).unwrap();
+
+    let bin = d.root.join("bin");
+    let state = d.root.join("cluster");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    let python = std::env::var("AVEXPR_PYTHON").unwrap_or_else(|_| "python3".into());
+    std::fs::write(bin.join("kubectl"), format!("#!{python}{KUBECTL_STANDIN}")).unwrap();
+    std::fs::set_permissions(bin.join("kubectl"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(binary("worker").get_program(), bin.join("worker")).unwrap();
+    // One node of the two the job asks for.
+    std::fs::write(state.join("capacity"), "1").unwrap();
+    let mut child = binary("orchestrator")
+        .args(["launch", "--target", "k8s", "--nodes", "2", "--min-nodes", "1", "--gpus-per-node", "1", "--config"])
+        .arg(&config)
+        .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()))
+        .env("KUBECTL_STANDIN_DIR", &state)
+        .envs(garage.env())
+        .env("AWS_REGION", avexpr_data::garage::REGION)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env_remove("LD_LIBRARY_PATH")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let store = garage.store(&uri);
+    let rank_0 = || {
+        store
+            .blocking()
+            .get("heartbeats/rank-0.json")
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .filter(|b| b["world_size"].as_u64() == Some(1))
+    };
+    // The attempt on the one node that fits gets going; then the second node is back and the rank dies.
+    let started = Instant::now();
+    let pid = loop {
+        if let Some(b) = rank_0()
+            && b["step"].as_u64().unwrap_or(0) >= 10
+        {
+            break b["pid"].as_u64().unwrap() as i32;
+        }
+        if child.try_wait().unwrap().is_some() || started.elapsed() > Duration::from_secs(180) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("no progress on one node:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::fs::write(state.join("capacity"), "2").unwrap();
+    // SAFETY: a rank this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let (stdout, stderr) = finish(child);
+    assert!(stdout.contains("job succeeded: 3 attempt(s), 1 restart(s)"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("1 of 2 worker pod(s) unschedulable"), "{stderr}");
+    for line in stderr.lines().filter(|l| l.contains("restarted:") || l.contains("unschedulable for")) {
+        println!("{line}");
+    }
+    let out = binary("orchestrator").args(["status"]).arg(&config).envs(garage.env()).output().unwrap();
+    let status = String::from_utf8_lossy(&out.stdout).into_owned();
+    for line in ["attempt 0: 2 rank(s)", "attempt 1: 1 rank(s)", "attempt 2: 2 rank(s)"] {
+        assert!(status.contains(line), "{line}: {status}");
+    }
+    assert!(status.contains("unschedulable: 1 of 2 worker pod(s)"), "{status}");
+    let file = d.root.join("k8s-elastic.safetensors");
+    std::fs::write(&file, store.blocking().get(&format!("step-{steps:08}/variables.safetensors")).unwrap()).unwrap();
+    let vars = tch::Tensor::read_safetensors(&file).unwrap().into_iter().collect();
+    assert_eq!(max_diff(&variables(&reference, steps), &vars), 0.0);
+}

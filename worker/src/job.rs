@@ -184,6 +184,9 @@ pub struct K8sSection {
     pub cache_pvc: String,
     /// The extended resource that counts GPUs (`nvidia.com/gpu`); "" for CPU-only pods.
     pub gpu_resource: String,
+    /// An elastic launch (`--min-nodes`): how long a worker pod may stay unschedulable before the attempt is
+    /// relaunched on the worker pods the cluster did place (a pod merely waiting for its image is not counted).
+    pub unschedulable_s: f64,
 }
 
 impl Default for K8sSection {
@@ -196,6 +199,7 @@ impl Default for K8sSection {
             s3_secret: "avexpr-s3".into(),
             cache_pvc: String::new(),
             gpu_resource: "nvidia.com/gpu".into(),
+            unschedulable_s: 300.0,
         }
     }
 }
@@ -332,6 +336,9 @@ impl JobConfig {
                 "launch.heartbeat_timeout_s",
                 format!("must be at least 3 x launch.heartbeat_every_s ({})", l.heartbeat_every_s),
             ));
+        }
+        if !(l.k8s.unschedulable_s > 0.0 && l.k8s.unschedulable_s.is_finite()) {
+            return Err(("launch.k8s.unschedulable_s", "must be a positive number of seconds".into()));
         }
         Ok(())
     }
