@@ -202,8 +202,8 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
             let id = crate::slurm::submit(&script, &lease_id)?;
             tracing::info!(attempt = n, "submitted {} as Slurm job {id}", script.display());
             let log = absolute_run_dir.join(format!("slurm-{id}.out"));
-            previous_slurm = Some(crate::slurm::SlurmJob { id: id.clone() });
-            Ok(Started { attempt: Attempt::Slurm(crate::slurm::SlurmJob { id }), log: Some(log), world })
+            previous_slurm = Some(crate::slurm::SlurmJob::new(id.clone()));
+            Ok(Started { attempt: Attempt::Slurm(crate::slurm::SlurmJob::new(id)), log: Some(log), world })
         }
         None => {
             let out = job_cfg.run_dir.join(format!("attempt-{n}.out"));

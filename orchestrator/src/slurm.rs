@@ -73,10 +73,17 @@ pub fn render(job: &Job, name: &str) -> String {
     lines.push("trap 'kill -USR1 \"$pid\"' USR1 TERM".into());
     lines.push("while :; do wait \"$pid\"; rc=$?; kill -0 \"$pid\" 2>/dev/null || break; done".into());
     lines.push("# The ranks were warned or preempted and committed the checkpoint of their last step: requeue.".into());
+    lines.push(format!("if [ -e \"${}\" ]; then", avexpr_worker::preempt::MARKER_ENV));
+    lines.push("  echo \"avexpr: the ranks stopped preempted with a checkpoint: requeueing job $SLURM_JOB_ID\"".into());
+    lines.push("  scontrol requeue \"$SLURM_JOB_ID\" && exit 0".into());
     lines.push(format!(
-        "if [ -e \"${}\" ]; then scontrol requeue \"$SLURM_JOB_ID\" && exit 0; exit {}; fi",
-        avexpr_worker::preempt::MARKER_ENV,
+        "  echo \"avexpr: scontrol requeue failed ($?)\"; exit {}",
         avexpr_worker::preempt::EXIT_PREEMPTED
+    ));
+    lines.push("fi".into());
+    lines.push(format!(
+        "echo \"avexpr: mpirun ended with $rc, no preemption marker (${})\"",
+        avexpr_worker::preempt::MARKER_ENV
     ));
     lines.push("exit $rc".into());
     lines.join("\n") + "\n"
@@ -126,13 +133,28 @@ pub fn submit(script: &std::path::Path, lease: &str) -> Result<String> {
 const NEVER_STARTS: [&str; 6] =
     ["PartitionNodeLimit", "PartitionConfig", "BadConstraints", "InvalidAccount", "InvalidQOS", "AssocGrp"];
 
+/// Seconds after a requeue before the job may start again. Not 0: a node refuses a job credential created
+/// within the second in which it revoked the job's previous one (the requeue's kill), and the job then ends
+/// FAILED ("Killing non-startable batch JobId=N: Job credential revoked" in slurmctld's log; it happened in about
+/// half the test runs when the hold was lifted with StartTime=now). Slurm's own hold exists for this reason.
+pub const REQUEUE_START_S: u32 = 2;
+
 /// One submitted Slurm job.
 #[derive(Debug, Clone)]
 pub struct SlurmJob {
     pub id: String,
+    /// The requeue (Slurm's restart count) whose hold was last shortened.
+    hold_lifted_for: std::cell::Cell<u32>,
+    /// When to ask Slurm to schedule the job once its shortened hold has passed (a begin time that passes
+    /// triggers nothing: the job would wait for the scheduler's next periodic pass, 30 s or more).
+    nudge_at: std::cell::Cell<Option<std::time::Instant>>,
 }
 
 impl SlurmJob {
+    pub fn new(id: String) -> SlurmJob {
+        SlurmJob { id, hold_lifted_for: std::cell::Cell::new(0), nudge_at: std::cell::Cell::new(None) }
+    }
+
     /// `scontrol show job`'s fields.
     fn fields(&self) -> Option<std::collections::HashMap<String, String>> {
         let out = Command::new("scontrol").args(["show", "job", "-o", &self.id]).output().ok()?;
@@ -145,6 +167,16 @@ impl SlurmJob {
                 .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
                 .collect(),
         )
+    }
+
+    /// State, reason, exit code and restarts, for the log.
+    fn fields_brief(&self) -> String {
+        let Some(f) = self.fields() else { return "unknown".into() };
+        ["JobState", "Reason", "ExitCode", "Restarts"]
+            .iter()
+            .map(|k| format!("{k}={}", f.get(*k).map_or("?", String::as_str)))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// The job's state (`PENDING`, `RUNNING`, `COMPLETED`, ...).
@@ -168,6 +200,7 @@ impl SlurmJob {
         // A job that requeues itself passes through an ended state (FAILED: the script and its ranks killed by
         // their own requeue) for as long as they take to go, before it is pending again: an end is believed only
         // when it lasts.
+        tracing::info!("Slurm job {} looks ended ({:?}); believed if that lasts 20 s", self.id, self.fields_brief());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(500));
@@ -201,13 +234,24 @@ impl SlurmJob {
 
     /// Waiting for resources (pending, or requeued and pending): no heartbeat is due. Slurm holds a requeued
     /// job back for two minutes (its BeginTime); ours requeue only with their checkpoint committed, so the hold
-    /// is lifted at once.
+    /// is shortened to [`REQUEUE_START_S`], once per requeue.
     pub fn waiting(&self) -> bool {
         let Some(fields) = self.fields() else { return false };
         let state = fields.get("JobState").map_or("", String::as_str);
-        let requeued = fields.get("Restarts").is_some_and(|r| r != "0");
-        if state == "PENDING" && requeued && fields.get("Reason").is_some_and(|r| r == "BeginTime") {
+        let restarts: u32 = fields.get("Restarts").and_then(|r| r.parse().ok()).unwrap_or(0);
+        if state == "PENDING"
+            && restarts > self.hold_lifted_for.get()
+            && fields.get("Reason").is_some_and(|r| r == "BeginTime")
+        {
+            let start = format!("StartTime=now+{REQUEUE_START_S}");
+            let _ = Command::new("scontrol").args(["update", &format!("JobId={}", self.id), &start]).status();
+            self.hold_lifted_for.set(restarts);
+            let after = std::time::Duration::from_millis(REQUEUE_START_S as u64 * 1000 + 500);
+            self.nudge_at.set(Some(std::time::Instant::now() + after));
+        } else if state == "PENDING" && self.nudge_at.get().is_some_and(|t| std::time::Instant::now() >= t) {
+            // An update is an event the scheduler acts on at once.
             let _ = Command::new("scontrol").args(["update", &format!("JobId={}", self.id), "StartTime=now"]).status();
+            self.nudge_at.set(None);
         }
         matches!(state, "PENDING" | "REQUEUED" | "CONFIGURING")
     }

@@ -1,6 +1,8 @@
-//! A real one-node Slurm cluster for the tests: munged, slurmctld and slurmd from Debian's packages (installed
-//! by scripts/setup), started as this user in a temporary directory with their own munge key, ports, state and
-//! `slurm.conf`; stopped when dropped. Commands that talk to it need [`Slurm::env`] (`SLURM_CONF`).
+//! A real Slurm cluster for the tests: munged, slurmctld and slurmd from Debian's packages (installed by
+//! scripts/setup), started as this user in a temporary directory with their own munge key, ports, state and
+//! `slurm.conf`; stopped when dropped. One node on this machine ([`Slurm::start`]), or one node per network
+//! namespace ([`Slurm::start_on`]: a slurmd in each, the controller in the first). Commands that talk to it are
+//! made by [`Slurm::command`] (`SLURM_CONF`, and the first namespace when there are several).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -9,6 +11,15 @@ use std::time::{Duration, Instant};
 pub struct Slurm {
     dir: tempfile::TempDir,
     pub conf: PathBuf,
+    /// The network namespace of the controller (and of the commands that talk to it), if any.
+    netns: Option<String>,
+}
+
+/// A node of the test cluster: its Slurm name and address, and the network namespace its slurmd runs in.
+struct Node {
+    name: String,
+    addr: String,
+    netns: Option<String>,
 }
 
 fn free_port() -> u16 {
@@ -16,8 +27,25 @@ fn free_port() -> u16 {
 }
 
 impl Slurm {
-    /// Starts the cluster and waits until its node is idle; `Err` says what is missing or failed.
+    /// Starts a one-node cluster (this machine) and waits until its node is idle; `Err` says what is missing or
+    /// failed.
     pub fn start() -> Result<Slurm, String> {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
+        Self::start_nodes(vec![Node { name: host, addr: "127.0.0.1".into(), netns: None }])
+    }
+
+    /// Starts a cluster of one node per `(network namespace, address)`, named n0, n1, ...: each node's slurmd
+    /// runs in its namespace, the controller in the first; waits until every node is idle.
+    pub fn start_on(hosts: &[(&str, &str)]) -> Result<Slurm, String> {
+        let nodes = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, (ns, addr))| Node { name: format!("n{i}"), addr: addr.to_string(), netns: Some(ns.to_string()) })
+            .collect();
+        Self::start_nodes(nodes)
+    }
+
+    fn start_nodes(nodes: Vec<Node>) -> Result<Slurm, String> {
         for bin in ["/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/bin/sbatch"] {
             if !std::path::Path::new(bin).is_file() {
                 return Err(format!("{bin} not found: run scripts/setup (it installs Slurm and munge)"));
@@ -53,28 +81,53 @@ impl Slurm {
         let user = Command::new("id").arg("-un").output().map_err(|e| e.to_string())?;
         let user = String::from_utf8_lossy(&user.stdout).trim().to_string();
         let conf = d.join("slurm.conf");
-        let text = format!(
-            "ClusterName=avexpr\nSlurmctldHost={host}(127.0.0.1)\nSlurmctldPort={ctld}\nSlurmdPort={slurmd}\n\
+        let several = nodes.len() > 1;
+        // Several daemons share this file system: their spool, pid and log files are per node (%n).
+        let per_node = if several { "-%n" } else { "" };
+        let mut text = format!(
+            "ClusterName=avexpr\nSlurmctldHost={host}({ctld_addr})\nSlurmctldPort={ctld}\nSlurmdPort={slurmd}\n\
              AuthType=auth/munge\nAuthInfo=socket={socket}\nCredType=cred/munge\nSlurmUser={user}\nSlurmdUser={user}\n\
-             StateSaveLocation={d}/state\nSlurmdSpoolDir={d}/spool\nSlurmctldPidFile={d}/slurmctld.pid\n\
-             SlurmdPidFile={d}/slurmd.pid\nSlurmctldLogFile={d}/log/slurmctld.log\nSlurmdLogFile={d}/log/slurmd.log\n\
+             StateSaveLocation={d}/state\nSlurmdSpoolDir={d}/spool{per_node}\nSlurmctldPidFile={d}/slurmctld.pid\n\
+             SlurmdPidFile={d}/slurmd{per_node}.pid\nSlurmctldLogFile={d}/log/slurmctld.log\n\
+             SlurmdLogFile={d}/log/slurmd{per_node}.log\n\
              ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\nJobAcctGatherType=jobacct_gather/none\n\
              AccountingStorageType=accounting_storage/none\nSelectType=select/cons_tres\nSelectTypeParameters=CR_CPU\n\
-             MpiDefault=none\nReturnToService=2\nKillWait=30\nMinJobAge=600\nSchedulerType=sched/backfill\n\
-             NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN\n\
-             PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4\n",
+             MpiDefault=none\nReturnToService=2\nKillWait=30\nMinJobAge=600\nSchedulerType=sched/backfill\n",
+            ctld_addr = nodes[0].addr,
             ctld = free_port(),
             slurmd = free_port(),
             socket = socket.display(),
             d = d.display(),
         );
+        for n in &nodes {
+            text += &format!("NodeName={} NodeAddr={} CPUs={cpus} State=UNKNOWN\n", n.name, n.addr);
+        }
+        let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+        text += &format!(
+            "PartitionName=debug Nodes={} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4\n",
+            names.join(",")
+        );
         std::fs::write(&conf, text).map_err(|e| e.to_string())?;
-        let slurm = Slurm { dir, conf };
-        run(Command::new("/usr/sbin/slurmctld").arg("-c").envs(slurm.env()))?;
-        run(Command::new("/usr/sbin/slurmd").envs(slurm.env()))?;
+        for n in nodes.iter().filter(|_| several) {
+            std::fs::create_dir_all(d.join(format!("spool-{}", n.name))).map_err(|e| e.to_string())?;
+        }
+        let slurm = Slurm { dir, conf, netns: nodes[0].netns.clone() };
+        run(slurm.command("/usr/sbin/slurmctld").arg("-c"))?;
+        for n in &nodes {
+            let mut cmd = in_netns(n.netns.as_deref(), "/usr/sbin/slurmd");
+            cmd.envs(slurm.env());
+            if several {
+                cmd.args(["-N", &n.name]);
+            }
+            run(&mut cmd).map_err(|e| {
+                let log = if several { format!("slurmd-{}.log", n.name) } else { "slurmd.log".into() };
+                let text = std::fs::read_to_string(slurm.dir.path().join("log").join(&log)).unwrap_or_default();
+                format!("{e}\n{log}:\n{text}")
+            })?;
+        }
         let start = Instant::now();
         loop {
-            let out = Command::new("sinfo").args(["-h", "-o", "%T"]).envs(slurm.env()).output();
+            let out = slurm.command("sinfo").args(["-h", "-o", "%T"]).output();
             if out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "idle") {
                 return Ok(slurm);
             }
@@ -90,9 +143,16 @@ impl Slurm {
         vec![("SLURM_CONF", self.conf.display().to_string())]
     }
 
+    /// `program` with this cluster's environment, in the controller's network namespace if it has one.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = in_netns(self.netns.as_deref(), program);
+        cmd.envs(self.env());
+        cmd
+    }
+
     /// `scontrol show job -o ID`'s field `key`.
     pub fn job_field(&self, id: &str, key: &str) -> Option<String> {
-        let out = Command::new("scontrol").args(["show", "job", "-o", id]).envs(self.env()).output().ok()?;
+        let out = self.command("scontrol").args(["show", "job", "-o", id]).output().ok()?;
         String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
             .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_string))
@@ -105,16 +165,38 @@ impl Drop for Slurm {
         let user =
             Command::new("id").arg("-un").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
         if let Ok(user) = user {
-            let _ = Command::new("scancel").arg(format!("--user={user}")).envs(self.env()).status();
+            let _ = self.command("scancel").arg(format!("--user={user}")).status();
             std::thread::sleep(Duration::from_secs(1));
         }
-        for daemon in ["slurmd", "slurmctld", "munged"] {
-            let pid = std::fs::read_to_string(self.dir.path().join(format!("{daemon}.pid")));
-            if let Ok(pid) = pid.as_deref().unwrap_or("").trim().parse::<i32>() {
+        // Every slurmd's (slurmd.pid, or slurmd-<node>.pid each), then the controller's and munge's.
+        let mut pid_files: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("slurmd")))
+            .filter(|p| p.extension().is_some_and(|e| e == "pid"))
+            .collect();
+        pid_files.extend(["slurmctld.pid", "munged.pid"].map(|f| self.dir.path().join(f)));
+        for file in pid_files {
+            if let Ok(pid) = std::fs::read_to_string(file).unwrap_or_default().trim().parse::<i32>() {
                 // SAFETY: a daemon this helper started.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
             }
         }
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `program`, run in the network namespace `netns` (of `ip netns`) when there is one. Entered with nsenter, not
+/// `ip netns exec`, which would mount a /sys of its own without the cgroup file system slurmd needs.
+fn in_netns(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/run/netns/{ns}")).arg(program);
+            cmd
+        }
+        None => Command::new(program),
     }
 }
