@@ -244,19 +244,21 @@ impl Store {
     }
 
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        self.retrying(key, || async {
-            let got = self.inner.get(&self.path(key)).await.map_err(|e| self.request_err(key, e))?;
-            got.bytes().await.map_err(|e| self.request_err(key, e))
-        })
-        .await
+        self.get_checked(key, None).await
     }
 
     /// [`Store::get`] of an object whose size is known (a manifest's shard, a commit's object): the size the
     /// response declares is compared first, so an object of another size is never downloaded.
     pub async fn get_sized(&self, key: &str, expected: u64) -> Result<Bytes, StoreError> {
+        self.get_checked(key, Some(expected)).await
+    }
+
+    async fn get_checked(&self, key: &str, expected: Option<u64>) -> Result<Bytes, StoreError> {
         self.retrying(key, || async {
             let got = self.inner.get(&self.path(key)).await.map_err(|e| self.request_err(key, e))?;
-            if got.meta.size != expected {
+            if let Some(expected) = expected
+                && got.meta.size != expected
+            {
                 return Err(StoreError::Size {
                     uri: self.uri.clone(),
                     key: key.to_string(),
