@@ -169,21 +169,6 @@ impl SlurmJob {
         )
     }
 
-    /// State, reason, exit code and restarts, for the log.
-    fn fields_brief(&self) -> String {
-        let Some(f) = self.fields() else { return "unknown".into() };
-        ["JobState", "Reason", "ExitCode", "Restarts"]
-            .iter()
-            .map(|k| format!("{k}={}", f.get(*k).map_or("?", String::as_str)))
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-
-    /// The job's state (`PENDING`, `RUNNING`, `COMPLETED`, ...).
-    pub fn state(&self) -> Option<String> {
-        self.fields().and_then(|f| f.get("JobState").cloned())
-    }
-
     /// How many times Slurm requeued it.
     pub fn restarts(&self) -> u32 {
         self.fields().and_then(|f| f.get("Restarts")?.parse().ok()).unwrap_or(0)
@@ -193,14 +178,19 @@ impl SlurmJob {
     /// a reason that no wait resolves (it asks for more than its partition has, an account or QOS it may not
     /// use) is cancelled and fails with that reason.
     pub fn outcome(&self) -> Option<Outcome> {
-        let outcome = self.outcome_now()?;
+        let fields = self.fields()?;
+        let outcome = self.outcome_of(&fields)?;
         if outcome == Outcome::Succeeded || matches!(&outcome, Outcome::Failed(r) if r.contains("cannot start")) {
             return Some(outcome);
         }
         // A job that requeues itself passes through an ended state (FAILED: the script and its ranks killed by
         // their own requeue) for as long as they take to go, before it is pending again: an end is believed only
         // when it lasts.
-        tracing::info!("Slurm job {} looks ended ({:?}); believed if that lasts 20 s", self.id, self.fields_brief());
+        let brief: Vec<String> = ["JobState", "Reason", "ExitCode", "Restarts"]
+            .iter()
+            .map(|k| format!("{k}={}", fields.get(*k).map_or("?", String::as_str)))
+            .collect();
+        tracing::info!("Slurm job {} looks ended ({}); believed if that lasts 20 s", self.id, brief.join(" "));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(500));
@@ -210,7 +200,10 @@ impl SlurmJob {
     }
 
     fn outcome_now(&self) -> Option<Outcome> {
-        let fields = self.fields()?;
+        self.outcome_of(&self.fields()?)
+    }
+
+    fn outcome_of(&self, fields: &std::collections::HashMap<String, String>) -> Option<Outcome> {
         let state = fields.get("JobState")?.as_str();
         let reason = fields.get("Reason").map_or("", String::as_str);
         if state == "PENDING" && NEVER_STARTS.iter().any(|r| reason.starts_with(r)) {
