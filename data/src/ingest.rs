@@ -350,6 +350,7 @@ pub fn ingest(cfg: &IngestConfig) -> Result<IngestReport, IngestError> {
         }
     }
     let next = AtomicUsize::new(0);
+    let progress = crate::progress::Progress::new("ingest", "videos", layout.videos.len() as u64);
     let results: Mutex<Vec<Option<Outcome>>> = Mutex::new(vec![None; layout.videos.len()]);
     let run_job = |job: &[usize]| {
         let mut pending = Vec::new();
@@ -364,7 +365,10 @@ pub fn ingest(cfg: &IngestConfig) -> Result<IngestReport, IngestError> {
             // A record of other settings, or one that does not validate (damaged), is redone.
             let previous = previous.filter(|r| r.settings == cfg.settings() && r.validate(cfg.segment_frames).is_ok());
             match previous {
-                Some(record) => results.lock().expect("no panic holding the lock")[i] = Some((Ok(record), true)),
+                Some(record) => {
+                    results.lock().expect("no panic holding the lock")[i] = Some((Ok(record), true));
+                    progress.inc(1);
+                }
                 None => pending.push(i),
             }
         }
@@ -382,10 +386,15 @@ pub fn ingest(cfg: &IngestConfig) -> Result<IngestReport, IngestError> {
                 Err(e) => Err(e.clone()),
             };
             match &result {
+                // On a terminal the bar shows progress (the report lists every video at the end).
+                Ok(r) if progress.is_bar() => {
+                    tracing::debug!(video = %r.name, frames = r.frames, shards = r.shards.len(), "video ingested")
+                }
                 Ok(r) => tracing::info!(video = %r.name, frames = r.frames, shards = r.shards.len(), "video ingested"),
                 Err(e) => tracing::error!(video = %entry.name, "{e}"),
             }
             results.lock().expect("no panic holding the lock")[i] = Some((result, false));
+            progress.inc(1);
         }
     };
     std::thread::scope(|scope| {
@@ -397,6 +406,7 @@ pub fn ingest(cfg: &IngestConfig) -> Result<IngestReport, IngestError> {
             });
         }
     });
+    progress.finish();
     let mut videos = Vec::new();
     let mut failures = Vec::new();
     let (mut ingested, mut skipped) = (Vec::new(), Vec::new());

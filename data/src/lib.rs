@@ -20,6 +20,7 @@ pub mod logging;
 pub mod manifest;
 pub mod metric;
 pub mod predictions;
+pub mod progress;
 pub mod sampler;
 pub mod shard;
 pub mod stack;

@@ -200,3 +200,38 @@ fn s3_round_trip_through_the_cli_with_aws_environment() {
     let e = rt.block_on(store.get("shards/train/absent.tar")).unwrap_err().to_string();
     assert!(e.contains("shards/train/absent.tar") && e.contains("not found"), "{e}");
 }
+
+/// `data ingest` shows a progress bar on a terminal (run under `script`, which gives it a pseudo-terminal), and
+/// writes a progress line per interval into a log otherwise (`AVEXPR_PROGRESS_S=0`: every video).
+#[test]
+fn progress_is_a_bar_on_a_terminal_and_log_lines_otherwise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("affwild2");
+    small_dataset(&root);
+    let data = env!("CARGO_BIN_EXE_data");
+    let command = format!("{data} ingest --root {} --out {}", root.display(), tmp.path().join("a").display());
+    let out = std::process::Command::new("script").args(["-qec", &command, "/dev/null"]).output().unwrap();
+    let terminal = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{terminal}");
+    // 6 annotated videos, one of them a _left/_right pair: 7 entries.
+    assert!(terminal.contains("/7 videos (") && terminal.contains("ingest \u{2588}"), "a bar:\n{terminal}");
+    assert!(
+        !terminal.contains("ingest: ") && !terminal.contains("video ingested"),
+        "no log lines through the bar:\n{terminal}"
+    );
+
+    let out = std::process::Command::new(data)
+        .args(["ingest", "--root"])
+        .arg(&root)
+        .arg("--out")
+        .arg(tmp.path().join("b"))
+        .env("AVEXPR_PROGRESS_S", "0")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(!log.contains('\u{1b}'), "no terminal control codes in a log:\n{log}");
+    for k in 1..=7 {
+        assert!(log.contains(&format!("ingest: {k}/7 videos (")), "a line per video:\n{log}");
+    }
+}

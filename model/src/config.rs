@@ -2,7 +2,7 @@
 //! (`tcn`, `adapter`, `fusion` with the pooling head, `prompt`) and of the loss. Unknown fields are rejected
 //! and every error names the field (`model.fusion.heads: ...`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -37,8 +37,8 @@ impl Default for ModelConfig {
     /// The paper's configuration (also `configs/paper.yaml`).
     fn default() -> Self {
         Self {
-            clip: EncoderConfig { checkpoint: PathBuf::from("checkpoints/clip-vit-base-patch32") },
-            wav2vec2: EncoderConfig { checkpoint: PathBuf::from("checkpoints/wav2vec2-base") },
+            clip: EncoderConfig::new("openai/clip-vit-base-patch32"),
+            wav2vec2: EncoderConfig::new("facebook/wav2vec2-base"),
             tcn: TcnConfig::default(),
             adapter: AdapterConfig::default(),
             fusion: FusionConfig::default(),
@@ -50,11 +50,21 @@ impl Default for ModelConfig {
     }
 }
 
-/// A frozen encoder: a Hugging Face checkpoint directory.
+/// A frozen encoder: a Hugging Face checkpoint directory, as a path, a Hugging Face model id found in the local
+/// hub cache, or a store URI (see [`crate::locate`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct EncoderConfig {
-    pub checkpoint: PathBuf,
+    pub checkpoint: String,
+    /// A Hugging Face model id's branch, tag or commit hash (default `main`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+}
+
+impl EncoderConfig {
+    pub fn new(checkpoint: impl Into<String>) -> Self {
+        Self { checkpoint: checkpoint.into(), revision: None }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

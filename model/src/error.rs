@@ -39,6 +39,9 @@ pub enum ModelError {
     BadImage { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     BadAudio { path: PathBuf, reason: String },
+    /// `model.<encoder>.checkpoint` names no checkpoint directory that can be had here.
+    #[error("{field}: `{spec}`: {reason}")]
+    Locate { field: String, spec: String, reason: String },
     #[error("invalid input: {0}")]
     InvalidInput(String),
     #[error(transparent)]

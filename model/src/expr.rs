@@ -21,6 +21,7 @@ use crate::config::{AudioLayers, Modalities, ModelConfig, Target};
 use crate::error::{ModelError, Result};
 use crate::fusion::BiCrossAttention;
 use crate::head::Head;
+use crate::locate::locate;
 use crate::loss::{ExprLoss, LossTerms};
 use crate::prompt::{ClassPrompts, PromptHead};
 use crate::tcn::Tcn;
@@ -39,10 +40,12 @@ pub struct Encoders {
 
 impl Encoders {
     pub fn load(cfg: &ModelConfig, options: EncoderOptions) -> Result<Self> {
+        let clip = locate(&cfg.clip, ["model.clip.checkpoint", "model.clip.revision"])?;
+        let wav2vec2 = locate(&cfg.wav2vec2, ["model.wav2vec2.checkpoint", "model.wav2vec2.revision"])?;
         Ok(Self {
-            vision: ClipVisionEncoder::load(&cfg.clip.checkpoint, options)?,
-            text: Rc::new(ClipTextEncoder::load(&cfg.clip.checkpoint, options)?),
-            audio: Wav2Vec2Encoder::load(&cfg.wav2vec2.checkpoint, options)?,
+            vision: ClipVisionEncoder::load(&clip, options)?,
+            text: Rc::new(ClipTextEncoder::load(&clip, options)?),
+            audio: Wav2Vec2Encoder::load(&wav2vec2, options)?,
         })
     }
 

@@ -19,6 +19,7 @@ pub mod fixtures;
 pub mod fusion;
 pub mod head;
 pub mod hf;
+pub mod locate;
 pub mod loss;
 pub mod prompt;
 pub mod tcn;

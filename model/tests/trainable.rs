@@ -20,8 +20,8 @@ use tch::{Device, Kind, Tensor, nn};
 
 fn tiny_config() -> ModelConfig {
     let mut cfg = ModelConfig::default();
-    cfg.clip.checkpoint = fixtures::clip_tiny_with_tokenizer().unwrap();
-    cfg.wav2vec2.checkpoint = fixture("wav2vec2-tiny-group");
+    cfg.clip.checkpoint = fixtures::clip_tiny_with_tokenizer().unwrap().display().to_string();
+    cfg.wav2vec2.checkpoint = fixture("wav2vec2-tiny-group").display().to_string();
     cfg.tcn = TcnConfig { channels: vec![16, 24], kernel_size: 3, dropout: 0.0 };
     cfg.adapter.bottleneck = 8;
     cfg.adapter.dropout = 0.0;

@@ -29,6 +29,8 @@ pub struct LaunchArgs {
     pub name: Option<String>,
     /// Hostfile launches: relaunch on the hosts that remain reachable, down to this many.
     pub min_nodes: Option<usize>,
+    /// `--target k8s`: the worker image, instead of `launch.k8s.image`.
+    pub image: Option<String>,
 }
 
 /// Where in the checkpoint store a launch across hosts puts the job file for its ranks.
@@ -76,7 +78,11 @@ fn k8s_name(config: &Path, run_id: &str) -> String {
 pub fn launch(a: &LaunchArgs) -> Result<String> {
     let world = plan::world_size(a.nodes, a.gpus_per_node)?;
     let target = Target::new(a.target, a.hostfile.as_deref())?;
-    let job_cfg = load_job(&a.config)?;
+    let mut job_cfg = load_job(&a.config)?;
+    if let Some(image) = &a.image {
+        anyhow::ensure!(target == Target::K8s, "--image is for --target k8s");
+        job_cfg.launch.k8s.image = image.clone();
+    }
     let config = job_cfg.source.clone();
     check_ranks(&job_cfg, world)?;
     let min_nodes = a.min_nodes.filter(|&m| m < a.nodes);

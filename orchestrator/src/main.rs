@@ -68,6 +68,10 @@ enum Command {
         /// Default: --nodes (not elastic).
         #[arg(long)]
         min_nodes: Option<usize>,
+        /// `--target k8s`: the worker image (built from k8s/Dockerfile, best by digest), instead of
+        /// `launch.k8s.image`.
+        #[arg(long)]
+        image: Option<String>,
     },
     /// A job's state: orchestrator record, newest checkpoint, metrics, restarts, live ranks.
     Status {
@@ -90,7 +94,7 @@ fn main() -> ExitCode {
     };
     match Cli::parse().command {
         Command::Plan { shape } => printed(jobs::plan(&shape.config, shape.nodes, shape.gpus_per_node)),
-        Command::Launch { shape, target, hostfile, dry_run, worker, templates, name, min_nodes } => {
+        Command::Launch { shape, target, hostfile, dry_run, worker, templates, name, min_nodes, image } => {
             printed(jobs::launch(&jobs::LaunchArgs {
                 config: shape.config,
                 nodes: shape.nodes,
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
                 templates,
                 name,
                 min_nodes,
+                image,
             }))
         }
         Command::Status { run } => printed(jobs::status(&run)),

@@ -188,3 +188,119 @@ fn the_quickstart_clip_recognises_unseen_faces_zero_shot() {
     eprintln!("zero-shot accuracy {accuracy:.3} over {} faces (Anger = Disgust)", picked.len());
     assert!(accuracy >= 0.6, "zero-shot accuracy {accuracy:.3} over {} faces", picked.len());
 }
+
+/// Lays out a Hugging Face hub cache with `huggingface_hub`'s own functions (blobs, snapshots of symlinks,
+/// refs), as a download leaves it: `openai/clip-vit-base-patch32` at two commits, `main` the tiny test CLIP
+/// and tag `v0` the quickstart CLIP. Prints what `huggingface_hub` resolves offline (the folders `transformers`
+/// loads with `local_files_only=True`).
+const HUB_LAYOUT: &str = r#"
+import hashlib, json, os, sys
+from huggingface_hub import scan_cache_dir, snapshot_download, try_to_load_from_cache
+from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision, _create_symlink, repo_folder_name
+cache, repo, main_src, v0_src = sys.argv[1:5]
+storage = os.path.join(cache, repo_folder_name(repo_id=repo, repo_type="model"))
+commits = {}
+for ref, src in [("main", main_src), ("v0", v0_src)]:
+    commit = commits[ref] = hashlib.sha1(ref.encode()).hexdigest()
+    for name in sorted(os.listdir(src)):
+        data = open(os.path.join(src, name), "rb").read()
+        blob = os.path.join(storage, "blobs", hashlib.sha256(data).hexdigest())
+        os.makedirs(os.path.dirname(blob), exist_ok=True)
+        open(blob, "wb").write(data)
+        pointer = os.path.join(storage, "snapshots", commit, name)
+        os.makedirs(os.path.dirname(pointer), exist_ok=True)
+        _create_symlink(blob, pointer, new_blob=False)
+    _cache_commit_hash_for_specific_revision(storage, ref, commit)
+found = {
+    "main": snapshot_download(repo, local_files_only=True, cache_dir=cache),
+    "v0": snapshot_download(repo, revision="v0", local_files_only=True, cache_dir=cache),
+    "commit": snapshot_download(repo, revision=commits["v0"], local_files_only=True, cache_dir=cache),
+    "commit_hash": commits["v0"],
+    "config": try_to_load_from_cache(repo, "config.json", cache_dir=cache),
+    "revisions": sum(len(r.revisions) for r in scan_cache_dir(cache).repos),
+}
+print(json.dumps(found))
+"#;
+
+/// `--clip openai/clip-vit-base-patch32` is found offline in the local hub cache where `huggingface_hub` finds
+/// it (HF_HUB_CACHE, HF_HOME, ~/.cache/huggingface/hub; `refs/main`, a tag, a commit hash) and embeds exactly
+/// as the directory does; a model that is not in the cache is an error naming where it looked.
+#[test]
+fn a_hugging_face_model_id_is_found_in_the_local_hub_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let cache = home.join(".cache/huggingface/hub");
+    let repo = "openai/clip-vit-base-patch32";
+    let clip = fixtures::clip_tiny_with_tokenizer().unwrap();
+    let (quickstart_clip, _) = fixtures::quickstart_encoders().unwrap();
+    let python = std::env::var("AVEXPR_PYTHON").expect("AVEXPR_PYTHON (set by scripts/setup)");
+    let out = std::process::Command::new(python)
+        .args(["-c", HUB_LAYOUT])
+        .arg(&cache)
+        .arg(repo)
+        .arg(&clip)
+        .arg(&quickstart_clip)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let found: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(found["revisions"], 2, "huggingface_hub's cache scan accepts the layout: {found}");
+    assert_eq!(
+        Path::new(found["config"].as_str().unwrap()),
+        Path::new(found["main"].as_str().unwrap()).join("config.json")
+    );
+
+    let image = fixtures::dir().join("image0.png");
+    let embed = |checkpoint: &Path, revision: Option<&str>, env: &[(&str, &Path)]| {
+        let out_file = tmp.path().join(format!("emb-{}.safetensors", rand_name()));
+        let mut cmd = binary("worker");
+        cmd.args(["embed", "--device", "cpu", "--clip"]).arg(checkpoint).arg("--images").arg(&image);
+        cmd.arg("--out").arg(&out_file);
+        if let Some(r) = revision {
+            cmd.args(["--clip-revision", r]);
+        }
+        for var in ["HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"] {
+            cmd.env_remove(var);
+        }
+        cmd.env("HOME", tmp.path().join("elsewhere"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let output = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        let embeds = output.status.success().then(|| {
+            Tensor::read_safetensors(&out_file).unwrap().into_iter().find(|(n, _)| n == "image_embeds").unwrap().1
+        });
+        (embeds, stderr)
+    };
+    let (direct, stderr) = embed(&clip, None, &[]);
+    let direct = direct.unwrap_or_else(|| panic!("{stderr}"));
+    let (direct_v0, stderr) = embed(&quickstart_clip, None, &[]);
+    let direct_v0 = direct_v0.unwrap_or_else(|| panic!("{stderr}"));
+    let id = Path::new(repo);
+    let hf_home = home.join(".cache/huggingface");
+    for (revision, want_dir, want) in [(None, "main", &direct), (Some("v0"), "v0", &direct_v0)] {
+        for env in [[("HF_HUB_CACHE", cache.as_path())], [("HF_HOME", hf_home.as_path())], [("HOME", home.as_path())]] {
+            let (got, stderr) = embed(id, revision, &env);
+            let got = got.unwrap_or_else(|| panic!("{revision:?} {env:?}: {stderr}"));
+            let dir = found[want_dir].as_str().unwrap();
+            assert!(stderr.contains(&format!("checkpoint={dir} ")), "{revision:?} {env:?} loads {dir}:\n{stderr}");
+            assert!(got.equal(want), "{revision:?} {env:?}: the embeddings of the directory");
+        }
+    }
+    let commit = found["commit_hash"].as_str().unwrap();
+    let (got, stderr) = embed(id, Some(commit), &[("HF_HUB_CACHE", &cache)]);
+    assert!(stderr.contains(&format!("checkpoint={} ", found["commit"].as_str().unwrap())), "{stderr}");
+    assert!(got.unwrap().equal(&direct_v0));
+
+    let (got, stderr) = embed(Path::new("openai/clip-vit-large-patch14"), None, &[("HF_HUB_CACHE", &cache)]);
+    assert!(got.is_none());
+    let missing = cache.join("models--openai--clip-vit-large-patch14/refs/main");
+    assert!(stderr.contains(&format!("is not in the Hugging Face cache: no {}", missing.display())), "{stderr}");
+}
+
+fn rand_name() -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::Relaxed).to_string()
+}

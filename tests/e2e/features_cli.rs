@@ -31,7 +31,15 @@ fn run(mut cmd: std::process::Command) -> (bool, String, String) {
 }
 
 fn extract(config: &Path, ranks: usize) -> String {
-    ok(mpirun(ranks, "worker").args(["extract", "--config"]).arg(config).output().unwrap())
+    let log = ok(mpirun(ranks, "worker")
+        .args(["extract", "--config"])
+        .arg(config)
+        .env("AVEXPR_PROGRESS_S", "0")
+        .output()
+        .unwrap());
+    // Off a terminal, progress is a log line per interval (here every batch).
+    assert!(log.lines().any(|l| l.contains(" extract: ") && l.contains(" clips/s, ")), "{log}");
+    log
 }
 
 fn train(config: &Path) -> (bool, String, String) {

@@ -290,6 +290,32 @@ fn bad_arguments_are_rejected_before_anything_starts() {
     assert!(!out.status.success() && stderr.contains("needs kubectl on PATH"), "{stderr}");
 }
 
+/// The README's Kubernetes example, run as written (from the README's text) on `configs/paper.yaml`: 4 worker
+/// pods of 8 GPUs, the paper's global batch over its 32 data slots, stores and encoders the pods can reach.
+#[test]
+fn the_readmes_kubernetes_example_works_as_written() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let joined = readme.replace("\\\n", " ");
+    let line = joined
+        .lines()
+        .find(|l| {
+            l.starts_with("target/release/orchestrator launch") && l.contains("--target k8s") && l.contains("--image")
+        })
+        .expect("the README's Kubernetes example");
+    let args: Vec<&str> = line.split('#').next().unwrap().split_whitespace().skip(1).collect();
+    let out = binary("orchestrator").args(&args).current_dir(&root).output().unwrap();
+    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = ok(out);
+    let docs: Vec<serde_json::Value> =
+        yaml.split("---\n").filter(|d| !d.trim().is_empty()).map(serde_yaml_value).collect();
+    let mj = &docs[1];
+    assert_eq!(mj["spec"]["mpiReplicaSpecs"]["Worker"]["replicas"], 4, "{yaml}\n{stderr}");
+    assert_eq!(mj["spec"]["slotsPerWorker"], 8, "{yaml}");
+    let job = docs[0]["data"]["job.yaml"].as_str().unwrap();
+    assert!(job.contains("uri: s3://") && job.contains("checkpoint: openai/clip-vit-base-patch32"), "{job}");
+}
+
 /// The manifests of `--target k8s --dry-run` against the Kubernetes OpenAPI schemas (kubernetes-validate, from
 /// the project venv): the ConfigMap as is, each MPIJob replica's pod template as a PodTemplate (MPIJob is a
 /// custom resource the schemas do not know), the Secret and PVC templates; the MPIJob's own required fields

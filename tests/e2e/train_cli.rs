@@ -21,6 +21,127 @@ fn two_ranks_train_exactly_what_one_rank_accumulating_trains() {
     let diff = max_diff(&a, &b);
     assert!(diff < 1e-5, "1 rank x 2 micro-batches vs 2 ranks: variables differ by {diff}");
     assert!(max_diff(&a, &variables(&one, 2)) > 1e-4, "training moved the variables");
+    tensorboard_holds_the_metrics(&run_dir(&two));
+}
+
+/// What TensorBoard's own reader (`EventAccumulator`, the `tensorboard` package) finds in a run's event files.
+const TENSORBOARD_READ: &str = r#"
+import io, json, sys
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+ea = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0, "images": 0})
+ea.Reload()
+tags = ea.Tags()
+print(json.dumps({
+    "scalars": {t: [[e.step, e.value] for e in ea.Scalars(t)] for t in tags["scalars"]},
+    "images": {t: [[e.step, e.width, e.height, list(Image.open(io.BytesIO(e.encoded_image_string)).size)]
+                   for e in ea.Images(t)] for t in tags["images"]},
+}))
+"#;
+
+/// TensorBoard reads every value of `metrics.jsonl` (loss terms, learning rate, gradient norm, validation macro
+/// and per-class F1) from the run's event files, plus clips/s, data-wait % and the confusion matrix image.
+fn tensorboard_holds_the_metrics(run: &Path) {
+    let python = std::env::var("AVEXPR_PYTHON").expect("AVEXPR_PYTHON (set by scripts/setup)");
+    let out = std::process::Command::new(python)
+        .args(["-c", TENSORBOARD_READ])
+        .arg(run.join("tensorboard"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tb: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scalar = |tag: &str, step: u64| -> f64 {
+        let points = tb["scalars"][tag].as_array().unwrap_or_else(|| panic!("no scalar {tag} in {tb}"));
+        let point = points.iter().find(|p| p[0] == step).unwrap_or_else(|| panic!("{tag}: no step {step}"));
+        point[1].as_f64().unwrap()
+    };
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let mut validations = 0;
+    for line in metrics.lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        let step = m["step"].as_u64().unwrap();
+        let mut pairs: Vec<(String, f64)> = ["loss", "classification", "contrastive", "lr", "grad_norm"]
+            .iter()
+            .map(|k| (format!("train/{k}"), m[*k].as_f64().unwrap()))
+            .collect();
+        if let Some(f1) = m["val_macro_f1"].as_f64() {
+            validations += 1;
+            pairs.push(("val/macro_f1".into(), f1));
+            let classes = avexpr_data::Expression::ALL.iter();
+            for (e, f) in classes.zip(m["val_f1"].as_array().expect("per-class F1 with the macro F1")) {
+                pairs.push((format!("val/f1/{}", e.name()), f.as_f64().unwrap()));
+            }
+            let image = tb["images"]["val/confusion"].as_array().unwrap().iter().find(|i| i[0] == step).cloned();
+            assert_eq!(image, Some(serde_json::json!([step, 900, 820, [900, 820]])), "{tb}");
+        }
+        for (tag, want) in pairs {
+            let got = scalar(&tag, step);
+            assert!((got - want).abs() <= 1e-6 * want.abs().max(1e-3), "{tag} at step {step}: {got} vs {want}");
+        }
+        assert!(scalar("train/clips_per_s", step) > 0.0);
+        assert!((0.0..=100.0).contains(&scalar("train/data_wait_pct", step)));
+    }
+    assert!(validations >= 1 && metrics.lines().count() >= 4, "{metrics}");
+}
+
+/// `model.*.checkpoint: s3://...`: encoder directories uploaded with `worker push-encoder` are fetched once per
+/// host (the two ranks share one download per encoder) into the local cache, verified, and train exactly what
+/// the directories train; a file changed in the store after its manifest is refused, naming it.
+#[test]
+fn encoder_checkpoints_in_s3_are_fetched_once_per_host_and_verified() {
+    use avexpr_data::garage::{BUCKET, Garage};
+    let garage = Garage::start();
+    let d = dataset();
+    let local = job(&d, "local", 2, "");
+    let clip = avexpr_model::fixtures::clip_tiny_with_tokenizer().unwrap();
+    let wav2vec2 = avexpr_model::fixtures::dir().join("wav2vec2-tiny-group");
+    let env = garage.env();
+    for (dir, name) in [(&clip, "clip"), (&wav2vec2, "wav2vec2")] {
+        let out = binary("worker")
+            .args(["push-encoder", "--from"])
+            .arg(dir)
+            .args(["--to", &format!("s3://{BUCKET}/models/{name}")])
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        assert!(ok(out).is_empty());
+    }
+    let remote = job(&d, "remote", 2, "");
+    let yaml = std::fs::read_to_string(&remote).unwrap();
+    let yaml = yaml
+        .replace(&clip.display().to_string(), &format!("s3://{BUCKET}/models/clip"))
+        .replace(&wav2vec2.display().to_string(), &format!("s3://{BUCKET}/models/wav2vec2"));
+    std::fs::write(&remote, yaml).unwrap();
+    let cache = d.root.join("encoder-cache");
+    let train = |config: &Path, cache: &Path| {
+        mpirun(2, "worker")
+            .args(["train", "--config"])
+            .arg(config)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("AVEXPR_ENCODER_CACHE", cache)
+            .output()
+            .unwrap()
+    };
+    ok(train(&local, &cache));
+    assert!(!cache.exists(), "directories are used where they are");
+    let log = ok(train(&remote, &cache));
+    assert_eq!(log.matches("encoder checkpoint fetched").count(), 2, "one download per encoder and host:\n{log}");
+    let cached: Vec<_> =
+        std::fs::read_dir(&cache).unwrap().filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).collect();
+    assert_eq!(cached.len(), 2, "{cached:?}");
+    assert_eq!(max_diff(&variables(&local, 2), &variables(&remote, 2)), 0.0, "the same weights train the same");
+
+    // A file replaced in the store after the manifest was written: refused on a host without the cache.
+    let store = garage.store(&format!("s3://{BUCKET}/models/wav2vec2"));
+    let reversed: Vec<u8> = std::fs::read(wav2vec2.join("config.json")).unwrap().into_iter().rev().collect();
+    store.blocking().put("config.json", reversed.into()).unwrap();
+    let out = train(&remote, &d.root.join("fresh-cache"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("model.wav2vec2.checkpoint") && stderr.contains("wav2vec2/config.json: SHA-256"),
+        "{stderr}"
+    );
 }
 
 /// The processes whose command line names `config` (the ranks of a job on it).
@@ -249,9 +370,17 @@ fn the_synthetic_task_is_learned() {
     let val = d.root.join("val-predictions.txt");
     let predict = |split: &str, out: &Path, checkpoint: &str, ranks: usize| {
         let args = ["predict", "--split", split, "--checkpoint", checkpoint, "--config"];
-        ok(mpirun(ranks, "worker").args(args).arg(&config).arg("--out").arg(out).output().unwrap());
+        let mut cmd = mpirun(ranks, "worker");
+        ok(cmd.args(args).arg(&config).arg("--out").arg(out).env("AVEXPR_PROGRESS_S", "0").output().unwrap())
     };
-    predict("validation", &val, "latest", 2);
+    let log = predict("validation", &val, "latest", 2);
+    // Off a terminal, progress is a log line per interval (here every batch) on each rank.
+    for rank in ["[rank 0/2]", "[rank 1/2]"] {
+        assert!(
+            log.lines().any(|l| l.starts_with(rank) && l.contains(" validation: ") && l.contains(" frames/s, ")),
+            "{log}"
+        );
+    }
     let labels = root.join("7th ABAW Annotations/EXPR_Recognition_Challenge/Validation_Set");
     let out =
         binary("data").args(["score", "--json", "--pred"]).arg(&val).arg("--labels").arg(&labels).output().unwrap();

@@ -43,6 +43,7 @@ pub fn evaluate(session: &Session, model: &ExprModel, split: Split) -> Result<Ev
     let mut confusion = Confusion::default();
     let mut predictions = Vec::with_capacity(rank_sampler.len());
     if !rank_sampler.is_empty() {
+        let rank_sampler_len = rank_sampler.len() as u64;
         let stream = Loader::start(
             Source::Store(session.store.clone()),
             manifest.clone(),
@@ -51,8 +52,11 @@ pub fn evaluate(session: &Session, model: &ExprModel, split: Split) -> Result<Ev
             Cursor::default(),
             Some(1),
         )?;
+        let progress =
+            avexpr_data::progress::Progress::new(&format!("{split:?}").to_lowercase(), "frames", rank_sampler_len);
         for batch in stream {
             let batch = batch.context("evaluation data")?;
+            progress.inc(batch.len() as u64);
             crate::heartbeat::update(|h| h.phase = "evaluating".into());
             let (raw, _) = raw_batch(&batch);
             let feats = tch::no_grad(|| model.encode(&raw))?;
@@ -73,6 +77,7 @@ pub fn evaluate(session: &Session, model: &ExprModel, split: Split) -> Result<Ev
                 });
             }
         }
+        progress.finish();
     }
     let mut counts: Vec<f64> = confusion.counts.iter().flatten().map(|&c| c as f64).collect();
     dist.all_reduce_sum_f64(&mut counts);

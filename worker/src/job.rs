@@ -45,6 +45,9 @@ pub struct TrainSection {
     pub eval_every: u64,
     /// bf16 autocast of the trainable forward and loss: `auto` (on CUDA only), `bf16`, `off`.
     pub mixed_precision: MixedPrecision,
+    /// TensorBoard event files under `<run_dir>/tensorboard/` (rank 0): the logged scalars and the validation
+    /// confusion matrix.
+    pub tensorboard: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -83,6 +86,7 @@ impl Default for TrainSection {
             log_every: 10,
             eval_every: 0,
             mixed_precision: MixedPrecision::Auto,
+            tensorboard: true,
         }
     }
 }
@@ -390,12 +394,13 @@ impl JobConfig {
     /// evaluation, checkpoint and launch cadence, where the store, shards, cache and encoder checkpoints are,
     /// and the loader's performance settings.
     pub fn changes_that_forbid_resuming(&self, saved: &JobConfig) -> Vec<String> {
-        const MAY_CHANGE: [&str; 17] = [
+        const MAY_CHANGE: [&str; 20] = [
             "run_dir",
             "checkpoint",
             "launch",
             "train.steps",
             "train.log_every",
+            "train.tensorboard",
             "train.eval_every",
             "train.threads",
             "train.bucket_bytes",
@@ -408,6 +413,8 @@ impl JobConfig {
             "data.skip_bad",
             "model.clip.checkpoint",
             "model.wav2vec2.checkpoint",
+            "model.clip.revision",
+            "model.wav2vec2.revision",
         ];
         let (now, then) = (serde_json::to_value(self), serde_json::to_value(saved));
         let (Ok(now), Ok(then)) = (now, then) else { return vec!["the config cannot be compared".into()] };

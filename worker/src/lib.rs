@@ -22,6 +22,7 @@ pub mod plots;
 pub mod predict;
 pub mod preempt;
 pub mod session;
+pub mod tensorboard;
 pub mod train;
 pub use avexpr_data::logging;
 

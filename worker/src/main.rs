@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use avexpr_data::layout::Split;
+use avexpr_model::config::EncoderConfig;
+use avexpr_model::locate::locate;
 use avexpr_worker::{DeviceChoice, PrecisionChoice, bench, embed, encoder_options, logging};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -28,12 +30,19 @@ enum Resume {
 enum Command {
     /// Embed images, the class prompts and audio with the frozen encoders of HF checkpoint directories.
     Embed {
-        /// CLIP checkpoint directory (config.json, model.safetensors, tokenizer.json), e.g. clip-vit-base-patch32.
+        /// CLIP checkpoint (config.json, model.safetensors, tokenizer.json): a directory, a Hugging Face model id
+        /// in the local hub cache (openai/clip-vit-base-patch32), or a store URI written by `push-encoder`.
         #[arg(long)]
-        clip: Option<PathBuf>,
-        /// Wav2Vec 2.0 checkpoint directory, e.g. wav2vec2-base.
+        clip: Option<String>,
+        /// The branch, tag or commit of a --clip model id (default main).
         #[arg(long)]
-        wav2vec2: Option<PathBuf>,
+        clip_revision: Option<String>,
+        /// Wav2Vec 2.0 checkpoint, as --clip (e.g. facebook/wav2vec2-base).
+        #[arg(long)]
+        wav2vec2: Option<String>,
+        /// The branch, tag or commit of a --wav2vec2 model id (default main).
+        #[arg(long)]
+        wav2vec2_revision: Option<String>,
         /// Image files (JPEG, PNG) to embed with the CLIP vision tower.
         #[arg(long, num_args = 1..)]
         images: Vec<PathBuf>,
@@ -51,6 +60,19 @@ enum Command {
         /// Output safetensors file.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Upload an encoder checkpoint directory to a store, for `model.<encoder>.checkpoint: s3://...` (each host
+    /// fetches it once into a local cache, verified by SHA-256).
+    PushEncoder {
+        /// A checkpoint directory or a Hugging Face model id in the local hub cache.
+        #[arg(long)]
+        from: String,
+        /// The branch, tag or commit of a --from model id.
+        #[arg(long)]
+        revision: Option<String>,
+        /// The store URI, e.g. s3://bucket/models/clip-vit-base-patch32.
+        #[arg(long)]
+        to: String,
     },
     /// Train on the job's config as one rank (start N ranks with `mpirun -np N worker train ...`).
     Train {
@@ -167,8 +189,24 @@ fn model_config(config: Option<&std::path::Path>) -> Result<avexpr_model::ModelC
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Embed { clip, wav2vec2, images, audio, template, device, precision, out } => {
+        Command::Embed {
+            clip,
+            clip_revision,
+            wav2vec2,
+            wav2vec2_revision,
+            images,
+            audio,
+            template,
+            device,
+            precision,
+            out,
+        } => {
             let options = encoder_options(device, precision)?;
+            let locate = |spec: Option<String>, revision, fields| {
+                spec.map(|checkpoint| locate(&EncoderConfig { checkpoint, revision }, fields)).transpose()
+            };
+            let clip = locate(clip, clip_revision, ["--clip", "--clip-revision"])?;
+            let wav2vec2 = locate(wav2vec2, wav2vec2_revision, ["--wav2vec2", "--wav2vec2-revision"])?;
             let req = embed::EmbedRequest { clip, wav2vec2, images, audio, template, options, out };
             let summary = embed::run(&req)?;
             for (name, shape) in &summary.tensors {
@@ -181,6 +219,17 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}: nearest class prompt {class} (cosine {cos:.3})", path.display());
             }
             println!("wrote {}", req.out.display());
+        }
+        Command::PushEncoder { from, revision, to } => {
+            let dir = locate(&EncoderConfig { checkpoint: from, revision }, ["--from", "--revision"])?;
+            let manifest = avexpr_model::locate::push(&dir, &to).map_err(|e| anyhow::anyhow!(e))?;
+            let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
+            println!(
+                "{} files ({bytes} bytes) from {} to {to}, key {}",
+                manifest.files.len(),
+                dir.display(),
+                manifest.key()
+            );
         }
         Command::BenchEncoders(cfg) => print!("{}", bench::encoders(&cfg)?),
         Command::Train { config, resume, overwrite, plan } => {

@@ -18,6 +18,9 @@ pub struct StepMetrics {
     /// Validation macro F1, on the steps that evaluated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_macro_f1: Option<f64>,
+    /// Validation F1 of each class (in `Expression` order), on the steps that evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_f1: Option<Vec<f64>>,
 }
 
 /// Where a rank's step time goes (seconds, summed over steps); CUDA work is synchronised before each reading.

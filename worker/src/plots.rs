@@ -36,9 +36,12 @@ fn font() -> Result<()> {
 }
 
 /// The row-normalised confusion matrix (colour: share of the true class; text: counts).
+/// Pixels (width, height) of [`confusion_png`]'s image.
+pub const CONFUSION_PNG_SIZE: (u32, u32) = (900, 820);
+
 pub fn confusion_png(path: &Path, confusion: &Confusion, title: &str) -> Result<()> {
     font()?;
-    let root = BitMapBackend::new(path, (900, 820)).into_drawing_area();
+    let root = BitMapBackend::new(path, CONFUSION_PNG_SIZE).into_drawing_area();
     root.fill(&WHITE)?;
     let n = avexpr_data::NUM_CLASSES as i32;
     let mut chart = ChartBuilder::on(&root)

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use avexpr_data::Expression;
 use avexpr_data::layout::Split;
 use avexpr_data::loader::{Batch, Loader, Source};
 use avexpr_data::metric::Confusion;
@@ -35,6 +36,7 @@ use crate::metrics::{Phases, StepMetrics};
 use crate::optim::{AdamW, clip_grad_norm, learning_rate};
 use crate::preempt::{Preempted, Preemption};
 use crate::session::{Session, raw_batch};
+use crate::tensorboard::EventWriter;
 use avexpr_data::files::replace_with;
 
 pub struct TrainOptions {
@@ -102,6 +104,8 @@ pub struct Trainer<'a> {
     best: Option<Best>,
     last_eval: Option<Confusion>,
     metrics_path: PathBuf,
+    /// Rank 0's TensorBoard event file (`train.tensorboard`).
+    tensorboard: Option<EventWriter>,
     throughput: Throughput,
     phases: Phases,
     preemption: Preemption,
@@ -179,6 +183,10 @@ impl<'a> Trainer<'a> {
         if dist.rank == 0 {
             start_metrics_file(&metrics_path, &history)?;
         }
+        let tensorboard = match dist.rank == 0 && job.train.tensorboard {
+            true => Some(EventWriter::create(&job.run_dir.join("tensorboard"))?),
+            false => None,
+        };
 
         Ok(Trainer {
             job,
@@ -197,6 +205,7 @@ impl<'a> Trainer<'a> {
             best,
             last_eval: None,
             metrics_path,
+            tensorboard,
             throughput: Throughput { started: Instant::now(), first_step: step, clips: 0, waited: 0.0 },
             phases: Phases::new(device),
             preemption: Preemption::install().context("catching SIGTERM and SIGUSR1")?,
@@ -297,6 +306,7 @@ impl<'a> Trainer<'a> {
             lr,
             grad_norm,
             val_macro_f1: None,
+            val_f1: None,
         };
         let progress = (dist.rank == 0).then(|| self.progress());
         crate::heartbeat::update(|h| {
@@ -334,12 +344,12 @@ impl<'a> Trainer<'a> {
         if self.best.as_ref().is_none_or(|b| f1 > b.macro_f1) {
             self.best = Some(Best { step, macro_f1: f1 });
         }
-        self.last_eval = Some(eval.confusion);
+        self.last_eval = Some(eval.confusion.clone());
         crate::heartbeat::update(|h| {
             h.phase = "training".into();
             h.val_macro_f1 = Some(f1);
         });
-        Ok(StepMetrics { val_macro_f1: Some(f1), ..metrics })
+        Ok(StepMetrics { val_macro_f1: Some(f1), val_f1: Some(eval.confusion.f1_per_class().to_vec()), ..metrics })
     }
 
     /// Keeps the step's metrics every `train.log_every` steps, after an evaluation and after the last step;
@@ -365,8 +375,44 @@ impl<'a> Trainer<'a> {
             );
             let mut file = std::fs::OpenOptions::new().append(true).open(&self.metrics_path)?;
             writeln!(file, "{}", serde_json::to_string(&m)?)?;
+            let wait = 100.0 * self.throughput.waited / elapsed;
+            if let Err(e) = self.write_tensorboard(&m, rate, wait) {
+                tracing::warn!("TensorBoard: {e:#}; its files stop here");
+                self.tensorboard = None;
+            }
         }
         self.history.push(m);
+        Ok(())
+    }
+
+    /// The logged step's scalars and, after a validation, its per-class F1 and confusion matrix (rank 0).
+    fn write_tensorboard(&mut self, m: &StepMetrics, clips_per_s: f64, data_wait_pct: f64) -> Result<()> {
+        let Some(tb) = &mut self.tensorboard else { return Ok(()) };
+        let mut scalars = vec![
+            ("train/loss", m.loss),
+            ("train/classification", m.classification),
+            ("train/contrastive", m.contrastive),
+            ("train/lr", m.lr),
+            ("train/grad_norm", m.grad_norm),
+            ("train/clips_per_s", clips_per_s),
+            ("train/data_wait_pct", data_wait_pct),
+        ];
+        let tags: Vec<String> = Expression::ALL.iter().map(|e| format!("val/f1/{}", e.name())).collect();
+        if let Some(f1) = m.val_macro_f1 {
+            scalars.push(("val/macro_f1", f1));
+        }
+        for (tag, f1) in tags.iter().zip(m.val_f1.iter().flatten()) {
+            scalars.push((tag, *f1));
+        }
+        tb.scalars(m.step, &scalars)?;
+        if let (Some(_), Some(confusion)) = (m.val_macro_f1, &self.last_eval) {
+            let png = self.job.run_dir.join("tensorboard").join(".confusion.png");
+            let title = format!("validation, step {}: {}", m.step, summary(confusion));
+            crate::plots::confusion_png(&png, confusion, &title)?;
+            let bytes = std::fs::read(&png).with_context(|| png.display().to_string())?;
+            let _ = std::fs::remove_file(&png);
+            tb.png(m.step, "val/confusion", bytes, crate::plots::CONFUSION_PNG_SIZE)?;
+        }
         Ok(())
     }
 

@@ -83,6 +83,7 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
     let (mut clips_encoded, mut frames_encoded) = (0, 0);
     if done.len() < expected.len() {
         let sampler = RankSampler::new(manifest, Split::Train, dist.rank, dist.world_size, &cfg, None)?;
+        let sampler_len = sampler.len();
         let loader_cfg = LoaderConfig { augment: None, ..job.loader() };
         let index: HashMap<&str, &VideoRecord> = videos.iter().map(|v| (v.name.as_str(), *v)).collect();
         let loader = Loader::start(
@@ -94,8 +95,10 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
             Some(1),
         )?;
         let mut pending: HashMap<(String, usize), Vec<ClipFeatures>> = HashMap::new();
+        let progress = avexpr_data::progress::Progress::new("extract", "clips", sampler_len as u64);
         for batch in loader {
             let batch = batch.context("extraction data")?;
+            progress.inc(batch.len() as u64);
             let units: Vec<(String, usize)> = batch
                 .clips
                 .iter()
@@ -161,6 +164,7 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
                 }
             }
         }
+        progress.finish();
         anyhow::ensure!(pending.is_empty(), "extraction ended with {} unit(s) incomplete", pending.len());
     }
     let seconds = started.elapsed().as_secs_f64();

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use avexpr_data::config::FeatureDtype;
 use avexpr_data::sampler::Target;
 use avexpr_model::config::AudioLayers;
+use avexpr_model::locate::locate;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -52,8 +53,14 @@ impl CacheKey {
     pub fn of(job: &JobConfig, manifest_bytes: &[u8]) -> Result<CacheKey> {
         let dtype = job.data.features.as_ref().map_or(FeatureDtype::F32, |f| f.dtype);
         Ok(CacheKey {
-            clip_weights_sha256: hash_checkpoint(&job.model.clip.checkpoint)?,
-            wav2vec2_weights_sha256: hash_checkpoint(&job.model.wav2vec2.checkpoint)?,
+            clip_weights_sha256: hash_checkpoint(&locate(
+                &job.model.clip,
+                ["model.clip.checkpoint", "model.clip.revision"],
+            )?)?,
+            wav2vec2_weights_sha256: hash_checkpoint(&locate(
+                &job.model.wav2vec2,
+                ["model.wav2vec2.checkpoint", "model.wav2vec2.revision"],
+            )?)?,
             dataset_manifest_sha256: hex::encode(Sha256::digest(manifest_bytes)),
             preprocessing: Preprocessing {
                 image_size: job.data.image_size,
