@@ -1,7 +1,8 @@
 """Reference side of `worker bench-head`: the paper's trainable head written in PyTorch eager, module for module
 what avexpr-model builds (TCN with weight-normed causal convs, audio adapter with the fps alignment, bi-directional
 cross-attention, masked mean pooling, classifier, prompt head and the loss), timed forward + backward on random
-features of the same shapes, same threads. Prints one JSON line with clips/s and the parameter count per group."""
+features of the same shapes, same threads. Prints one JSON line with clips/s and the parameter count per group.
+Also imported by scripts/bench_e2e_reference.py (the PyTorch way end to end): `configure(args)` first."""
 import json
 import sys
 import time
@@ -11,10 +12,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
-a = json.loads(sys.argv[1])
-torch.set_num_threads(a["threads"])
-torch.manual_seed(0)
-m = a["model"]
+a, m = None, None
+
+
+def configure(args):
+    """The settings the modules read: encoder widths, the `model` section, threads."""
+    global a, m
+    a, m = args, args["model"]
+    torch.set_num_threads(a["threads"])
+    torch.manual_seed(0)
 
 
 class Block(nn.Module):
@@ -127,30 +133,34 @@ class Head(nn.Module):
         return logits, prompt
 
 
-model = Head().train()
-b, f, t_audio = a["batch"], a["frames"], a["audio_frames"]
-image = torch.randn(b, f, a["image_dim"])
-face_mask = torch.ones(b, f, dtype=torch.bool)
-states = torch.randn(b, a["audio_states"], t_audio, a["audio_hidden"])
-audio_mask = torch.ones(b, t_audio, dtype=torch.bool)
-fps = torch.full((b,), 25.0)
-targets = torch.arange(b) % 8
+def main():
+    model = Head().train()
+    b, f, t_audio = a["batch"], a["frames"], a["audio_frames"]
+    image = torch.randn(b, f, a["image_dim"])
+    face_mask = torch.ones(b, f, dtype=torch.bool)
+    states = torch.randn(b, a["audio_states"], t_audio, a["audio_hidden"])
+    audio_mask = torch.ones(b, t_audio, dtype=torch.bool)
+    fps = torch.full((b,), 25.0)
+    targets = torch.arange(b) % 8
 
+    def step():
+        model.zero_grad(set_to_none=True)
+        logits, prompt = model(image, face_mask, states, audio_mask, fps)
+        loss = F.cross_entropy(logits, targets) + m["loss"]["contrastive_weight"] * F.cross_entropy(prompt, targets)
+        loss.backward()
 
-def step():
-    model.zero_grad(set_to_none=True)
-    logits, prompt = model(image, face_mask, states, audio_mask, fps)
-    loss = F.cross_entropy(logits, targets) + m["loss"]["contrastive_weight"] * F.cross_entropy(prompt, targets)
-    loss.backward()
-
-
-step()
-start = time.perf_counter()
-for _ in range(a["iters"]):
     step()
-seconds = time.perf_counter() - start
-count = lambda mods: sum(p.numel() for mod in mods for p in mod.parameters())
-params = {g: count(mods) for g, mods in model.groups.items()}
-params["adapter"] += model.layer_logits.numel()
-params["prompt"] += model.logit_scale.numel()
-print(json.dumps({"figures": {"clips_per_s": b * a["iters"] / seconds}, "params": params, "torch": torch.__version__}))
+    start = time.perf_counter()
+    for _ in range(a["iters"]):
+        step()
+    seconds = time.perf_counter() - start
+    count = lambda mods: sum(p.numel() for mod in mods for p in mod.parameters())
+    params = {g: count(mods) for g, mods in model.groups.items()}
+    params["adapter"] += model.layer_logits.numel()
+    params["prompt"] += model.logit_scale.numel()
+    print(json.dumps({"figures": {"clips_per_s": b * a["iters"] / seconds}, "params": params, "torch": torch.__version__}))
+
+
+if __name__ == "__main__":
+    configure(json.loads(sys.argv[1]))
+    main()

@@ -43,6 +43,8 @@ pub struct TrainSection {
     pub log_every: u64,
     /// Validate every this many steps (0: only at the end).
     pub eval_every: u64,
+    /// Validate after the last step too (false: benchmarks, or a separate `worker evaluate` later).
+    pub eval_at_end: bool,
     /// bf16 autocast of the trainable forward and loss: `auto` (on CUDA only), `bf16`, `off`.
     pub mixed_precision: MixedPrecision,
     /// TensorBoard event files under `<run_dir>/tensorboard/` (rank 0): the logged scalars and the validation
@@ -85,6 +87,7 @@ impl Default for TrainSection {
             bucket_bytes: 4 << 20,
             log_every: 10,
             eval_every: 0,
+            eval_at_end: true,
             mixed_precision: MixedPrecision::Auto,
             tensorboard: true,
         }
@@ -394,7 +397,7 @@ impl JobConfig {
     /// evaluation, checkpoint and launch cadence, where the store, shards, cache and encoder checkpoints are,
     /// and the loader's performance settings.
     pub fn changes_that_forbid_resuming(&self, saved: &JobConfig) -> Vec<String> {
-        const MAY_CHANGE: [&str; 20] = [
+        const MAY_CHANGE: [&str; 21] = [
             "run_dir",
             "checkpoint",
             "launch",
@@ -402,6 +405,7 @@ impl JobConfig {
             "train.log_every",
             "train.tensorboard",
             "train.eval_every",
+            "train.eval_at_end",
             "train.threads",
             "train.bucket_bytes",
             "data.shards",

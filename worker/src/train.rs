@@ -333,7 +333,7 @@ impl<'a> Trainer<'a> {
     pub fn maybe_evaluate(&mut self, metrics: StepMetrics) -> Result<StepMetrics> {
         let cfg = &self.job.train;
         let step = self.step;
-        if !(cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every) || step == cfg.steps) {
+        if !(cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every) || step == cfg.steps && cfg.eval_at_end) {
             return Ok(metrics);
         }
         let eval = evaluate(&self.session, &self.model, Split::Validation)?;
@@ -449,28 +449,31 @@ impl<'a> Trainer<'a> {
             tracing::info!("{}", self.phases.report(dist.world_size, self.accumulation));
         }
         let validation = match self.last_eval {
-            Some(confusion) => confusion,
-            None => evaluate(&self.session, &self.model, Split::Validation)?.confusion,
+            Some(confusion) => Some(confusion),
+            None if !job.train.eval_at_end => None,
+            None => Some(evaluate(&self.session, &self.model, Split::Validation)?.confusion),
         };
         if dist.rank == 0 {
-            println!("validation after step {step}: {}", summary(&validation));
-            print!("{}", validation.render(Some(&self.session.manifest.class_ratios)));
-            for (file, result) in [
-                (
-                    "curves.png",
-                    replace_with(&job.run_dir.join("curves.png"), |tmp| crate::plots::curves_png(tmp, &self.history)),
-                ),
-                (
-                    "confusion.png",
-                    replace_with(&job.run_dir.join("confusion.png"), |tmp| {
-                        let title = format!("validation, step {step}: {}", summary(&validation));
-                        crate::plots::confusion_png(tmp, &validation, &title)
-                    }),
-                ),
-            ] {
+            match &validation {
+                Some(v) => {
+                    println!("validation after step {step}: {}", summary(v));
+                    print!("{}", v.render(Some(&self.session.manifest.class_ratios)));
+                }
+                None => println!("no validation after step {step} (train.eval_at_end: false)"),
+            }
+            let curves =
+                replace_with(&job.run_dir.join("curves.png"), |tmp| crate::plots::curves_png(tmp, &self.history));
+            let confusion = validation.as_ref().map(|v| {
+                replace_with(&job.run_dir.join("confusion.png"), |tmp| {
+                    let title = format!("validation, step {step}: {}", summary(v));
+                    crate::plots::confusion_png(tmp, v, &title)
+                })
+            });
+            for (file, result) in [("curves.png", Some(curves)), ("confusion.png", confusion)] {
                 match result {
-                    Ok(()) => tracing::info!("wrote {}", job.run_dir.join(file).display()),
-                    Err(e) => tracing::warn!("{file} not written: {e:#}"),
+                    Some(Ok(())) => tracing::info!("wrote {}", job.run_dir.join(file).display()),
+                    Some(Err(e)) => tracing::warn!("{file} not written: {e:#}"),
+                    None => {}
                 }
             }
             if let Some(b) = self.best {
@@ -481,7 +484,7 @@ impl<'a> Trainer<'a> {
             }
         }
         crate::heartbeat::update(|h| h.phase = "done".into());
-        Ok(Trained { history: self.history, validation })
+        Ok(Trained { history: self.history, validation: validation.unwrap_or_default() })
     }
 }
 
