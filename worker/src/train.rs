@@ -364,7 +364,7 @@ impl<'a> Trainer<'a> {
             let (elapsed, rate, eta) = self.progress();
             tracing::info!(
                 "step {step}/{} loss {:.4} (cls {:.4}, prompt {:.4}) lr {:.2e} |g| {:.3} \
-                 {rate:.1} clips/s data-wait {:.1}% ETA {eta:.0} s",
+                 {rate:.2} clips/s data-wait {:.1}% ETA {eta:.0} s",
                 cfg.steps,
                 m.loss,
                 m.classification,
