@@ -88,16 +88,21 @@ fn is_repo_id(id: &str) -> bool {
         })
 }
 
+/// A directory from the environment (an empty variable counts as unset).
+fn env_dir(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+/// `$XDG_CACHE_HOME`, else `~/.cache`.
+fn user_cache() -> PathBuf {
+    env_dir("XDG_CACHE_HOME").unwrap_or_else(|| env_dir("HOME").unwrap_or_default().join(".cache"))
+}
+
 /// The hub cache directory, as `huggingface_hub.constants.HF_HUB_CACHE` is computed.
 pub fn hub_cache() -> PathBuf {
-    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(dir) = env("HF_HUB_CACHE").or_else(|| env("HUGGINGFACE_HUB_CACHE")) {
-        return dir;
-    }
-    let home = env("HF_HOME").unwrap_or_else(|| {
-        env("XDG_CACHE_HOME").unwrap_or_else(|| env("HOME").unwrap_or_default().join(".cache")).join("huggingface")
-    });
-    home.join("hub")
+    env_dir("HF_HUB_CACHE")
+        .or_else(|| env_dir("HUGGINGFACE_HUB_CACHE"))
+        .unwrap_or_else(|| env_dir("HF_HOME").unwrap_or_else(|| user_cache().join("huggingface")).join("hub"))
 }
 
 /// `snapshots/<commit>/` of model `id` at `revision` (a ref, or a commit hash) in the hub cache `cache`.
@@ -139,10 +144,7 @@ fn snapshot_of(repo_dir: &Path, reference: &Path) -> String {
 
 /// The per-host cache of encoder directories fetched from stores.
 pub fn encoder_cache() -> PathBuf {
-    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-    env("AVEXPR_ENCODER_CACHE").unwrap_or_else(|| {
-        env("XDG_CACHE_HOME").unwrap_or_else(|| env("HOME").unwrap_or_default().join(".cache")).join("avexpr/encoders")
-    })
+    env_dir("AVEXPR_ENCODER_CACHE").unwrap_or_else(|| user_cache().join("avexpr/encoders"))
 }
 
 /// The directory at store `uri`, fetched into `cache/<key>` unless already there.
