@@ -93,6 +93,17 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
             "--min-nodes is for --target hostfile and k8s"
         );
     }
+    // Local ranks find the encoders where this process does: a model id missing from the hub cache, a wrong
+    // path or an unreadable store fails here, once, not in every rank and every restart (an s3:// checkpoint is
+    // fetched into this host's cache, which the ranks then use).
+    if target == Target::Local && !a.dry_run {
+        for (encoder, fields) in [
+            (&job_cfg.model.clip, ["model.clip.checkpoint", "model.clip.revision"]),
+            (&job_cfg.model.wav2vec2, ["model.wav2vec2.checkpoint", "model.wav2vec2.revision"]),
+        ] {
+            avexpr_model::locate::locate(encoder, fields).with_context(|| config.display().to_string())?;
+        }
+    }
     if let Target::Hostfile(file) = &target {
         crate::launch::check_hostfile(file, a.nodes)?;
         if a.nodes > 1 {

@@ -213,6 +213,20 @@ fn bad_arguments_are_rejected_before_anything_starts() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && stderr.contains(want), "{args:?}: want `{want}`, got {stderr}");
     }
+    // Encoders the local ranks could not load: refused before any rank starts, naming the field and where the
+    // model id was looked for.
+    let missing = d.root.join("missing-encoder.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let clip = avexpr_model::fixtures::clip_tiny_with_tokenizer().unwrap().display().to_string();
+    std::fs::write(&missing, text.replace(&clip, "openai/clip-vit-base-patch32")).unwrap();
+    let hub = d.root.join("empty-hub");
+    let out =
+        binary("orchestrator").args(["launch", "--config"]).arg(&missing).env("HF_HUB_CACHE", &hub).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let refs = hub.join("models--openai--clip-vit-base-patch32/refs/main");
+    assert!(!out.status.success() && stderr.contains("model.clip.checkpoint"), "{stderr}");
+    assert!(stderr.contains(&refs.display().to_string()) && !stderr.contains("started 1 rank"), "{stderr}");
+
     let hostfile = d.root.join("one-host");
     std::fs::write(&hostfile, "# one host only\nlocalhost slots=2\n").unwrap();
     let out = binary("orchestrator")
