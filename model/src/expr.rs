@@ -21,7 +21,7 @@ use crate::config::{AudioLayers, Modalities, ModelConfig, Target};
 use crate::error::{ModelError, Result};
 use crate::fusion::BiCrossAttention;
 use crate::head::Head;
-use crate::locate::locate;
+use crate::locate::locate_encoders;
 use crate::loss::{ExprLoss, LossTerms};
 use crate::prompt::{ClassPrompts, PromptHead};
 use crate::tcn::Tcn;
@@ -40,8 +40,7 @@ pub struct Encoders {
 
 impl Encoders {
     pub fn load(cfg: &ModelConfig, options: EncoderOptions) -> Result<Self> {
-        let clip = locate(&cfg.clip, ["model.clip.checkpoint", "model.clip.revision"])?;
-        let wav2vec2 = locate(&cfg.wav2vec2, ["model.wav2vec2.checkpoint", "model.wav2vec2.revision"])?;
+        let (clip, wav2vec2) = locate_encoders(cfg)?;
         Ok(Self {
             vision: ClipVisionEncoder::load(&clip, options)?,
             text: Rc::new(ClipTextEncoder::load(&clip, options)?),

@@ -20,7 +20,7 @@ use hf_hub::{Repo, RepoType};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::EncoderConfig;
+use crate::config::{EncoderConfig, ModelConfig};
 use crate::error::{ModelError, Result};
 
 /// The file list of an encoder directory in a store, written last by [`push`].
@@ -70,6 +70,15 @@ pub fn locate(cfg: &EncoderConfig, fields: [&str; 2]) -> Result<PathBuf> {
         return Err(err("no such directory (nor a Hugging Face model id, nor a store URI)".into()));
     }
     hub_snapshot(&hub_cache(), spec, cfg.revision.as_deref().unwrap_or("main")).map_err(err)
+}
+
+/// The local checkpoint directories of a model's two frozen encoders, `(clip, wav2vec2)`; errors name the job
+/// file's fields.
+pub fn locate_encoders(cfg: &ModelConfig) -> Result<(PathBuf, PathBuf)> {
+    Ok((
+        locate(&cfg.clip, ["model.clip.checkpoint", "model.clip.revision"])?,
+        locate(&cfg.wav2vec2, ["model.wav2vec2.checkpoint", "model.wav2vec2.revision"])?,
+    ))
 }
 
 /// `huggingface_hub.utils.validate_repo_id`: `[namespace/]name` of word characters, `-` and `.`, at most 96

@@ -97,12 +97,7 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
     // path or an unreadable store fails here, once, not in every rank and every restart (an s3:// checkpoint is
     // fetched into this host's cache, which the ranks then use).
     if target == Target::Local && !a.dry_run {
-        for (encoder, fields) in [
-            (&job_cfg.model.clip, ["model.clip.checkpoint", "model.clip.revision"]),
-            (&job_cfg.model.wav2vec2, ["model.wav2vec2.checkpoint", "model.wav2vec2.revision"]),
-        ] {
-            avexpr_model::locate::locate(encoder, fields).with_context(|| config.display().to_string())?;
-        }
+        avexpr_model::locate::locate_encoders(&job_cfg.model).with_context(|| config.display().to_string())?;
     }
     if let Target::Hostfile(file) = &target {
         crate::launch::check_hostfile(file, a.nodes)?;

@@ -74,6 +74,10 @@ fn record(data: &[u8]) -> Vec<u8> {
     out
 }
 
+fn unix_time() -> std::time::Duration {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
+}
+
 /// An event file, flushed after every write (a killed run loses nothing it logged).
 pub struct EventWriter {
     file: File,
@@ -84,7 +88,7 @@ impl EventWriter {
     /// A new event file in `dir` (created), named as TensorBoard's writers name theirs.
     pub fn create(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let now = unix_time();
         let host = crate::heartbeat::hostname();
         let path = dir.join(format!("events.out.tfevents.{}.{host}.{}", now.as_secs(), std::process::id()));
         let file = File::create(&path).with_context(|| format!("{}", path.display()))?;
@@ -98,10 +102,6 @@ impl EventWriter {
         Ok(writer)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn write(&mut self, event: Event) -> Result<()> {
         self.file
             .write_all(&record(&event.encode_to_vec()))
@@ -110,9 +110,8 @@ impl EventWriter {
     }
 
     fn summary(&mut self, step: u64, value: Vec<SummaryValue>) -> Result<()> {
-        let wall_time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         self.write(Event {
-            wall_time: wall_time.as_secs_f64(),
+            wall_time: unix_time().as_secs_f64(),
             step: step as i64,
             file_version: None,
             summary: Some(Summary { value }),

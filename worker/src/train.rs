@@ -362,6 +362,7 @@ impl<'a> Trainer<'a> {
         }
         if self.dist.rank == 0 {
             let (elapsed, rate, eta) = self.progress();
+            let wait = 100.0 * self.throughput.waited / elapsed;
             tracing::info!(
                 "step {step}/{} loss {:.4} (cls {:.4}, prompt {:.4}) lr {:.2e} |g| {:.3} \
                  {rate:.2} clips/s data-wait {:.1}% ETA {eta:.0} s",
@@ -371,11 +372,10 @@ impl<'a> Trainer<'a> {
                 m.contrastive,
                 m.lr,
                 m.grad_norm,
-                100.0 * self.throughput.waited / elapsed,
+                wait,
             );
             let mut file = std::fs::OpenOptions::new().append(true).open(&self.metrics_path)?;
             writeln!(file, "{}", serde_json::to_string(&m)?)?;
-            let wait = 100.0 * self.throughput.waited / elapsed;
             if let Err(e) = self.write_tensorboard(&m, rate, wait) {
                 tracing::warn!("TensorBoard: {e:#}; its files stop here");
                 self.tensorboard = None;

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use avexpr_data::config::FeatureDtype;
 use avexpr_data::sampler::Target;
 use avexpr_model::config::AudioLayers;
-use avexpr_model::locate::locate;
+use avexpr_model::locate::locate_encoders;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -52,15 +52,10 @@ impl CacheKey {
     /// The key of `job`'s settings on the dataset whose `manifest.json` is `manifest_bytes`.
     pub fn of(job: &JobConfig, manifest_bytes: &[u8]) -> Result<CacheKey> {
         let dtype = job.data.features.as_ref().map_or(FeatureDtype::F32, |f| f.dtype);
+        let (clip, wav2vec2) = locate_encoders(&job.model)?;
         Ok(CacheKey {
-            clip_weights_sha256: hash_checkpoint(&locate(
-                &job.model.clip,
-                ["model.clip.checkpoint", "model.clip.revision"],
-            )?)?,
-            wav2vec2_weights_sha256: hash_checkpoint(&locate(
-                &job.model.wav2vec2,
-                ["model.wav2vec2.checkpoint", "model.wav2vec2.revision"],
-            )?)?,
+            clip_weights_sha256: hash_checkpoint(&clip)?,
+            wav2vec2_weights_sha256: hash_checkpoint(&wav2vec2)?,
             dataset_manifest_sha256: hex::encode(Sha256::digest(manifest_bytes)),
             preprocessing: Preprocessing {
                 image_size: job.data.image_size,
