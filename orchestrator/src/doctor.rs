@@ -1,5 +1,6 @@
 //! `orchestrator doctor`: is this machine ready to run avexpr workers? Checks libtorch (and which devices it
-//! sees), the MPI launcher, the FFmpeg tools, and the Python venv used for benchmarks and fixtures.
+//! sees), the NVIDIA driver's devices and libnccl (required only where there are GPUs), the MPI launcher, the
+//! FFmpeg tools, and the Python venv used for benchmarks and fixtures.
 
 use std::process::Command;
 
@@ -42,8 +43,42 @@ pub fn run_checks(python: &str) -> Vec<Check> {
             if cuda > 0 { format!(", cuDNN {}", tch::Cuda::cudnn_is_available()) } else { String::new() }
         ),
     };
+    let gpus = match avexpr_worker::nccl::cuda_devices() {
+        Ok(devices) => Check {
+            name: "CUDA devices (driver)",
+            ok: true,
+            required: false,
+            detail: if devices.is_empty() {
+                "none".into()
+            } else {
+                let list: Vec<String> = devices
+                    .iter()
+                    .map(|(name, bytes)| format!("{name} ({:.0} GiB)", *bytes as f64 / 1073741824.0))
+                    .collect();
+                format!("{}: {}", devices.len(), list.join(", "))
+            },
+        },
+        Err(detail) => Check { name: "CUDA devices (driver)", ok: false, required: false, detail },
+    };
+    // NCCL is what GPU ranks all-reduce with; CPU ranks use MPI and do not need it.
+    let nccl = match (avexpr_worker::nccl::version(), avexpr_worker::nccl::missing_libraries()) {
+        (Some(v), _) => Check {
+            name: "libnccl",
+            ok: true,
+            required: false,
+            detail: format!("{}.{}.{} loaded", v / 10000, v / 100 % 100, v % 100),
+        },
+        (None, why) => Check {
+            name: "libnccl",
+            ok: false,
+            required: cuda > 0,
+            detail: why.unwrap_or_else(|| "libnccl.so loads but ncclGetVersion failed".into()),
+        },
+    };
     vec![
         torch,
+        gpus,
+        nccl,
         command_check("mpirun", true, "mpirun", &["--version"]),
         command_check("ffmpeg", true, "ffmpeg", &["-hide_banner", "-version"]),
         command_check(

@@ -78,6 +78,26 @@ fn median(mut xs: Vec<f64>) -> Option<f64> {
     (!xs.is_empty()).then(|| xs[xs.len() / 2])
 }
 
+/// What a benchmark measured: the table, and the medians of each side (`--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub title: String,
+    #[serde(skip)]
+    pub table: String,
+    pub ours: Figures,
+    pub reference: Figures,
+    /// The reference's last JSON line (its versions, parameter counts).
+    pub reference_raw: Option<serde_json::Value>,
+}
+
+impl Report {
+    /// Writes the medians as JSON (`--json`).
+    pub fn write_json(&self, path: &std::path::Path) -> Result<()> {
+        std::fs::write(path, serde_json::to_string_pretty(self)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
 /// Both sides for `rounds` rounds, alternating which goes first; the table of medians and their ratio.
 fn interleaved(
     title: &str,
@@ -85,7 +105,7 @@ fn interleaved(
     rounds: usize,
     mut ours: impl FnMut() -> Result<Figures>,
     mut reference: Option<impl FnMut() -> Result<(Figures, serde_json::Value)>>,
-) -> Result<(String, Option<serde_json::Value>)> {
+) -> Result<Report> {
     anyhow::ensure!(rounds > 0, "--rounds must be positive");
     let (mut our_runs, mut reference_runs, mut last) = (Vec::new(), Vec::new(), None);
     for round in 0..rounds {
@@ -120,7 +140,17 @@ fn interleaved(
         };
         table.push_str(&format!("{label:<48} {o:>12.2} {r_text:>12} {ratio:>7}\n"));
     }
-    Ok((table, last))
+    let medians = |runs: &[Figures]| -> Figures {
+        let keys: std::collections::BTreeSet<&String> = runs.iter().flat_map(|f| f.keys()).collect();
+        keys.into_iter().filter_map(|k| Some((k.clone(), pick(runs, k)?))).collect()
+    };
+    Ok(Report {
+        title: title.to_string(),
+        table,
+        ours: medians(&our_runs),
+        reference: medians(&reference_runs),
+        reference_raw: last,
+    })
 }
 
 /// `worker bench-encoders`: the command line, and (the sizes) what the reference script is sent.
@@ -158,6 +188,18 @@ pub struct EncoderBench {
     #[arg(long)]
     #[serde(skip)]
     pub no_reference: bool,
+    /// Also write the medians of both sides as JSON to this file.
+    #[arg(long)]
+    #[serde(skip)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+/// `cpu` or `cuda:N`, as torch spells it.
+fn torch_device_name(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cuda(n) => format!("cuda:{n}"),
+        _ => "cpu".into(),
+    }
 }
 
 /// What the encoder reference script reads: the sizes, and the device and precision as resolved.
@@ -196,8 +238,8 @@ pub fn encoders_ours(cfg: &EncoderBench, options: EncoderOptions) -> Result<Figu
     Ok(figures)
 }
 
-/// Both sides of the encoder benchmark, `cfg.rounds` rounds interleaved, as a table.
-pub fn encoders(cfg: &EncoderBench) -> Result<String> {
+/// Both sides of the encoder benchmark, `cfg.rounds` rounds interleaved.
+pub fn encoders(cfg: &EncoderBench) -> Result<Report> {
     anyhow::ensure!(
         cfg.clip_batch > 0 && cfg.audio_batch > 0 && cfg.audio_seconds > 0.0,
         "batch sizes and --audio-seconds must be positive"
@@ -215,23 +257,24 @@ pub fn encoders(cfg: &EncoderBench) -> Result<String> {
     ];
     let args = EncoderReference {
         sizes: cfg,
-        device: match options.device {
-            tch::Device::Cuda(n) => format!("cuda:{n}"),
-            _ => "cpu".into(),
-        },
+        device: torch_device_name(options.device),
         bf16: options.precision == Precision::Bf16,
     };
     let python = cfg.python.clone().unwrap_or_else(crate::default_python);
     let reference = (!cfg.no_reference).then_some(|| run_reference(&python, ENCODERS_REFERENCE, &args));
-    let (table, raw) = interleaved(&title, &rows, cfg.rounds, || encoders_ours(cfg, options), reference)?;
-    Ok(match raw {
-        Some(raw) => format!("{table}reference (last round): {raw}\n"),
-        None => table,
-    })
+    let mut report = interleaved(&title, &rows, cfg.rounds, || encoders_ours(cfg, options), reference)?;
+    if let Some(raw) = &report.reference_raw {
+        report.table.push_str(&format!("reference (last round): {raw}\n"));
+    }
+    Ok(report)
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct HeadBench {
+    /// `cpu` or `cuda:N`, as torch spells it.
+    pub device: String,
+    /// Under bf16 autocast, as training runs the head on CUDA (`train.mixed_precision: auto`).
+    pub bf16: bool,
     pub threads: usize,
     pub batch: i64,
     pub frames: i64,
@@ -250,12 +293,14 @@ pub struct HeadBench {
 impl HeadBench {
     /// Clips of `frames` frames at `fps` with the paper encoders' widths and the audio frames Wav2Vec 2.0
     /// produces for them.
-    pub fn new(model: ModelConfig, threads: usize, batch: i64, frames: i64, iters: usize) -> Self {
+    pub fn new(model: ModelConfig, device: tch::Device, threads: usize, batch: i64, frames: i64, iters: usize) -> Self {
         let dims = EncoderDims::paper();
         let fps = 25.0;
         let samples = (frames as f64 / fps * dims.audio_timing.sample_rate) as i64;
         let t = dims.audio_timing;
         Self {
+            device: torch_device_name(device),
+            bf16: crate::job::MixedPrecision::Auto.enabled(device),
             threads,
             batch,
             frames,
@@ -274,62 +319,68 @@ impl HeadBench {
 }
 
 /// Our side of the head benchmark: clips/s of forward + loss + backward, and the parameter count per group.
-pub fn head_ours(cfg: &HeadBench) -> Result<(Figures, Vec<(&'static str, i64)>)> {
+pub fn head_ours(cfg: &HeadBench, device: tch::Device) -> Result<(Figures, Vec<(&'static str, i64)>)> {
     tch::set_num_threads(cfg.threads as i32);
     tch::manual_seed(0);
     let dims = EncoderDims::paper();
-    let vs = nn::VarStore::new(tch::Device::Cpu);
-    let classes = ClassPrompts::Embeddings(Tensor::randn([8, dims.text_dim], tch::kind::FLOAT_CPU));
+    let vs = nn::VarStore::new(device);
+    let f32 = (Kind::Float, device);
+    let classes = ClassPrompts::Embeddings(Tensor::randn([8, dims.text_dim], f32));
     let head = ExprHead::new(&vs.root(), &cfg.model, &dims, classes, None)?;
-    let cpu = tch::kind::FLOAT_CPU;
     let feats = FeatureBatch {
-        image_embeds: Tensor::randn([cfg.batch, cfg.frames, cfg.image_dim], cpu),
-        face_mask: Tensor::ones([cfg.batch, cfg.frames], (Kind::Bool, tch::Device::Cpu)),
-        audio_states: Tensor::randn([cfg.batch, cfg.audio_states, cfg.audio_frames, cfg.audio_hidden], cpu),
-        audio_mask: Tensor::ones([cfg.batch, cfg.audio_frames], (Kind::Bool, tch::Device::Cpu)),
+        image_embeds: Tensor::randn([cfg.batch, cfg.frames, cfg.image_dim], f32),
+        face_mask: Tensor::ones([cfg.batch, cfg.frames], (Kind::Bool, device)),
+        audio_states: Tensor::randn([cfg.batch, cfg.audio_states, cfg.audio_frames, cfg.audio_hidden], f32),
+        audio_mask: Tensor::ones([cfg.batch, cfg.audio_frames], (Kind::Bool, device)),
         fps: vec![cfg.fps; cfg.batch as usize],
     };
-    let targets = Tensor::arange(cfg.batch, (Kind::Int64, tch::Device::Cpu)).remainder(8);
+    let targets = Tensor::arange(cfg.batch, (Kind::Int64, device)).remainder(8);
     let labels = targets.unsqueeze(1).expand([cfg.batch, cfg.frames], false).contiguous();
     let variables = vs.trainable_variables();
-    let seconds = timed(tch::Device::Cpu, cfg.iters, || {
+    let seconds = timed(device, cfg.iters, || {
         variables.iter().for_each(|v| {
             let mut grad = v.grad();
             if grad.defined() {
                 let _ = grad.zero_();
             }
         });
-        let out = head.forward_t(&feats, true);
-        head.loss(&out, &labels).total.backward();
+        let loss = avexpr_model::autocast::bf16(device, cfg.bf16, || {
+            let out = head.forward_t(&feats, true);
+            head.loss(&out, &labels).total
+        });
+        loss.backward();
     });
     let counts = avexpr_model::expr::parameter_counts(&cfg.model, &dims)?;
     Ok((Figures::from([("clips_per_s".to_string(), (cfg.batch as usize * cfg.iters) as f64 / seconds)]), counts))
 }
 
-pub fn head(cfg: &HeadBench, python: Option<&str>, rounds: usize) -> Result<String> {
+pub fn head(cfg: &HeadBench, device: tch::Device, python: Option<&str>, rounds: usize) -> Result<Report> {
     anyhow::ensure!(cfg.batch > 0 && cfg.frames > 0 && cfg.iters > 0, "--batch, --frames and --iters must be positive");
     let title = format!(
-        "trainable head benchmark: CPU, {} thread(s), forward + backward, {} clips x {} frames; reference: the same \
-         head in PyTorch eager",
-        cfg.threads, cfg.batch, cfg.frames
+        "trainable head benchmark: {device:?}{}, {} thread(s), forward + backward, {} clips x {} frames; reference: \
+         the same head in PyTorch eager",
+        if cfg.bf16 { " under bf16 autocast" } else { "" },
+        cfg.threads,
+        cfg.batch,
+        cfg.frames
     );
     let mut counts = Vec::new();
     let ours = || -> Result<Figures> {
-        let (figures, c) = head_ours(cfg)?;
+        let (figures, c) = head_ours(cfg, device)?;
         counts = c;
         Ok(figures)
     };
     let reference = python.map(|py| move || run_reference(py, HEAD_REFERENCE, cfg));
     let rows = [("clips_per_s", "clips/s (forward + backward)".to_string())];
-    let (mut table, raw) = interleaved(&title, &rows, rounds, ours, reference)?;
+    let mut report = interleaved(&title, &rows, rounds, ours, reference)?;
     for (group, n) in &counts {
-        let theirs = raw.as_ref().and_then(|r| r["params"][*group].as_i64());
+        let theirs = report.reference_raw.as_ref().and_then(|r| r["params"][*group].as_i64());
         let check = match theirs {
             Some(t) if t == *n => "same in the reference".to_string(),
             Some(t) => format!("reference has {t}: the heads differ"),
             None => String::new(),
         };
-        table.push_str(&format!("parameters {group:<8} {n:>12}   {check}\n"));
+        report.table.push_str(&format!("parameters {group:<8} {n:>12}   {check}\n"));
     }
-    Ok(table)
+    Ok(report)
 }

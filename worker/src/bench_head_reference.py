@@ -97,9 +97,9 @@ class Head(nn.Module):
         # Video frame i takes the mean of the audio frames centred in [i / fps, (i + 1) / fps), else the nearest.
         stride, rf, sr = a["audio_stride"], a["audio_receptive_field"], 16000.0
         t_audio = audio_mask.shape[1]
-        centre = (torch.arange(t_audio) * stride + rf / 2) / sr
-        t0 = torch.arange(frames)[None, :, None] / fps[:, None, None]
-        t1 = (torch.arange(frames)[None, :, None] + 1) / fps[:, None, None]
+        centre = (torch.arange(t_audio, device=fps.device) * stride + rf / 2) / sr
+        t0 = torch.arange(frames, device=fps.device)[None, :, None] / fps[:, None, None]
+        t1 = (torch.arange(frames, device=fps.device)[None, :, None] + 1) / fps[:, None, None]
         inside = (centre >= t0) & (centre < t1) & audio_mask[:, None, :]
         valid = audio_mask.sum(1)
         mid = (t0 + t1)[..., 0] / 2
@@ -134,25 +134,34 @@ class Head(nn.Module):
 
 
 def main():
-    model = Head().train()
+    device = torch.device(a.get("device", "cpu"))
+    model = Head().train().to(device)
     b, f, t_audio = a["batch"], a["frames"], a["audio_frames"]
-    image = torch.randn(b, f, a["image_dim"])
-    face_mask = torch.ones(b, f, dtype=torch.bool)
-    states = torch.randn(b, a["audio_states"], t_audio, a["audio_hidden"])
-    audio_mask = torch.ones(b, t_audio, dtype=torch.bool)
-    fps = torch.full((b,), 25.0)
-    targets = torch.arange(b) % 8
+    image = torch.randn(b, f, a["image_dim"], device=device)
+    face_mask = torch.ones(b, f, dtype=torch.bool, device=device)
+    states = torch.randn(b, a["audio_states"], t_audio, a["audio_hidden"], device=device)
+    audio_mask = torch.ones(b, t_audio, dtype=torch.bool, device=device)
+    fps = torch.full((b,), 25.0, device=device)
+    targets = torch.arange(b, device=device) % 8
 
     def step():
         model.zero_grad(set_to_none=True)
-        logits, prompt = model(image, face_mask, states, audio_mask, fps)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.get("bf16", False)):
+            logits, prompt = model(image, face_mask, states, audio_mask, fps)
+        logits, prompt = logits.float(), prompt.float()
         loss = F.cross_entropy(logits, targets) + m["loss"]["contrastive_weight"] * F.cross_entropy(prompt, targets)
         loss.backward()
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     step()
+    sync()
     start = time.perf_counter()
     for _ in range(a["iters"]):
         step()
+    sync()
     seconds = time.perf_counter() - start
     count = lambda mods: sum(p.numel() for mod in mods for p in mod.parameters())
     params = {g: count(mods) for g, mods in model.groups.items()}

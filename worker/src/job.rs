@@ -395,9 +395,9 @@ impl JobConfig {
     /// The settings of `saved` (a checkpoint's job) that differ from this job's and that a resumed run cannot
     /// change, each as `field: saved -> now`. What may change: the length of the run and its logging,
     /// evaluation, checkpoint and launch cadence, where the store, shards, cache and encoder checkpoints are,
-    /// and the loader's performance settings.
+    /// the loader's performance settings, and mixed precision.
     pub fn changes_that_forbid_resuming(&self, saved: &JobConfig) -> Vec<String> {
-        const MAY_CHANGE: [&str; 21] = [
+        const MAY_CHANGE: [&str; 22] = [
             "run_dir",
             "checkpoint",
             "launch",
@@ -408,6 +408,8 @@ impl JobConfig {
             "train.eval_at_end",
             "train.threads",
             "train.bucket_bytes",
+            // The same state under other numerics (a GPU run resumed on a CPU, or the reverse).
+            "train.mixed_precision",
             "data.shards",
             "data.features",
             "data.prefetch_bytes",

@@ -155,6 +155,9 @@ enum Command {
         /// Job config whose `model` section shapes the head (default: configs/paper.yaml's, built in).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// cpu, cuda, cuda:N or auto; on CUDA the head runs under bf16 autocast, as in training.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
         #[arg(long)]
         threads: Option<usize>,
         #[arg(long, default_value_t = 32)]
@@ -169,6 +172,9 @@ enum Command {
         python: Option<String>,
         #[arg(long)]
         no_reference: bool,
+        /// Also write the medians of both sides as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Trainable parameters per group (tcn, adapter, fusion, prompt) of a job config's model.
     Params {
@@ -231,7 +237,13 @@ fn run(cli: Cli) -> Result<()> {
                 manifest.key()
             );
         }
-        Command::BenchEncoders(cfg) => print!("{}", bench::encoders(&cfg)?),
+        Command::BenchEncoders(cfg) => {
+            let report = bench::encoders(&cfg)?;
+            print!("{}", report.table);
+            if let Some(path) = &cfg.json {
+                report.write_json(path)?;
+            }
+        }
         Command::Train { config, resume, overwrite, plan } => {
             anyhow::ensure!(resume == Resume::None || !overwrite, "--overwrite is for --resume none");
             let resume = resume == Resume::Auto;
@@ -303,12 +315,18 @@ fn run(cli: Cli) -> Result<()> {
             }
             anyhow::ensure!(f.max_error < 1e-3, "the reduced values are wrong (error {})", f.max_error);
         }
-        Command::BenchHead { config, threads, batch, frames, iters, rounds, python, no_reference } => {
+        Command::BenchHead { config, device, threads, batch, frames, iters, rounds, python, no_reference, json } => {
             let model = model_config(config.as_deref())?;
-            let cfg =
-                bench::HeadBench::new(model, threads.unwrap_or_else(avexpr_worker::all_cores), batch, frames, iters);
+            // The head's device; bf16 autocast on CUDA as training has it (`train.mixed_precision: auto`).
+            let device = encoder_options(device, PrecisionChoice::Auto)?.device;
+            let threads = threads.unwrap_or_else(avexpr_worker::all_cores);
+            let cfg = bench::HeadBench::new(model, device, threads, batch, frames, iters);
             let python = python.unwrap_or_else(avexpr_worker::default_python);
-            print!("{}", bench::head(&cfg, (!no_reference).then_some(python.as_str()), rounds)?);
+            let report = bench::head(&cfg, device, (!no_reference).then_some(python.as_str()), rounds)?;
+            print!("{}", report.table);
+            if let Some(path) = &json {
+                report.write_json(path)?;
+            }
         }
         Command::Params { config, from_checkpoints } => {
             let model = model_config(Some(&config))?;

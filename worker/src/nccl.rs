@@ -30,6 +30,28 @@ pub fn missing_libraries() -> Option<String> {
     }
 }
 
+/// The CUDA devices the driver sees: name and memory in bytes (no context is created). An error in words when
+/// there is no driver or it fails to initialise.
+pub fn cuda_devices() -> Result<Vec<(String, usize)>, String> {
+    use cudarc::driver::result as driver;
+    // SAFETY: dlopen probe.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("no NVIDIA driver (libcuda.so) on this machine".into());
+    }
+    let err = |what: &str, e: cudarc::driver::DriverError| format!("{what}: {e:?}");
+    driver::init().map_err(|e| err("cuInit", e))?;
+    let count = driver::device::get_count().map_err(|e| err("cuDeviceGetCount", e))?;
+    (0..count)
+        .map(|i| {
+            let dev = driver::device::get(i).map_err(|e| err("cuDeviceGet", e))?;
+            let name = driver::device::get_name(dev).map_err(|e| err("cuDeviceGetName", e))?;
+            // SAFETY: a device handle the driver just returned.
+            let bytes = unsafe { driver::device::total_mem(dev) }.map_err(|e| err("cuDeviceTotalMem", e))?;
+            Ok((name, bytes))
+        })
+        .collect()
+}
+
 /// libnccl's version (e.g. 22803 for 2.28.3), when the library loads (no GPU needed).
 pub fn version() -> Option<i32> {
     // SAFETY: dlopen probe, then a call that only writes the integer it is given.
