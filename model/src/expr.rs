@@ -351,11 +351,8 @@ impl ExprModel {
             )));
         }
         let device = self.vs.device();
-        let flat = raw.frames.to_device(device).view([batch * frames, channels, height, width]);
-        let pixels = self.encoders.vision.processor.preprocess_tensor(&flat);
-        // The trainable part runs in f32 whatever precision the frozen encoders run in (bf16 on CUDA).
-        let image_embeds = self.encoders.vision.encode_pixels(&pixels).view([batch, frames, -1]).to_kind(Kind::Float);
-
+        let image_embeds =
+            self.encode_images(&raw.frames.view([batch * frames, channels, height, width])).view([batch, frames, -1]);
         let (audio_states, audio_mask) = self.encode_audio(&raw.audio, &raw.audio_mask)?;
         Ok(FeatureBatch {
             image_embeds,
@@ -366,11 +363,19 @@ impl ExprModel {
         })
     }
 
+    /// CLIP image embeddings `[n, image_dim]` (f32) of `n` face crops `[n, 3, H, W]` as stored: each frame is
+    /// encoded alone, so a frame's embedding does not depend on the clip it is in.
+    pub fn encode_images(&self, frames: &Tensor) -> Tensor {
+        let pixels = self.encoders.vision.processor.preprocess_tensor(&frames.to_device(self.vs.device()));
+        // The trainable part runs in f32 whatever precision the frozen encoders run in (bf16 on CUDA).
+        self.encoders.vision.encode_pixels(&pixels).to_kind(Kind::Float)
+    }
+
     /// Wav2Vec 2.0 states `[batch, S, audio_frames, hidden]` and their mask. Each clip is encoded at its own
     /// length (its span up to the last real sample; clips of equal length share a call), never padded to its
     /// batch mates': padding would change a clip's features through the feature encoder's group norm and the
     /// normalisation, making them depend on the batch (and a feature cache inexact).
-    fn encode_audio(&self, audio: &Tensor, audio_mask: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn encode_audio(&self, audio: &Tensor, audio_mask: &Tensor) -> Result<(Tensor, Tensor)> {
         let device = self.vs.device();
         let enc = &self.encoders.audio;
         let batch = audio.size()[0];

@@ -2,12 +2,14 @@
 //! 1 rank; a run killed with SIGKILL resumes to exactly the uninterrupted result; a corrupt newest checkpoint
 //! is skipped for the previous one; bad configs and stores fail before training with the field named.
 
+use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use avexpr_tests::jobs::{Dataset, checkpoint, dataset, job, max_diff, ok, run_dir, variables};
 use avexpr_tests::{binary, mpirun};
+use tch::Tensor;
 
 #[test]
 fn two_ranks_train_exactly_what_one_rank_accumulating_trains() {
@@ -406,6 +408,41 @@ fn the_synthetic_task_is_learned() {
         assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 10_000, "{} is not a drawn PNG", p.display());
     };
     png(eval_dir.join("confusion.png"));
+    // Each face went through the image encoder once (counted); every window's own audio once. The reference
+    // path (one rank, every window's faces encoded, 16 per window as training encodes clips) gives the same
+    // logits for every frame of every video, and so the same confusion.
+    let passes = |stdout: &str| -> (f64, f64) {
+        let line =
+            stdout.lines().find(|l| l.starts_with("encoder passes per frame: ")).unwrap_or_else(|| panic!("{stdout}"));
+        let num = |key: &str| line.split(key).nth(1).unwrap().split([',', ' ']).next().unwrap().parse::<f64>().unwrap();
+        (num("image "), num("audio "))
+    };
+    let (image, audio) = passes(&String::from_utf8_lossy(&out.stdout));
+    assert!((1.0..1.1).contains(&image) && audio == 1.0, "per frame: image {image}, audio {audio}");
+    let reference_dir = d.root.join("eval-per-window");
+    let out = mpirun(2, "worker")
+        .args(args)
+        .arg(&config)
+        .args(["--faces", "per-window", "--out"])
+        .arg(&reference_dir)
+        .output()
+        .unwrap();
+    ok(out.clone());
+    assert_eq!(passes(&String::from_utf8_lossy(&out.stdout)), (16.0, 1.0));
+    let logits = |dir: &Path| -> BTreeMap<String, Tensor> {
+        Tensor::read_safetensors(dir.join("logits.safetensors")).unwrap().into_iter().collect()
+    };
+    let (ours, reference) = (logits(&eval_dir), logits(&reference_dir));
+    assert!(!ours.is_empty() && ours.keys().eq(reference.keys()));
+    for (video, t) in &ours {
+        assert_eq!(t.size()[1], 8, "{video}");
+        let diff = (t - &reference[video]).abs().max().double_value(&[]);
+        let scale = reference[video].abs().max().double_value(&[]);
+        assert!(diff <= 1e-6, "{video}: logits differ by {diff} (largest {scale})");
+    }
+    let reference_report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reference_dir.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(report["confusion"], reference_report["confusion"]);
     png(run_dir(&config).join("curves.png"));
     png(run_dir(&config).join("confusion.png"));
 

@@ -81,6 +81,14 @@ impl Dist {
         }
     }
 
+    /// Element-wise maximum over ranks, in place.
+    pub fn all_reduce_max_f64(&self, values: &mut [f64]) {
+        if self.world_size > 1 {
+            let send = values.to_vec();
+            self.world.all_reduce_into(&send[..], values, SystemOperation::max());
+        }
+    }
+
     /// Rank 0's bytes on every rank (`bytes` must have the same length everywhere).
     pub fn broadcast_bytes(&self, bytes: &mut [u8]) {
         if self.world_size > 1 {

@@ -118,7 +118,8 @@ enum Command {
         #[arg(long)]
         steps: Option<u64>,
     },
-    /// The class-wise table, eval.json and confusion.png of a split from a checkpoint of the job.
+    /// The class-wise table, eval.json, confusion.png and every frame's logits (logits.safetensors) of a split
+    /// from a checkpoint of the job; the encoder passes per frame and the time per 1,000 frames.
     Evaluate {
         #[arg(long)]
         config: PathBuf,
@@ -128,6 +129,10 @@ enum Command {
         /// A labelled split: validation or train.
         #[arg(long, value_enum, default_value_t = Split::Validation)]
         split: Split,
+        /// per-frame: each face through the image encoder once; per-window: once per window it is in, as
+        /// training encodes clips (frames_per_clip times the work, the same result: a check).
+        #[arg(long, value_enum, default_value_t = avexpr_worker::eval::FaceEncoding::PerFrame)]
+        faces: avexpr_worker::eval::FaceEncoding,
         /// Output folder.
         #[arg(long)]
         out: PathBuf,
@@ -284,10 +289,10 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", avexpr_worker::ablate::render(&outcomes));
             }
         }
-        Command::Evaluate { config, checkpoint, split, out } => {
+        Command::Evaluate { config, checkpoint, split, faces, out } => {
             let job = avexpr_worker::job::JobConfig::load(&config)?;
             let dist = avexpr_worker::dist::Dist::init()?;
-            avexpr_worker::eval::evaluate_to(&job, &dist, &checkpoint, split, &out)?;
+            avexpr_worker::eval::evaluate_to(&job, &dist, &checkpoint, split, faces, &out)?;
         }
         Command::NcclCheck => {
             let dist = avexpr_worker::dist::Dist::init()?;

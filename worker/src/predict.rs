@@ -78,6 +78,7 @@ pub fn predict(job: &JobConfig, dist: &Dist, o: &PredictOptions) -> Result<Confu
     write_predictions(o.out, &predictions)?;
     let frames: usize = predictions.values().map(Vec::len).sum();
     println!("wrote {} ({} videos, {frames} frames) from checkpoint {checkpoint}", o.out.display(), predictions.len());
+    println!("{}", eval.stats.report());
     if eval.confusion.frames() > 0 {
         println!("{:?} before smoothing: {}", o.split, summary(&eval.confusion));
     }
