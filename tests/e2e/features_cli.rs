@@ -114,9 +114,52 @@ fn training_from_the_cache_equals_training_from_frames() {
     assert!(!table(&out_c).is_empty());
     assert_eq!(table(&out_c), table(&out_f), "the validation tables differ");
 
+    // Evaluation reads every face's embedding from the cache (`frames/<video>.safetensors`, every split):
+    // no image encoder pass, and the logits of the reference path (every window's faces encoded).
+    let eval = |faces: &str, out: &str| {
+        let out_dir = d.root.join(out);
+        let mut cmd = mpirun(2, "worker");
+        cmd.args(["evaluate", "--checkpoint", "latest", "--faces", faces, "--out"]).arg(&out_dir);
+        let stdout =
+            String::from_utf8_lossy(&cmd.arg("--config").arg(&from_cache).output().unwrap().stdout).into_owned();
+        let line =
+            stdout.lines().find(|l| l.starts_with("encoder passes per frame: ")).unwrap_or_else(|| panic!("{stdout}"));
+        let logits: std::collections::BTreeMap<String, tch::Tensor> =
+            tch::Tensor::read_safetensors(out_dir.join("logits.safetensors")).unwrap().into_iter().collect();
+        (line.to_string(), logits)
+    };
+    let (cached, cached_logits) = eval("per-frame", "eval-cache");
+    assert!(cached.starts_with("encoder passes per frame: image 0.00, audio 1.00"), "{cached}");
+    let (windows, window_logits) = eval("per-window", "eval-windows");
+    assert!(windows.starts_with("encoder passes per frame: image 8.00, audio 1.00"), "{windows}");
+    assert!(!cached_logits.is_empty() && cached_logits.keys().eq(window_logits.keys()));
+    for (video, t) in &cached_logits {
+        let diff = (t - &window_logits[video]).abs().max().double_value(&[]);
+        assert!(diff <= 1e-6, "{video}: logits from the cache differ by {diff}");
+    }
+    let frame_files = walk(&cache.join("frames"));
+    assert!(frame_files.len() > cached_logits.len(), "frame embeddings of the other splits too: {frame_files:?}");
+    // A damaged frame object is an error naming it, not wrong predictions.
+    let video = cached_logits.keys().next().unwrap();
+    let damaged = cache.join("frames").join(format!("{video}.safetensors"));
+    let good = std::fs::read(&damaged).unwrap();
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x40;
+    std::fs::write(&damaged, &bad).unwrap();
+    let (ok_e, _, err_e) = run({
+        let mut c = mpirun(2, "worker");
+        c.args(["evaluate", "--checkpoint", "latest", "--out"]).arg(d.root.join("eval-bad")).arg("--config");
+        c.arg(&from_cache);
+        c
+    });
+    assert!(!ok_e && err_e.contains(&format!("frames/{video}.safetensors")) && err_e.contains("SHA-256"), "{err_e}");
+    std::fs::write(&damaged, &good).unwrap();
+
     // An extraction that finds the cache complete encodes nothing.
     let stderr = extract(&from_cache, 2);
     assert!(stderr.contains("0 unit(s) written") && stderr.contains("0 clips"), "{stderr}");
+    assert!(stderr.contains("frame embeddings of 0 video(s) written (0 faces encoded)"), "{stderr}");
 }
 
 #[test]

@@ -185,6 +185,76 @@ impl FaceBank {
     }
 }
 
+/// Per-frame image embeddings read from the feature cache (`data.features`: `frames/<video>.safetensors`,
+/// written by `worker extract`): no face goes through the image encoder.
+struct CachedFaces {
+    cache: crate::features::Cache,
+    records: HashMap<String, crate::features::FramesRecord>,
+    /// The videos of the last batch: `[frames + 1, dim]` on the device, the last row the padding crop's.
+    loaded: HashMap<String, tch::Tensor>,
+    device: tch::Device,
+}
+
+impl CachedFaces {
+    /// The job's committed cache when it holds per-frame embeddings; `None` (and why, logged) when the job has
+    /// no cache, or its cache is not committed, made with other settings, or older than per-frame embeddings.
+    fn open(session: &Session) -> Option<CachedFaces> {
+        session.job.data.features.as_ref()?;
+        let why = match crate::features::open_cache(session.job, &session.manifest_bytes) {
+            Ok(cache) if !cache.manifest.frames.is_empty() => {
+                let records = cache.manifest.frames.iter().map(|r| (r.video.clone(), r.clone())).collect();
+                return Some(CachedFaces { cache, records, loaded: HashMap::new(), device: session.device });
+            }
+            Ok(_) => "it holds no per-frame embeddings (extracted by an older version; `worker extract` into an \
+                      empty data.features.uri adds them)"
+                .to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        if session.dist.rank == 0 {
+            tracing::warn!("evaluation encodes faces instead of reading the feature cache: {why}");
+        }
+        None
+    }
+
+    fn video(&mut self, name: &str) -> Result<&tch::Tensor> {
+        if !self.loaded.contains_key(name) {
+            let record = self.records.get(name).with_context(|| {
+                format!("the feature cache {} has no frame embeddings of video {name}", self.cache.store.uri())
+            })?;
+            let bytes = self.cache.store.blocking().get(&record.key)?;
+            let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            anyhow::ensure!(
+                bytes.len() as u64 == record.bytes && sha256 == record.sha256,
+                "{}/{}: {} bytes with SHA-256 {sha256}, features.json says {} bytes with {}",
+                self.cache.store.uri(),
+                record.key,
+                bytes.len(),
+                record.bytes,
+                record.sha256
+            );
+            let (image, padding) = crate::features::read_frames(&record.key, &bytes, record.frames)?;
+            self.loaded.insert(name.to_string(), tch::Tensor::cat(&[image, padding], 0).to_device(self.device));
+        }
+        Ok(&self.loaded[name])
+    }
+
+    /// The batch's image embeddings `[clips, frames, dim]`.
+    fn embed(&mut self, batch: &Batch) -> Result<tch::Tensor> {
+        let (f, device) = (batch.frames, self.device);
+        self.loaded.retain(|video, _| batch.clips.iter().any(|c| &c.video == video));
+        let mut clips = Vec::with_capacity(batch.len());
+        for (c, clip) in batch.clips.iter().enumerate() {
+            let video = self.video(&clip.video)?;
+            let padding = video.size()[0] - 1;
+            let rows: Vec<i64> = (0..f)
+                .map(|j| if batch.frame_mask[c * f + j] != 0 { clip.start + j as i64 } else { padding })
+                .collect();
+            clips.push(video.index_select(0, &tch::Tensor::from_slice(&rows).to_device(device)));
+        }
+        Ok(tch::Tensor::stack(&clips, 0))
+    }
+}
+
 /// Predicts every frame of `split` on this rank's share of the videos, from a dense sliding window with the
 /// job's clip settings and no augmentation; the head under bf16 autocast when the session's mixed precision
 /// is on. Each face goes through the image encoder once ([`FaceEncoding::PerFrame`]).
@@ -224,6 +294,7 @@ pub fn evaluate_with(session: &Session, model: &ExprModel, split: Split, faces: 
         let progress =
             avexpr_data::progress::Progress::new(&format!("{split:?}").to_lowercase(), "frames", rank_sampler_len);
         let mut bank = FaceBank::new();
+        let mut cached = if faces == FaceEncoding::PerFrame { CachedFaces::open(session) } else { None };
         loop {
             let t = Instant::now();
             let Some(batch) = stream.next() else { break };
@@ -234,18 +305,19 @@ pub fn evaluate_with(session: &Session, model: &ExprModel, split: Split, faces: 
             let (raw, _) = raw_batch(&batch);
             let t = Instant::now();
             let image_embeds = tch::no_grad(|| match faces {
+                FaceEncoding::PerFrame if cached.is_some() => cached.as_mut().expect("cache").embed(&batch),
                 FaceEncoding::PerFrame => {
                     let (embeds, encoded) = bank.embed(model, &batch, &raw.frames);
                     stats.image_passes += encoded;
-                    embeds
+                    Ok(embeds)
                 }
                 FaceEncoding::PerWindow => {
                     let size = raw.frames.size();
                     stats.image_passes += (size[0] * size[1]) as u64;
                     let flat = raw.frames.view([size[0] * size[1], size[2], size[3], size[4]]);
-                    model.encode_images(&flat).view([size[0], size[1], -1])
+                    Ok(model.encode_images(&flat).view([size[0], size[1], -1]))
                 }
-            });
+            })?;
             timed(&mut stats.image_s, t);
             let t = Instant::now();
             let (audio_states, audio_mask) = tch::no_grad(|| model.encode_audio(&raw.audio, &raw.audio_mask))?;

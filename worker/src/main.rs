@@ -263,13 +263,16 @@ fn run(cli: Cli) -> Result<()> {
             let dist = avexpr_worker::dist::Dist::init()?;
             let r = avexpr_worker::features::extract(&job, &dist)?;
             tracing::info!(
-                "{} unit(s) written, {} already there; {} clips ({} frames) encoded in {:.1} s: {:.1} frames/s",
+                "{} unit(s) written, {} already there; {} clips ({} frames) encoded; frame embeddings of {} \
+                 video(s) written ({} faces encoded); {:.1} s: {:.1} frames/s",
                 r.units_written,
                 r.units_skipped,
                 r.clips_encoded,
                 r.frames_encoded,
+                r.videos_written,
+                r.faces_encoded,
                 r.seconds,
-                r.frames_encoded as f64 / r.seconds.max(1e-9)
+                (r.frames_encoded + r.faces_encoded) as f64 / r.seconds.max(1e-9)
             );
             if dist.rank == 0 {
                 println!("feature cache committed: {}", job.data.features.as_ref().map_or("", |f| f.uri.as_str()));

@@ -1,5 +1,6 @@
-//! `worker extract`: each rank's share of the training clips through the frozen encoders, into the cache;
-//! units already in the store are skipped, and `features.json` is written last.
+//! `worker extract`: each rank's share of the training clips through the frozen encoders, and of every
+//! split's frames through the image encoder, into the cache; objects already in the store are skipped, and
+//! `features.json` is written last.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -17,6 +18,7 @@ use crate::dist::Dist;
 use crate::job::JobConfig;
 use crate::session::{Session, raw_batch};
 
+use super::frames::{FramesRecord, extract_frames};
 use super::key::{CACHE_KEY, CACHE_MANIFEST, CacheKey, CacheManifest, UnitRecord, check_key};
 use super::unit::{ClipFeatures, Dims, read_unit, unit_key, write_unit};
 
@@ -25,6 +27,9 @@ pub struct ExtractReport {
     pub units_skipped: usize,
     pub clips_encoded: usize,
     pub frames_encoded: usize,
+    /// Videos whose per-frame image embeddings were written, and the faces encoded for them.
+    pub videos_written: usize,
+    pub faces_encoded: usize,
     pub seconds: f64,
 }
 
@@ -167,22 +172,45 @@ pub fn extract(job: &JobConfig, dist: &Dist) -> Result<ExtractReport> {
         progress.finish();
         anyhow::ensure!(pending.is_empty(), "extraction ended with {} unit(s) incomplete", pending.len());
     }
-    let seconds = started.elapsed().as_secs_f64();
     let written = records.len() - skipped;
+    // Every split's faces, once each, for dense evaluation and prediction.
+    let frames = extract_frames(&session, &model, &cache, features.dtype)?;
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        "frame embeddings: {} video(s) written, {} already there; {} frames encoded",
+        frames.written,
+        frames.records.len() - frames.written,
+        frames.frames_encoded
+    );
 
     // Rank 0 commits the cache with every rank's records.
-    let mine = serde_json::to_vec(&records)?;
+    let mine = serde_json::to_vec(&(records, frames.records))?;
     if let Some(parts) = dist.gather_bytes(&mine) {
-        let mut units: Vec<UnitRecord> = Vec::new();
+        let (mut units, mut frames): (Vec<UnitRecord>, Vec<FramesRecord>) = (Vec::new(), Vec::new());
         for p in parts {
-            units.extend(serde_json::from_slice::<Vec<UnitRecord>>(&p)?);
+            let (u, f): (Vec<UnitRecord>, Vec<FramesRecord>) = serde_json::from_slice(&p)?;
+            units.extend(u);
+            frames.extend(f);
         }
         units.sort_by(|a, b| a.key.cmp(&b.key));
+        frames.sort_by(|a, b| a.key.cmp(&b.key));
         let precision = if device.is_cuda() { "bf16" } else { "f32" };
-        let m =
-            CacheManifest { key: key.clone(), extracted_with: format!("{device:?}, encoders in {precision}"), units };
+        let m = CacheManifest {
+            key: key.clone(),
+            extracted_with: format!("{device:?}, encoders in {precision}"),
+            units,
+            frames,
+        };
         cache.blocking().put(CACHE_MANIFEST, serde_json::to_vec_pretty(&m)?.into())?;
     }
     dist.barrier();
-    Ok(ExtractReport { units_written: written, units_skipped: skipped, clips_encoded, frames_encoded, seconds })
+    Ok(ExtractReport {
+        units_written: written,
+        units_skipped: skipped,
+        clips_encoded,
+        frames_encoded,
+        videos_written: frames.written,
+        faces_encoded: frames.frames_encoded,
+        seconds,
+    })
 }

@@ -148,6 +148,9 @@ pub struct CacheManifest {
     /// Encoder device and precision of the extraction (values differ slightly between bf16 and f32).
     pub extracted_with: String,
     pub units: Vec<UnitRecord>,
+    /// Per-frame image embeddings, one object per video of every split (absent from caches made before them).
+    #[serde(default)]
+    pub frames: Vec<super::FramesRecord>,
 }
 
 pub(super) fn check_key(now: &CacheKey, cache: &CacheKey, uri: &str) -> Result<()> {

@@ -129,14 +129,14 @@ pub(super) struct Unit {
     pub(super) by_start: HashMap<i64, usize>,
 }
 
-fn to_bytes(values: &[f32], dtype: FeatureDtype) -> (Dtype, Vec<u8>) {
+pub(super) fn to_bytes(values: &[f32], dtype: FeatureDtype) -> (Dtype, Vec<u8>) {
     match dtype {
         FeatureDtype::F32 => (Dtype::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
         FeatureDtype::F16 => (Dtype::F16, values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()),
     }
 }
 
-fn from_bytes(view: &TensorView<'_>) -> Result<Vec<f32>> {
+pub(super) fn from_bytes(view: &TensorView<'_>) -> Result<Vec<f32>> {
     match view.dtype() {
         Dtype::F32 => Ok(view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4"))).collect()),
         Dtype::F16 => Ok(view
@@ -148,7 +148,7 @@ fn from_bytes(view: &TensorView<'_>) -> Result<Vec<f32>> {
     }
 }
 
-fn view(dtype: Dtype, shape: Vec<usize>, data: &[u8]) -> TensorView<'_> {
+pub(super) fn view(dtype: Dtype, shape: Vec<usize>, data: &[u8]) -> TensorView<'_> {
     TensorView::new(dtype, shape, data).expect("consistent shape")
 }
 
