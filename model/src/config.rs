@@ -22,6 +22,17 @@ pub struct ModelConfig {
     pub loss: LossConfig,
     /// Which modalities reach the head (ablations): the other one is replaced by zeros.
     pub modalities: Modalities,
+    /// In training, each clip loses its video or its audio with these probabilities (never both).
+    pub modality_dropout: ModalityDropout,
+}
+
+/// Per-clip modality dropout in training: the dropped modality reaches the head as zeros, as in the ablations
+/// (its masks unchanged, so no attention row is empty). Off by default (the paper has none).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModalityDropout {
+    pub video: f64,
+    pub audio: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -46,6 +57,7 @@ impl Default for ModelConfig {
             prompt: PromptConfig::default(),
             loss: LossConfig::default(),
             modalities: Modalities::Both,
+            modality_dropout: ModalityDropout::default(),
         }
     }
 }
@@ -199,6 +211,32 @@ pub struct LossConfig {
     pub label_smoothing: f64,
     /// Weight of the prompt contrastive term: total = classification + contrastive_weight * contrastive.
     pub contrastive_weight: f64,
+    /// Logit adjustment for the class imbalance (Menon et al. 2021), off by default.
+    pub logit_adjustment: LogitAdjustment,
+}
+
+/// Logit adjustment (Menon et al., "Long-tail learning via logit adjustment", 2021) with the training set's
+/// class prior `pi` (frames per class): `loss` trains on `logits + tau * log pi` (the classification term only)
+/// and predicts with the plain logits; `post_hoc` trains as usual and predicts with `logits - tau * log pi`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogitAdjustment {
+    /// 0: off; Menon et al. use 1.
+    pub tau: f64,
+    pub mode: LogitAdjustmentMode,
+}
+
+impl Default for LogitAdjustment {
+    fn default() -> Self {
+        Self { tau: 0.0, mode: LogitAdjustmentMode::Loss }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogitAdjustmentMode {
+    Loss,
+    PostHoc,
 }
 
 impl Default for LossConfig {
@@ -210,6 +248,7 @@ impl Default for LossConfig {
             focal_gamma: 2.0,
             label_smoothing: 0.0,
             contrastive_weight: 0.5,
+            logit_adjustment: LogitAdjustment::default(),
         }
     }
 }
@@ -332,6 +371,21 @@ impl ModelConfig {
         }
         if l.contrastive_weight < 0.0 {
             return Err(bad("model.loss.contrastive_weight", format!("{} must be >= 0", l.contrastive_weight)));
+        }
+        if !(l.logit_adjustment.tau >= 0.0 && l.logit_adjustment.tau.is_finite()) {
+            return Err(bad("model.loss.logit_adjustment.tau", format!("{} must be >= 0", l.logit_adjustment.tau)));
+        }
+        let m = self.modality_dropout;
+        for (field, p) in [("model.modality_dropout.video", m.video), ("model.modality_dropout.audio", m.audio)] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(bad(field, format!("{p} must be in [0, 1)")));
+            }
+        }
+        if m.video + m.audio > 1.0 {
+            return Err(bad(
+                "model.modality_dropout",
+                format!("video {} + audio {} must be <= 1 (a clip never loses both)", m.video, m.audio),
+            ));
         }
         Ok(())
     }

@@ -162,11 +162,32 @@ impl ExprHead {
         } else {
             feats.audio_states.shallow_clone()
         };
+        // Modality dropout (training only): one uniform draw per clip, below `video` drops its video, in
+        // [video, video + audio) its audio.
+        let drop = self.cfg.modality_dropout;
+        let (image_embeds, audio_states) = if train && drop.video + drop.audio > 0.0 {
+            let batch = image_embeds.size()[0];
+            let u = Tensor::rand([batch], (Kind::Float, image_embeds.device()));
+            let keep_video = u.ge(drop.video).to_kind(image_embeds.kind()).view([batch, 1, 1]);
+            let keep_audio = u.lt(drop.video).logical_or(&u.ge(drop.video + drop.audio));
+            let keep_audio = keep_audio.to_kind(audio_states.kind()).view([batch, 1, 1, 1]);
+            (image_embeds * keep_video, audio_states * keep_audio)
+        } else {
+            (image_embeds, audio_states)
+        };
         let video = self.tcn.forward_t(&image_embeds, train);
         let (audio, audio_mask) = self.adapter.forward_t(&audio_states, &feats.audio_mask, &feats.fps, frames, train);
         let (video, audio) = self.fusion.forward_t(&video, &audio, &feats.face_mask, &audio_mask, train);
         let (logits, pooled) = self.head.forward_t(&video, &audio, &feats.face_mask, &audio_mask, train);
         let prompt_logits = self.prompt.logits(&pooled);
+        // Post-hoc logit adjustment: predictions (not the training loss) take `logits - tau * log pi`.
+        let logits = match self.loss.inference_adjustment() {
+            Some(adjustment) if !train => {
+                let kind = logits.kind();
+                logits - adjustment.to_kind(kind)
+            }
+            _ => logits,
+        };
         ExprOutput { logits, prompt_logits, pooled }
     }
 

@@ -5,7 +5,7 @@
 use avexpr_data::NUM_CLASSES;
 use tch::{Kind, Reduction, Tensor};
 
-use crate::config::{ClassWeights, ClassificationLoss, LossConfig};
+use crate::config::{ClassWeights, ClassificationLoss, LogitAdjustmentMode, LossConfig};
 
 /// Per-class weights from training-set class counts, normalised to mean 1 over the classes that occur;
 /// a class with no sample gets weight 0. `None` for `ClassWeights::None`.
@@ -30,25 +30,50 @@ pub struct LossTerms {
     pub contrastive: Tensor,
 }
 
+/// `tau * log pi` from the training set's frames per class (`pi` normalised; a class with no frame counts as
+/// one frame, so that its log stays finite).
+pub fn logit_adjustment(tau: f64, counts: &[f64; NUM_CLASSES]) -> Vec<f64> {
+    let total: f64 = counts.iter().map(|&n| n.max(1.0)).sum();
+    counts.iter().map(|&n| tau * (n.max(1.0) / total).ln()).collect()
+}
+
 #[derive(Debug)]
 pub struct ExprLoss {
     cfg: LossConfig,
     weights: Option<Tensor>,
+    /// `tau * log pi` `[8]` when logit adjustment is on.
+    adjustment: Option<Tensor>,
 }
 
 impl ExprLoss {
     pub fn new(cfg: &LossConfig, class_counts: &[f64; NUM_CLASSES], device: tch::Device) -> Self {
         let weights = class_weights(cfg.class_weights, class_counts, cfg.effective_number_beta)
             .map(|w| Tensor::from_slice(&w).to_kind(Kind::Float).to_device(device));
-        Self { cfg: cfg.clone(), weights }
+        let tau = cfg.logit_adjustment.tau;
+        let adjustment = (tau > 0.0)
+            .then(|| Tensor::from_slice(&logit_adjustment(tau, class_counts)).to_kind(Kind::Float).to_device(device));
+        Self { cfg: cfg.clone(), weights, adjustment }
     }
 
     pub fn class_weights(&self) -> Option<&Tensor> {
         self.weights.as_ref()
     }
 
+    /// What prediction subtracts from the logits (`post_hoc` logit adjustment), if anything.
+    pub fn inference_adjustment(&self) -> Option<&Tensor> {
+        self.adjustment.as_ref().filter(|_| self.cfg.logit_adjustment.mode == LogitAdjustmentMode::PostHoc)
+    }
+
     /// `logits` `[n, 8]`, `targets` `[n]` (int64, -1 ignored).
     pub fn classification(&self, logits: &Tensor, targets: &Tensor) -> Tensor {
+        let adjusted;
+        let logits = match (&self.adjustment, self.cfg.logit_adjustment.mode) {
+            (Some(adjustment), LogitAdjustmentMode::Loss) => {
+                adjusted = logits.to_kind(Kind::Float) + adjustment;
+                &adjusted
+            }
+            _ => logits,
+        };
         match self.cfg.classification {
             ClassificationLoss::CrossEntropy => logits.to_kind(Kind::Float).cross_entropy_loss(
                 targets,

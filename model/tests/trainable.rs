@@ -7,7 +7,8 @@ mod common;
 use std::path::Path;
 
 use avexpr_model::config::{
-    AudioLayers, ClassWeights, ClassificationLoss, LossConfig, ModelConfig, Pooling, Target, TcnConfig,
+    AudioLayers, ClassWeights, ClassificationLoss, LogitAdjustment, LogitAdjustmentMode, LossConfig, ModalityDropout,
+    ModelConfig, Pooling, Target, TcnConfig,
 };
 use avexpr_model::expr::{EncoderDims, GROUPS, parameter_counts};
 use avexpr_model::hf::{KeyMap, load_into};
@@ -429,4 +430,84 @@ fn the_paper_config_parses_and_counts_parameters() {
     let counts = parameter_counts(&cfg, &EncoderDims::paper()).unwrap();
     assert_eq!(counts.iter().map(|(g, _)| *g).collect::<Vec<_>>(), GROUPS.to_vec());
     assert!(counts.iter().all(|(_, n)| *n > 0));
+}
+
+#[test]
+fn modality_dropout_zeroes_one_modality_per_clip_in_training_only() {
+    let mut cfg = tiny_config();
+    cfg.modality_dropout = ModalityDropout { video: 0.5, audio: 0.5 };
+    let model = tiny_model(&cfg);
+    let feats = model.encode(&raw_batch(24, 5)).unwrap();
+    let without = |video: bool| FeatureBatch {
+        image_embeds: if video { feats.image_embeds.zeros_like() } else { feats.image_embeds.shallow_clone() },
+        audio_states: if video { feats.audio_states.shallow_clone() } else { feats.audio_states.zeros_like() },
+        ..feature_batch_like(&feats)
+    };
+    let (no_video, no_audio) = tch::no_grad(|| {
+        (model.forward_t(&without(true), false).logits, model.forward_t(&without(false), false).logits)
+    });
+    // The tiny config has every other dropout at 0: in training, each clip is the clip without its video or
+    // without its audio, and both happen (24 fair draws).
+    let trained = tch::no_grad(|| model.forward_t(&feats, true).logits);
+    let (mut videos_dropped, mut audios_dropped) = (0, 0);
+    for i in 0..24 {
+        let row = trained.get(i);
+        if row.allclose(&no_video.get(i), 1e-6, 1e-6, false) {
+            videos_dropped += 1;
+        } else {
+            assert!(row.allclose(&no_audio.get(i), 1e-6, 1e-6, false), "clip {i} kept both modalities");
+            audios_dropped += 1;
+        }
+    }
+    assert!(videos_dropped > 0 && audios_dropped > 0, "{videos_dropped} video / {audios_dropped} audio drops");
+    // In evaluation nothing is dropped.
+    let evaluated = tch::no_grad(|| model.forward_t(&feats, false).logits);
+    assert!(!evaluated.allclose(&no_video, 1e-3, 1e-3, false) && !evaluated.allclose(&no_audio, 1e-3, 1e-3, false));
+    // A clip can never lose both: the probabilities must sum to at most 1, the error names the field.
+    cfg.modality_dropout = ModalityDropout { video: 0.6, audio: 0.5 };
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("model.modality_dropout"), "{err}");
+}
+
+#[test]
+fn logit_adjustment_shifts_the_loss_or_the_predictions_by_tau_log_prior() {
+    let counts = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 0.0];
+    let total: f64 = counts.iter().map(|&n: &f64| n.max(1.0)).sum();
+    let want: Vec<f64> = counts.iter().map(|&n: &f64| 0.7 * (n.max(1.0) / total).ln()).collect();
+    let adjustment = avexpr_model::loss::logit_adjustment(0.7, &counts);
+    assert!(adjustment.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-12), "{adjustment:?}");
+    let shift = Tensor::from_slice(&want).to_kind(Kind::Float);
+    tch::manual_seed(3);
+    let logits = Tensor::randn([6, 8], (Kind::Float, Device::Cpu));
+    let targets = Tensor::from_slice(&[0i64, 1, 2, 3, 7, -1]);
+    let ce = |l: &Tensor| l.cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Mean, -1, 0.0);
+    let cfg = |tau: f64, mode: LogitAdjustmentMode| LossConfig {
+        logit_adjustment: LogitAdjustment { tau, mode },
+        ..LossConfig::default()
+    };
+    // `loss`: trained on logits + tau log pi, predictions untouched.
+    let loss = ExprLoss::new(&cfg(0.7, LogitAdjustmentMode::Loss), &counts, Device::Cpu);
+    assert_close("loss mode", &loss.classification(&logits, &targets), &ce(&(&logits + &shift)), 1e-6);
+    assert!(loss.inference_adjustment().is_none());
+    // `post_hoc`: trained as usual, predictions take logits - tau log pi.
+    let post = ExprLoss::new(&cfg(0.7, LogitAdjustmentMode::PostHoc), &counts, Device::Cpu);
+    assert_close("post-hoc loss", &post.classification(&logits, &targets), &ce(&logits), 1e-6);
+    assert_close("post-hoc shift", post.inference_adjustment().unwrap(), &shift, 1e-6);
+    // Off by default.
+    let off = ExprLoss::new(&LossConfig::default(), &counts, Device::Cpu);
+    assert_close("off", &off.classification(&logits, &targets), &ce(&logits), 1e-6);
+
+    // The model applies the post-hoc shift at evaluation only (same variables from the same seed).
+    let mut with = tiny_config();
+    with.loss.logit_adjustment = LogitAdjustment { tau: 1.0, mode: LogitAdjustmentMode::PostHoc };
+    let (plain, adjusted) = (tiny_model(&tiny_config()), tiny_model(&with));
+    let feats = plain.encode(&raw_batch(3, 5)).unwrap();
+    let diff = tch::no_grad(|| plain.forward_t(&feats, false).logits - adjusted.forward_t(&feats, false).logits);
+    let prior = avexpr_model::loss::logit_adjustment(1.0, &avexpr_data::affwild2::PAPER_TRAIN_RATIOS);
+    let prior = Tensor::from_slice(&prior).to_kind(Kind::Float);
+    for i in 0..3 {
+        assert_close("evaluation shift", &diff.get(i), &prior, 1e-5);
+    }
+    let diff = tch::no_grad(|| plain.forward_t(&feats, true).logits - adjusted.forward_t(&feats, true).logits);
+    assert!(diff.abs().max().double_value(&[]) < 1e-6, "training logits are not shifted");
 }

@@ -93,6 +93,20 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Every frame's logits of the validation split from `checkpoint` (`worker evaluate`, 2 ranks).
+fn eval_logits(d: &Dataset, config: &Path, checkpoint: &str) -> std::collections::BTreeMap<String, tch::Tensor> {
+    let out = d.root.join(format!("eval-{checkpoint}"));
+    let mut cmd = mpirun(2, "worker");
+    ok_stdout(cmd.args(["evaluate", "--checkpoint", checkpoint, "--out"]).arg(&out).arg("--config").arg(config));
+    tch::Tensor::read_safetensors(out.join("logits.safetensors")).unwrap().into_iter().collect()
+}
+
+fn ok_stdout(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn training_from_the_cache_equals_training_from_frames() {
     let d = dataset();
@@ -155,6 +169,33 @@ fn training_from_the_cache_equals_training_from_frames() {
     });
     assert!(!ok_e && err_e.contains(&format!("frames/{video}.safetensors")) && err_e.contains("SHA-256"), "{err_e}");
     std::fs::write(&damaged, &good).unwrap();
+
+    // An ensemble of two checkpoints predicts from the mean of their class probabilities: those of each
+    // checkpoint's own evaluation (softmax of its logits), averaged; predictions.txt holds their argmax.
+    let member = |name: &str| eval_logits(&d, &from_cache, name);
+    let (a, b) = (member("step-00000004"), member("step-00000006"));
+    let (probs_path, pred_path) = (d.root.join("ensemble.safetensors"), d.root.join("ensemble.txt"));
+    let mut cmd = mpirun(2, "worker");
+    cmd.args(["predict", "--split", "validation", "--checkpoint", "step-00000004,step-00000006", "--out"]);
+    let stdout =
+        ok_stdout(cmd.arg(&pred_path).arg("--probabilities").arg(&probs_path).arg("--config").arg(&from_cache));
+    assert!(stdout.contains("the ensemble of step-00000004, step-00000006"), "{stdout}");
+    let probs: std::collections::BTreeMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(&probs_path).unwrap().into_iter().collect();
+    assert!(!probs.is_empty() && probs.keys().eq(a.keys()));
+    let written = std::fs::read_to_string(&pred_path).unwrap();
+    for (video, p) in &probs {
+        let mean = (a[video].softmax(-1, tch::Kind::Float) + b[video].softmax(-1, tch::Kind::Float)) / 2.0;
+        let diff = (p - &mean).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "{video}: ensemble probabilities differ from the members' mean by {diff}");
+        let classes = Vec::<i64>::try_from(p.argmax(-1, false)).unwrap();
+        let lines: Vec<i64> = written
+            .lines()
+            .filter_map(|l| l.split_once(',').filter(|(v, _)| v.starts_with(&format!("{video}/"))).map(|(_, c)| c))
+            .map(|c| c.trim().parse().unwrap())
+            .collect();
+        assert_eq!(lines, classes, "{video}: predictions.txt is the argmax of the probabilities");
+    }
 
     // An extraction that finds the cache complete encodes nothing.
     let stderr = extract(&from_cache, 2);

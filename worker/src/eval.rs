@@ -382,7 +382,7 @@ pub fn summary(confusion: &Confusion) -> String {
 }
 
 /// Every frame's logits of every video of the pass, on rank 0 (`None` elsewhere): `video -> [frames, 8]`.
-fn gather_logits(dist: &Dist, eval: &Evaluation) -> Result<Option<std::collections::BTreeMap<String, Vec<f32>>>> {
+pub fn gather_logits(dist: &Dist, eval: &Evaluation) -> Result<Option<std::collections::BTreeMap<String, Vec<f32>>>> {
     // One line per frame: video, frame and the 8 logits (Rust prints an f32 in the fewest digits that read
     // back as the same f32: exact).
     let mut text = String::new();

@@ -98,16 +98,23 @@ enum Command {
     Predict {
         #[arg(long)]
         config: PathBuf,
-        /// best, latest or a checkpoint name (step-00001200).
+        /// best, latest or a checkpoint name (step-00001200); several, comma-separated
+        /// (step-00001000,step-00001200,best), predict as an ensemble averaging their class probabilities.
         #[arg(long, default_value = "best")]
         checkpoint: String,
         #[arg(long, value_enum, default_value_t = Split::Test)]
         split: Split,
         #[arg(long)]
         out: PathBuf,
-        /// Temporal smoothing: the most frequent class in a centred window of this many frames (1: none).
+        /// Soft voting: class probabilities averaged over a centred window of this many frames (1: none).
+        #[arg(long, default_value_t = 1)]
+        soft_vote: usize,
+        /// Temporal smoothing, last: the most frequent class in a centred window of this many frames (1: none).
         #[arg(long, default_value_t = 1)]
         smooth: usize,
+        /// Also write the probabilities the classes come from (one [frames, 8] tensor per video, safetensors).
+        #[arg(long)]
+        probabilities: Option<PathBuf>,
     },
     /// Train the job and four ablations of it (video only, audio only, concatenation instead of
     /// cross-attention, no prompt loss) and compare their validation macro F1.
@@ -278,10 +285,17 @@ fn run(cli: Cli) -> Result<()> {
                 println!("feature cache committed: {}", job.data.features.as_ref().map_or("", |f| f.uri.as_str()));
             }
         }
-        Command::Predict { config, checkpoint, split, out, smooth } => {
+        Command::Predict { config, checkpoint, split, out, soft_vote, smooth, probabilities } => {
             let job = avexpr_worker::job::JobConfig::load(&config)?;
             let dist = avexpr_worker::dist::Dist::init()?;
-            let options = avexpr_worker::predict::PredictOptions { checkpoint: &checkpoint, split, out: &out, smooth };
+            let options = avexpr_worker::predict::PredictOptions {
+                checkpoint: &checkpoint,
+                split,
+                out: &out,
+                smooth,
+                soft_vote,
+                probabilities: probabilities.as_deref(),
+            };
             avexpr_worker::predict::predict(&job, &dist, &options)?;
         }
         Command::Ablate { config, steps } => {
