@@ -38,6 +38,10 @@ pub struct DataConfig {
     pub skip_bad: bool,
     /// A frozen-encoder feature cache (`worker extract` writes it, training reads it instead of frames).
     pub features: Option<FeaturesConfig>,
+    /// k-fold cross-validation: the training and validation videos re-split by video, fold `fold` validating
+    /// (`orchestrator folds` runs every fold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folds: Option<crate::folds::FoldConfig>,
 }
 
 /// `data.features`: where the feature cache is and how its values are stored.
@@ -82,6 +86,7 @@ impl Default for DataConfig {
             ready_batches: l.ready_batches,
             skip_bad: l.skip_bad,
             features: None,
+            folds: None,
         }
     }
 }
@@ -138,6 +143,14 @@ impl DataConfig {
                     "train-time augmentation cannot apply to cached features (data.features): set \
                      `augment: null`, or remove data.features to train from frames",
                 );
+            }
+        }
+        if let Some(f) = &self.folds {
+            if f.k < 2 {
+                return bad("data.folds.k", "must be at least 2");
+            }
+            if f.fold >= f.k {
+                return bad("data.folds.fold", "must be in 0..k");
             }
         }
         self.sampler(Target::Last, 0).validate().map_err(|e| match e {

@@ -11,6 +11,7 @@ pub mod decode;
 pub mod error;
 pub mod fetch;
 pub mod files;
+pub mod folds;
 pub mod garage;
 pub mod ingest;
 pub mod layout;

@@ -14,6 +14,7 @@ use crate::spec::{Job, Target};
 use crate::watch::{RECORD_KEY, RunRecord, Started, Watcher};
 use crate::{k8s, plan};
 
+#[derive(Debug, Clone)]
 pub struct LaunchArgs {
     pub config: PathBuf,
     pub nodes: usize,

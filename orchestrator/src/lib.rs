@@ -3,6 +3,7 @@
 //! hangs.
 
 pub mod doctor;
+pub mod folds;
 pub mod jobs;
 pub mod k8s;
 pub mod launch;

@@ -73,6 +73,27 @@ enum Command {
         #[arg(long)]
         image: Option<String>,
     },
+    /// k-fold cross-validation: the training and validation videos re-split by video into --folds folds
+    /// (seeded, stratified by class frames); one launch per fold, one after another; each fold's best
+    /// validation macro F1, their mean +- std, and the K best checkpoints.
+    Folds {
+        #[command(flatten)]
+        shape: Shape,
+        #[arg(long)]
+        folds: usize,
+        /// Seed of the fold assignment.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_enum, default_value_t = TargetKind::Local)]
+        target: TargetKind,
+        #[arg(long)]
+        hostfile: Option<PathBuf>,
+        /// Print what each fold would start, start nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        worker: Option<PathBuf>,
+    },
     /// A job's state: orchestrator record, newest checkpoint, metrics, restarts, live ranks.
     Status {
         /// The job's config file, or its checkpoint store URI.
@@ -108,6 +129,22 @@ fn main() -> ExitCode {
                 min_nodes,
                 image,
             }))
+        }
+        Command::Folds { shape, folds, seed, target, hostfile, dry_run, worker } => {
+            let args = jobs::LaunchArgs {
+                config: shape.config,
+                nodes: shape.nodes,
+                gpus_per_node: shape.gpus_per_node,
+                target,
+                hostfile,
+                dry_run,
+                worker,
+                templates: None,
+                name: None,
+                min_nodes: None,
+                image: None,
+            };
+            printed(avexpr_orchestrator::folds::run(&args, folds, seed))
         }
         Command::Status { run } => printed(jobs::status(&run)),
         Command::Doctor { python } => {

@@ -21,7 +21,11 @@ pub fn world_size(nodes: usize, gpus_per_node: usize) -> Result<usize> {
 
 pub fn read_job_manifest(job: &JobConfig) -> Result<Manifest> {
     let store = Store::open(&job.data.shards).context("data.shards")?;
-    read_manifest(&store).context("data.shards")
+    let mut manifest = read_manifest(&store).context("data.shards")?;
+    if let Some(folds) = &job.data.folds {
+        avexpr_data::folds::apply(&mut manifest, folds);
+    }
+    Ok(manifest)
 }
 
 /// Makes and writes the plan; returns it with its URI.

@@ -1087,3 +1087,53 @@ fn slurm_runs_a_job_across_two_nodes() {
     assert!(sent > 100_000, "the second node sent only {sent} bytes over the veth pair");
     assert_eq!(max_diff(&variables(&local, steps), &variables(&config, steps)), 0.0);
 }
+
+/// `orchestrator folds`: one training per fold on the re-split videos, each validating on its fold (the folds
+/// partition the labelled videos), and the report of their macro F1.
+#[test]
+fn folds_train_one_job_per_fold_and_report_mean_and_std() {
+    let d = dataset();
+    let config = job(&d, "folds", 2, "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("log_every: 1, threads: 1}", "log_every: 1, threads: 1, eval_every: 2}");
+    std::fs::write(&config, text).unwrap();
+    let out = binary("orchestrator")
+        .args(["folds", "--folds", "3", "--seed", "1", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("3-fold cross-validation"), "{stdout}");
+    let f1s: Vec<f64> = stdout
+        .lines()
+        .filter(|l| l.contains("/fold-") && l.contains("step-"))
+        .map(|l| l.split_whitespace().nth(2).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(f1s.len(), 3, "{stdout}");
+    let mean = f1s.iter().sum::<f64>() / 3.0;
+    assert!(stdout.contains(&format!("macro F1 over 3 folds: {mean:.4} +- ")), "{stdout}");
+    // Each fold validated on its own videos: the validation videos of the three runs partition the labelled
+    // videos (the test split is not among them).
+    let store = avexpr_data::store::Store::open(&d.shards.display().to_string()).unwrap();
+    let manifest = avexpr_data::manifest::read_manifest(&store).unwrap();
+    let mut validated: Vec<String> = Vec::new();
+    for fold in 0..3 {
+        let eval_log = std::fs::read_to_string(run_dir(&config).join(format!("fold-{fold}")).join("metrics.jsonl"))
+            .unwrap_or_else(|e| panic!("fold {fold}: {e}"));
+        assert!(eval_log.contains("val_macro_f1"), "fold {fold} validated");
+        let fold_config = run_dir(&config).join("folds").join(format!("fold-{fold}.yaml"));
+        let fold_job = avexpr_worker::job::JobConfig::from_file(&fold_config).unwrap();
+        let mut m = manifest.clone();
+        avexpr_data::folds::apply(&mut m, &fold_job.data.folds.unwrap());
+        validated.extend(
+            m.videos.iter().filter(|v| v.split == avexpr_data::layout::Split::Validation).map(|v| v.name.clone()),
+        );
+    }
+    validated.sort();
+    let mut labelled: Vec<String> =
+        avexpr_data::folds::labelled_videos(&manifest).iter().map(|v| v.name.clone()).collect();
+    labelled.sort();
+    assert_eq!(validated, labelled);
+}

@@ -35,7 +35,10 @@ impl<'a> Session<'a> {
         set_threads(job);
         let device = device_for(dist);
         let store = Store::open(&job.data.shards).context("data.shards")?;
-        let (manifest_bytes, manifest) = read_manifest_bytes(&store).context("data.shards")?;
+        let (manifest_bytes, mut manifest) = read_manifest_bytes(&store).context("data.shards")?;
+        if let Some(folds) = &job.data.folds {
+            avexpr_data::folds::apply(&mut manifest, folds);
+        }
         Ok(Session {
             job,
             dist,

@@ -38,6 +38,9 @@ pub struct Preprocessing {
     /// `last` or `weighted_sum`: which Wav2Vec 2.0 states are kept.
     pub audio_states: AudioLayers,
     pub dtype: FeatureDtype,
+    /// `data.folds`: which videos are training videos (absent without folds, as in caches made before them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folds: Option<avexpr_data::folds::FoldConfig>,
 }
 
 /// A setting's value as the job file writes it (`last`, `weighted_sum`, `f16`).
@@ -64,6 +67,7 @@ impl CacheKey {
                 target: job.model.head.target,
                 audio_states: job.model.adapter.layers,
                 dtype,
+                folds: job.data.folds,
             },
         })
     }
@@ -88,6 +92,7 @@ impl CacheKey {
             ("model.head.target", yaml_name(&a.target), yaml_name(&b.target)),
             ("model.adapter.layers", yaml_name(&a.audio_states), yaml_name(&b.audio_states)),
             ("data.features.dtype", yaml_name(&a.dtype), yaml_name(&b.dtype)),
+            ("data.folds", format!("{:?}", a.folds), format!("{:?}", b.folds)),
         ];
         for (field, now, then) in fields {
             if now != then {
