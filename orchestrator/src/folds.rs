@@ -98,6 +98,13 @@ pub fn run(a: &LaunchArgs, k: usize, seed: u64) -> Result<String> {
     }
     let (mean, std) = mean_std(&rows.iter().map(|r| r.2.macro_f1).collect::<Vec<_>>());
     report += &format!("macro F1 over {k} folds: {mean:.4} +- {std:.4} (mean +- sample standard deviation)\n");
+    let best: Vec<String> = rows.iter().map(|(_, uri, b)| format!("{uri}/{}", checkpoint_name(b.step))).collect();
+    report += &format!(
+        "the {k} best as an ensemble: mpirun -np <ranks> worker predict --config {} --split test --out \
+         predictions.txt --checkpoint {}\n",
+        config.display(),
+        best.join(",")
+    );
     Ok(report)
 }
 

@@ -1108,7 +1108,7 @@ fn folds_train_one_job_per_fold_and_report_mean_and_std() {
     assert!(stdout.contains("3-fold cross-validation"), "{stdout}");
     let f1s: Vec<f64> = stdout
         .lines()
-        .filter(|l| l.contains("/fold-") && l.contains("step-"))
+        .filter(|l| l.contains("/fold-") && l.contains("step-") && !l.contains("--checkpoint"))
         .map(|l| l.split_whitespace().nth(2).unwrap().parse().unwrap())
         .collect();
     assert_eq!(f1s.len(), 3, "{stdout}");
@@ -1136,4 +1136,21 @@ fn folds_train_one_job_per_fold_and_report_mean_and_std() {
         avexpr_data::folds::labelled_videos(&manifest).iter().map(|v| v.name.clone()).collect();
     labelled.sort();
     assert_eq!(validated, labelled);
+    // The three best checkpoints, from three stores, predict the test split as one ensemble, as the report says.
+    let checkpoints =
+        stdout.lines().find_map(|l| l.split("--checkpoint ").nth(1)).unwrap_or_else(|| panic!("{stdout}"));
+    assert_eq!(checkpoints.split(',').count(), 3, "{checkpoints}");
+    let out = binary("worker")
+        .args(["predict", "--split", "test", "--checkpoint", checkpoints, "--out"])
+        .arg(d.root.join("folds-test.txt"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && printed.contains("from the ensemble of"),
+        "{printed}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

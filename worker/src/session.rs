@@ -60,15 +60,20 @@ impl<'a> Session<'a> {
         Ok(ExprModel::new(&self.job.model, encoders, Some(class_counts(&self.manifest)), self.device)?)
     }
 
-    /// The model with the trainable variables of a checkpoint of the job (`best`, `latest` or a name), and
-    /// the checkpoint's name.
+    /// The model with the trainable variables of a checkpoint of the job (`best`, `latest` or a name), or of
+    /// another store (`<store URI>/<best, latest or a name>`, e.g. another fold's), and the checkpoint's name.
     pub fn load_checkpoint(&self, checkpoint: &str) -> Result<(ExprModel, String)> {
         let job = self.job;
-        let ckpt = CheckpointStore::open(&job.checkpoint.uri, job.checkpoint.keep_last_k)?.select(checkpoint)?;
+        let (uri, which) = match checkpoint.rsplit_once('/') {
+            Some((uri, which)) => (uri, which),
+            None => (job.checkpoint.uri.as_str(), checkpoint),
+        };
+        let ckpt = CheckpointStore::open(uri, job.checkpoint.keep_last_k)?.select(which)?;
         let model = self.build_model()?;
         let named: Vec<(String, Tensor)> = model.trainable_groups().into_values().flatten().collect();
         ckpt.restore_variables(&named)?;
-        Ok((model, ckpt.name))
+        let name = if uri == job.checkpoint.uri { ckpt.name } else { format!("{uri}/{}", ckpt.name) };
+        Ok((model, name))
     }
 }
 
