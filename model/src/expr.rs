@@ -12,6 +12,7 @@ use std::rc::Rc;
 
 use avexpr_data::NUM_CLASSES;
 use avexpr_data::affwild2::PAPER_TRAIN_RATIOS;
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::EncoderOptions;
@@ -84,6 +85,49 @@ impl EncoderDims {
     /// The paper's encoders: CLIP ViT-B/32 and wav2vec2-base.
     pub fn paper() -> Self {
         Self::new(&ClipVisionConfig::vit_b32(), &ClipTextConfig::vit_b32(), &Wav2Vec2Config::base(), 16_000)
+    }
+}
+
+/// A test-time view of a face crop (averaged with the crop itself by [`ExprModel::encode_image_views`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageView {
+    /// Mirrored left to right.
+    Flip,
+    /// The centre 90% of the crop, scaled back up to the crop's size (bilinear).
+    Zoom,
+}
+
+impl std::str::FromStr for ImageView {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "flip" => Ok(ImageView::Flip),
+            "zoom" => Ok(ImageView::Zoom),
+            other => Err(format!("`{other}`: the views are flip and zoom")),
+        }
+    }
+}
+
+impl ImageView {
+    /// The view of `frames` `[n, 3, H, W]` (any dtype; 0..255 values), as f32.
+    pub fn apply(self, frames: &Tensor) -> Tensor {
+        let frames = frames.to_kind(Kind::Float);
+        match self {
+            ImageView::Flip => frames.flip([3]),
+            ImageView::Zoom => {
+                let size = frames.size();
+                let (h, w) = (size[2], size[3]);
+                let (mh, mw) = ((h as f64 * 0.05).round() as i64, (w as f64 * 0.05).round() as i64);
+                frames.narrow(2, mh, h - 2 * mh).narrow(3, mw, w - 2 * mw).upsample_bilinear2d(
+                    [h, w],
+                    false,
+                    None,
+                    None,
+                )
+            }
+        }
     }
 }
 
@@ -390,6 +434,17 @@ impl ExprModel {
         let pixels = self.encoders.vision.processor.preprocess_tensor(&frames.to_device(self.vs.device()));
         // The trainable part runs in f32 whatever precision the frozen encoders run in (bf16 on CUDA).
         self.encoders.vision.encode_pixels(&pixels).to_kind(Kind::Float)
+    }
+
+    /// Test-time augmentation: the mean of the image embeddings of `frames` (`[n, 3, H, W]`, as stored) and of
+    /// each of `views` of them; `[n, image_dim]` f32. No views: [`ExprModel::encode_images`].
+    pub fn encode_image_views(&self, frames: &Tensor, views: &[ImageView]) -> Tensor {
+        let frames = frames.to_device(self.vs.device());
+        let mut sum = self.encode_images(&frames);
+        for view in views {
+            sum += self.encode_images(&view.apply(&frames));
+        }
+        sum / (1 + views.len()) as f64
     }
 
     /// Wav2Vec 2.0 states `[batch, S, audio_frames, hidden]` and their mask. Each clip is encoded at its own

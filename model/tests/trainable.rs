@@ -511,3 +511,22 @@ fn logit_adjustment_shifts_the_loss_or_the_predictions_by_tau_log_prior() {
     let diff = tch::no_grad(|| plain.forward_t(&feats, true).logits - adjusted.forward_t(&feats, true).logits);
     assert!(diff.abs().max().double_value(&[]) < 1e-6, "training logits are not shifted");
 }
+
+#[test]
+fn test_time_views_average_the_embeddings_of_the_crop_and_its_views() {
+    use avexpr_model::expr::ImageView;
+    let model = tiny_model(&tiny_config());
+    let frames = raw_batch(1, 3).frames.view([3, 3, 40, 48]);
+    let plain = model.encode_images(&frames);
+    assert!(model.encode_image_views(&frames, &[]).allclose(&plain, 1e-6, 1e-6, false));
+    let flipped = model.encode_images(&frames.flip([3]));
+    let both = model.encode_image_views(&frames, &[ImageView::Flip]);
+    assert!(both.allclose(&((&plain + &flipped) / 2.0), 1e-5, 1e-5, false));
+    assert!(!both.allclose(&plain, 1e-3, 1e-3, false), "a flipped random crop embeds differently");
+    // Zoom: the centre 90% scaled back up; a uniform crop stays the same crop.
+    let grey = Tensor::full([1, 3, 40, 48], 77, (Kind::Uint8, Device::Cpu));
+    let zoomed = ImageView::Zoom.apply(&grey);
+    assert_eq!(zoomed.size(), [1, 3, 40, 48]);
+    assert!(zoomed.allclose(&grey.to_kind(Kind::Float), 1e-4, 1e-4, false));
+    assert!("zoom".parse::<ImageView>().is_ok() && "crop".parse::<ImageView>().unwrap_err().contains("flip and zoom"));
+}

@@ -443,6 +443,15 @@ fn the_synthetic_task_is_learned() {
     let reference_report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(reference_dir.join("eval.json")).unwrap()).unwrap();
     assert_eq!(report["confusion"], reference_report["confusion"]);
+    // Test-time views: each face and its mirror image encoded (2 passes per frame), other logits.
+    let tta_dir = d.root.join("eval-tta");
+    let out =
+        mpirun(2, "worker").args(args).arg(&config).args(["--tta", "flip", "--out"]).arg(&tta_dir).output().unwrap();
+    ok(out.clone());
+    let (image, _) = passes(&String::from_utf8_lossy(&out.stdout));
+    assert!((2.0..2.2).contains(&image), "with a flipped view: image {image}");
+    let tta = logits(&tta_dir);
+    assert!(tta.iter().any(|(video, t)| (t - &ours[video]).abs().max().double_value(&[]) > 1e-4));
     png(run_dir(&config).join("curves.png"));
     png(run_dir(&config).join("confusion.png"));
 

@@ -12,6 +12,7 @@ use avexpr_data::layout::Split;
 use avexpr_data::loader::{Batch, Loader, LoaderConfig, Source};
 use avexpr_data::metric::Confusion;
 use avexpr_data::sampler::{Cursor, RankSampler, SamplerConfig};
+use avexpr_model::expr::ImageView;
 use avexpr_model::{ExprModel, FeatureBatch};
 
 use crate::dist::Dist;
@@ -38,9 +39,10 @@ pub struct Evaluation {
 }
 
 /// How a dense pass encodes the faces of its windows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum FaceEncoding {
     /// Each face once per video, every window's image embeddings assembled from them (the default).
+    #[default]
     PerFrame,
     /// Each window's faces through the image encoder, as training encodes a clip (every face once per window
     /// it is in: `frames_per_clip` times). The reference the per-frame path is tested against.
@@ -128,7 +130,13 @@ impl FaceBank {
 
     /// The batch's image embeddings `[clips, frames, image_dim]`, encoding only the crops not in the bank;
     /// returns them and the number of crops encoded.
-    fn embed(&mut self, model: &ExprModel, batch: &Batch, frames: &tch::Tensor) -> (tch::Tensor, u64) {
+    fn embed(
+        &mut self,
+        model: &ExprModel,
+        batch: &Batch,
+        frames: &tch::Tensor,
+        views: &[ImageView],
+    ) -> (tch::Tensor, u64) {
         let (n, f) = (batch.len(), batch.frames);
         let crop = 3 * batch.image_size * batch.image_size;
         let pixels = |i: usize| &batch.faces[i * crop..(i + 1) * crop];
@@ -159,7 +167,7 @@ impl FaceBank {
         if !new.is_empty() {
             let size = frames.size();
             let flat = frames.view([-1, size[2], size[3], size[4]]);
-            let encoded = model.encode_images(&flat.index_select(0, &tch::Tensor::from_slice(&new)));
+            let encoded = model.encode_image_views(&flat.index_select(0, &tch::Tensor::from_slice(&new)), views);
             self.rows = Some(match self.rows.take() {
                 Some(old) => tch::Tensor::cat(&[old, encoded], 0),
                 None => encoded,
@@ -181,7 +189,7 @@ impl FaceBank {
             let idx = tch::Tensor::from_slice(&old_rows).to_device(bank.device());
             self.rows = Some(bank.index_select(0, &idx));
         }
-        (embeds, new.len() as u64)
+        (embeds, (new.len() * (1 + views.len())) as u64)
     }
 }
 
@@ -259,11 +267,20 @@ impl CachedFaces {
 /// job's clip settings and no augmentation; the head under bf16 autocast when the session's mixed precision
 /// is on. Each face goes through the image encoder once ([`FaceEncoding::PerFrame`]).
 pub fn evaluate(session: &Session, model: &ExprModel, split: Split) -> Result<Evaluation> {
-    evaluate_with(session, model, split, FaceEncoding::PerFrame)
+    evaluate_with(session, model, split, &FaceOptions::default())
 }
 
-/// [`evaluate`], with the face encoding chosen.
-pub fn evaluate_with(session: &Session, model: &ExprModel, split: Split, faces: FaceEncoding) -> Result<Evaluation> {
+/// How a dense pass treats the faces: how they are encoded, and the test-time views averaged with each.
+#[derive(Debug, Clone, Default)]
+pub struct FaceOptions {
+    pub encoding: FaceEncoding,
+    /// Each face's embedding is the mean over the crop and these views of it (`--tta flip,zoom`).
+    pub views: Vec<ImageView>,
+}
+
+/// [`evaluate`], with the face encoding and test-time views chosen.
+pub fn evaluate_with(session: &Session, model: &ExprModel, split: Split, options: &FaceOptions) -> Result<Evaluation> {
+    let (faces, views) = (options.encoding, options.views.as_slice());
     let (job, dist, manifest) = (session.job, session.dist, &session.manifest);
     let started = Instant::now();
     let cfg = SamplerConfig { dense: true, class_balanced: false, ..job.sampler() };
@@ -294,7 +311,11 @@ pub fn evaluate_with(session: &Session, model: &ExprModel, split: Split, faces: 
         let progress =
             avexpr_data::progress::Progress::new(&format!("{split:?}").to_lowercase(), "frames", rank_sampler_len);
         let mut bank = FaceBank::new();
-        let mut cached = if faces == FaceEncoding::PerFrame { CachedFaces::open(session) } else { None };
+        // The cache holds each crop's embedding, not its views'.
+        let mut cached = match (faces, views.is_empty()) {
+            (FaceEncoding::PerFrame, true) => CachedFaces::open(session),
+            _ => None,
+        };
         loop {
             let t = Instant::now();
             let Some(batch) = stream.next() else { break };
@@ -307,15 +328,15 @@ pub fn evaluate_with(session: &Session, model: &ExprModel, split: Split, faces: 
             let image_embeds = tch::no_grad(|| match faces {
                 FaceEncoding::PerFrame if cached.is_some() => cached.as_mut().expect("cache").embed(&batch),
                 FaceEncoding::PerFrame => {
-                    let (embeds, encoded) = bank.embed(model, &batch, &raw.frames);
+                    let (embeds, encoded) = bank.embed(model, &batch, &raw.frames, views);
                     stats.image_passes += encoded;
                     Ok(embeds)
                 }
                 FaceEncoding::PerWindow => {
                     let size = raw.frames.size();
-                    stats.image_passes += (size[0] * size[1]) as u64;
+                    stats.image_passes += (size[0] * size[1]) as u64 * (1 + views.len() as u64);
                     let flat = raw.frames.view([size[0] * size[1], size[2], size[3], size[4]]);
-                    Ok(model.encode_images(&flat).view([size[0], size[1], -1]))
+                    Ok(model.encode_image_views(&flat, views).view([size[0], size[1], -1]))
                 }
             })?;
             timed(&mut stats.image_s, t);
@@ -424,7 +445,7 @@ pub fn evaluate_to(
     dist: &Dist,
     checkpoint: &str,
     split: Split,
-    faces: FaceEncoding,
+    faces: &FaceOptions,
     out: &Path,
 ) -> Result<Confusion> {
     let session = Session::open(job, dist)?;

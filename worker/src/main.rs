@@ -115,6 +115,9 @@ enum Command {
         /// Also write the probabilities the classes come from (one [frames, 8] tensor per video, safetensors).
         #[arg(long)]
         probabilities: Option<PathBuf>,
+        /// Test-time augmentation: each face's embedding averaged with these views of it (flip, zoom).
+        #[arg(long, value_delimiter = ',')]
+        tta: Vec<avexpr_model::expr::ImageView>,
     },
     /// Train the job and four ablations of it (video only, audio only, concatenation instead of
     /// cross-attention, no prompt loss) and compare their validation macro F1.
@@ -140,6 +143,9 @@ enum Command {
         /// training encodes clips (frames_per_clip times the work, the same result: a check).
         #[arg(long, value_enum, default_value_t = avexpr_worker::eval::FaceEncoding::PerFrame)]
         faces: avexpr_worker::eval::FaceEncoding,
+        /// Test-time augmentation: each face's embedding averaged with these views of it (flip, zoom).
+        #[arg(long, value_delimiter = ',')]
+        tta: Vec<avexpr_model::expr::ImageView>,
         /// Output folder.
         #[arg(long)]
         out: PathBuf,
@@ -285,7 +291,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("feature cache committed: {}", job.data.features.as_ref().map_or("", |f| f.uri.as_str()));
             }
         }
-        Command::Predict { config, checkpoint, split, out, soft_vote, smooth, probabilities } => {
+        Command::Predict { config, checkpoint, split, out, soft_vote, smooth, probabilities, tta } => {
             let job = avexpr_worker::job::JobConfig::load(&config)?;
             let dist = avexpr_worker::dist::Dist::init()?;
             let options = avexpr_worker::predict::PredictOptions {
@@ -295,6 +301,7 @@ fn run(cli: Cli) -> Result<()> {
                 smooth,
                 soft_vote,
                 probabilities: probabilities.as_deref(),
+                views: tta,
             };
             avexpr_worker::predict::predict(&job, &dist, &options)?;
         }
@@ -306,10 +313,11 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", avexpr_worker::ablate::render(&outcomes));
             }
         }
-        Command::Evaluate { config, checkpoint, split, faces, out } => {
+        Command::Evaluate { config, checkpoint, split, faces, tta, out } => {
             let job = avexpr_worker::job::JobConfig::load(&config)?;
             let dist = avexpr_worker::dist::Dist::init()?;
-            avexpr_worker::eval::evaluate_to(&job, &dist, &checkpoint, split, faces, &out)?;
+            let faces = avexpr_worker::eval::FaceOptions { encoding: faces, views: tta };
+            avexpr_worker::eval::evaluate_to(&job, &dist, &checkpoint, split, &faces, &out)?;
         }
         Command::NcclCheck => {
             let dist = avexpr_worker::dist::Dist::init()?;

@@ -13,7 +13,7 @@ use avexpr_data::metric::Confusion;
 use avexpr_data::predictions::{Predictions, write_predictions};
 
 use crate::dist::Dist;
-use crate::eval::{evaluate, gather_logits, summary};
+use crate::eval::{gather_logits, summary};
 use crate::job::JobConfig;
 use crate::session::Session;
 
@@ -75,6 +75,8 @@ pub struct PredictOptions<'a> {
     /// Where to also write the probabilities the classes were taken from (after the ensemble and soft
     /// voting): one `[frames, 8]` f32 tensor per video, safetensors.
     pub probabilities: Option<&'a Path>,
+    /// Test-time views averaged with each face (`--tta flip,zoom`).
+    pub views: Vec<avexpr_model::expr::ImageView>,
 }
 
 /// Returns the confusion of the written predictions on a labelled split (rank 0; empty elsewhere).
@@ -90,7 +92,8 @@ pub fn predict(job: &JobConfig, dist: &Dist, o: &PredictOptions) -> Result<Confu
         if dist.rank == 0 {
             tracing::info!(checkpoint = %checkpoint, split = ?o.split, "predicting");
         }
-        let eval = evaluate(&session, &model, o.split)?;
+        let faces = crate::eval::FaceOptions { views: o.views.clone(), ..Default::default() };
+        let eval = crate::eval::evaluate_with(&session, &model, o.split, &faces)?;
         if dist.rank == 0 {
             println!("{checkpoint}: {}", eval.stats.report());
             if eval.confusion.frames() > 0 && names.len() > 1 {
