@@ -6,6 +6,8 @@
 
 use tch::{Tensor, nn};
 
+use crate::lora::Lora;
+
 #[derive(Debug)]
 pub struct SelfAttention {
     q_proj: nn::Linear,
@@ -15,6 +17,8 @@ pub struct SelfAttention {
     num_heads: i64,
     head_dim: i64,
     fused_qkv: Option<(Tensor, Tensor)>,
+    /// LoRA on the query and value projections (peft's default targets for CLIP), when the encoder adapts.
+    lora: Option<(Lora, Lora)>,
 }
 
 impl SelfAttention {
@@ -37,7 +41,16 @@ impl SelfAttention {
             num_heads,
             head_dim: hidden_size / num_heads,
             fused_qkv: None,
+            lora: None,
         }
+    }
+
+    /// Adds LoRA of `rank` and `alpha` to `q_proj` and `v_proj`, its variables under `vs`
+    /// (`<vs>/q_proj/lora_A`, ...).
+    pub fn attach_lora(&mut self, vs: &nn::Path, rank: i64, alpha: f64) {
+        let hidden = self.num_heads * self.head_dim;
+        let lora = |name: &str| Lora::new(&(vs / name), hidden, hidden, rank, alpha);
+        self.lora = Some((lora("q_proj"), lora("v_proj")));
     }
 
     /// The same without a key bias, for attention that is trained: softmax ignores a bias shared by all of a
@@ -95,6 +108,10 @@ impl SelfAttention {
                 (qkv.get(0), qkv.get(1), qkv.get(2))
             }
             None => (split(xs.apply(&self.q_proj)), split(xs.apply(&self.k_proj)), split(xs.apply(&self.v_proj))),
+        };
+        let (q, v) = match &self.lora {
+            Some((lora_q, lora_v)) => (q + split(lora_q.delta(xs)), v + split(lora_v.delta(xs))),
+            None => (q, v),
         };
         // SDPA takes either a mask or is_causal: with both, fold the causal triangle into the mask.
         let (mask, causal) = match (mask, causal) {

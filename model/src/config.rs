@@ -71,12 +71,46 @@ pub struct EncoderConfig {
     /// A Hugging Face model id's branch, tag or commit hash (default `main`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// Adapting the encoder instead of keeping it frozen (the paper's choice, the default).
+    #[serde(default, skip_serializing_if = "Adapt::is_frozen")]
+    pub adapt: Adapt,
 }
 
 impl EncoderConfig {
     pub fn new(checkpoint: impl Into<String>) -> Self {
-        Self { checkpoint: checkpoint.into(), revision: None }
+        Self { checkpoint: checkpoint.into(), revision: None, adapt: Adapt::default() }
     }
+}
+
+/// `model.<encoder>.adapt`: `frozen` (default), or `lora`: low-rank updates of every layer's query and value
+/// projections (peft's default targets), trained in a fifth variable group, `backbone`, that is all-reduced
+/// with the others.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Adapt {
+    pub mode: AdaptMode,
+    pub rank: i64,
+    pub alpha: f64,
+}
+
+impl Default for Adapt {
+    fn default() -> Self {
+        Self { mode: AdaptMode::Frozen, rank: 8, alpha: 16.0 }
+    }
+}
+
+impl Adapt {
+    pub fn is_frozen(&self) -> bool {
+        self.mode == AdaptMode::Frozen
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AdaptMode {
+    #[default]
+    Frozen,
+    Lora,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -374,6 +408,13 @@ impl ModelConfig {
         }
         if !(l.logit_adjustment.tau >= 0.0 && l.logit_adjustment.tau.is_finite()) {
             return Err(bad("model.loss.logit_adjustment.tau", format!("{} must be >= 0", l.logit_adjustment.tau)));
+        }
+        let a = &self.clip.adapt;
+        if a.mode == AdaptMode::Lora && (a.rank < 1 || a.alpha.is_nan() || a.alpha <= 0.0) {
+            return Err(bad("model.clip.adapt", format!("rank {} and alpha {} must be positive", a.rank, a.alpha)));
+        }
+        if !self.wav2vec2.adapt.is_frozen() {
+            return Err(bad("model.wav2vec2.adapt", "only `frozen` is built for Wav2Vec 2.0 so far".into()));
         }
         let m = self.modality_dropout;
         for (field, p) in [("model.modality_dropout.video", m.video), ("model.modality_dropout.audio", m.audio)] {

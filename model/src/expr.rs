@@ -28,8 +28,9 @@ use crate::prompt::{ClassPrompts, PromptHead};
 use crate::tcn::Tcn;
 use crate::wav2vec2::{Wav2Vec2Config, Wav2Vec2Encoder};
 
-/// The trainable groups, in a fixed order (the order buckets are all-reduced in).
-pub const GROUPS: [&str; 4] = ["tcn", "adapter", "fusion", "prompt"];
+/// The trainable groups, in a fixed order (the order buckets are all-reduced in); `backbone` (LoRA of an
+/// adapted encoder) exists only when `model.clip.adapt` is not `frozen`.
+pub const GROUPS: [&str; 5] = ["tcn", "adapter", "fusion", "prompt", "backbone"];
 
 /// The frozen encoders.
 #[derive(Debug)]
@@ -282,6 +283,7 @@ fn count_by_group(vs: &nn::VarStore) -> Vec<(&'static str, i64)> {
                 variables.iter().filter(|(name, _)| group_of(name) == Some(*g)).map(|(_, t)| t.numel() as i64).sum();
             (*g, count)
         })
+        .filter(|(g, count)| *count > 0 || *g != "backbone")
         .collect()
 }
 
@@ -342,11 +344,15 @@ impl ExprModel {
     /// class) set the class weights; `None` uses the paper's reported ratios.
     pub fn new(
         cfg: &ModelConfig,
-        encoders: Encoders,
+        mut encoders: Encoders,
         class_counts: Option<[f64; NUM_CLASSES]>,
         device: Device,
     ) -> Result<Self> {
         let vs = nn::VarStore::new(device);
+        if cfg.clip.adapt.mode == crate::config::AdaptMode::Lora {
+            let a = cfg.clip.adapt;
+            encoders.vision.attach_lora(&(vs.root() / "backbone" / "clip"), a.rank, a.alpha);
+        }
         let classes = ClassPrompts::Encoder(encoders.text.clone());
         let head = ExprHead::new(&vs.root(), cfg, &encoders.dims(), classes, class_counts)?;
         let model = Self { vs, cfg: cfg.clone(), encoders, head };
@@ -386,10 +392,12 @@ impl ExprModel {
         let mut groups: BTreeMap<&'static str, Vec<(String, Tensor)>> =
             GROUPS.iter().map(|g| (*g, Vec::new())).collect();
         for (name, var) in self.vs.variables() {
-            let group = group_of(&name).expect("every trainable variable lives in one of the four groups");
+            let group = group_of(&name).expect("every trainable variable lives in one of the groups");
             groups.get_mut(group).expect("group").push((name, var));
         }
         groups.values_mut().for_each(|vars| vars.sort_by(|a, b| a.0.cmp(&b.0)));
+        // `backbone` only when an encoder adapts.
+        groups.retain(|g, vars| !vars.is_empty() || *g != "backbone");
         groups
     }
 

@@ -20,6 +20,7 @@ pub mod fusion;
 pub mod head;
 pub mod hf;
 pub mod locate;
+pub mod lora;
 pub mod loss;
 pub mod prompt;
 pub mod tcn;

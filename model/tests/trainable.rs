@@ -7,8 +7,8 @@ mod common;
 use std::path::Path;
 
 use avexpr_model::config::{
-    AudioLayers, ClassWeights, ClassificationLoss, LogitAdjustment, LogitAdjustmentMode, LossConfig, ModalityDropout,
-    ModelConfig, Pooling, Target, TcnConfig,
+    Adapt, AdaptMode, AudioLayers, ClassWeights, ClassificationLoss, LogitAdjustment, LogitAdjustmentMode, LossConfig,
+    ModalityDropout, ModelConfig, Pooling, Target, TcnConfig,
 };
 use avexpr_model::expr::{EncoderDims, GROUPS, parameter_counts};
 use avexpr_model::hf::{KeyMap, load_into};
@@ -172,7 +172,8 @@ fn trainable_variables_are_exactly_the_four_groups() {
     let model = tiny_model(&tiny_config());
     let groups = model.trainable_groups();
     assert_eq!(groups.keys().copied().collect::<Vec<_>>(), {
-        let mut g = GROUPS.to_vec();
+        // Frozen encoders: no `backbone` group.
+        let mut g: Vec<&str> = GROUPS.iter().copied().filter(|g| *g != "backbone").collect();
         g.sort();
         g
     });
@@ -192,10 +193,14 @@ fn trainable_variables_are_exactly_the_four_groups() {
 
 #[test]
 fn gradients_reach_every_group_and_no_frozen_variable() {
-    for context_vectors in [0, 4] {
+    for (context_vectors, lora) in [(0, false), (4, false), (0, true)] {
         let mut cfg = tiny_config();
         cfg.prompt.context_vectors = context_vectors;
+        if lora {
+            cfg.clip.adapt = Adapt { mode: AdaptMode::Lora, rank: 2, alpha: 4.0 };
+        }
         let model = tiny_model(&cfg);
+        assert_eq!(model.trainable_groups().contains_key("backbone"), lora);
         let raw = raw_batch(2, 6);
         let out = model.forward_raw_t(&raw, true).unwrap();
         let labels = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 7]).view([2, 6]);
@@ -428,7 +433,7 @@ fn the_paper_config_parses_and_counts_parameters() {
     assert_eq!(cfg, ModelConfig::default(), "configs/paper.yaml and ModelConfig::default() describe the same model");
     assert_eq!(cfg.tcn.receptive_field(), 61);
     let counts = parameter_counts(&cfg, &EncoderDims::paper()).unwrap();
-    assert_eq!(counts.iter().map(|(g, _)| *g).collect::<Vec<_>>(), GROUPS.to_vec());
+    assert_eq!(counts.iter().map(|(g, _)| *g).collect::<Vec<_>>(), GROUPS[..4].to_vec());
     assert!(counts.iter().all(|(_, n)| *n > 0));
 }
 
@@ -529,4 +534,44 @@ fn test_time_views_average_the_embeddings_of_the_crop_and_its_views() {
     assert_eq!(zoomed.size(), [1, 3, 40, 48]);
     assert!(zoomed.allclose(&grey.to_kind(Kind::Float), 1e-4, 1e-4, false));
     assert!("zoom".parse::<ImageView>().is_ok() && "crop".parse::<ImageView>().unwrap_err().contains("flip and zoom"));
+}
+
+/// LoRA on the CLIP vision tower against peft + transformers: the same embeddings from the same A and B, and
+/// the same gradients of every A and B (reference: `lora_reference.py`, run with the project venv's Python).
+#[test]
+fn lora_gradients_equal_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = tmp.path().join("lora.safetensors");
+    let python = std::env::var("AVEXPR_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("lora_reference.py"))
+        .arg(fixture("clip-tiny"))
+        .arg(&reference)
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the peft reference failed: {}", String::from_utf8_lossy(&out.stderr));
+    let r: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&reference).unwrap().into_iter().collect();
+
+    let mut encoder =
+        avexpr_model::clip::ClipVisionEncoder::load(&fixture("clip-tiny"), EncoderOptions::default()).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    encoder.attach_lora(&(vs.root() / "backbone" / "clip"), 4, 8.0);
+    let variables = vs.variables();
+    assert_eq!(variables.len(), 2 * 2 * 2, "A and B of q_proj and v_proj in each of the 2 layers");
+    tch::no_grad(|| {
+        for (name, var) in &variables {
+            let theirs = name.strip_prefix("backbone.clip.").unwrap();
+            let value = r.get(&format!("value.{theirs}")).unwrap_or_else(|| panic!("no reference for {name}"));
+            var.shallow_clone().copy_(value);
+        }
+    });
+    let embeds = encoder.encode_pixels(&r["pixels"]);
+    assert_close("image_embeds with LoRA", &embeds, &r["image_embeds"], 1e-5);
+    (embeds * &r["w"]).sum(Kind::Float).backward();
+    for (name, var) in &variables {
+        let theirs = name.strip_prefix("backbone.clip.").unwrap();
+        assert_close(&format!("gradient of {name}"), &var.grad(), &r[&format!("grad.{theirs}")], 1e-4);
+    }
 }

@@ -26,6 +26,42 @@ fn two_ranks_train_exactly_what_one_rank_accumulating_trains() {
     tensorboard_holds_the_metrics(&run_dir(&two));
 }
 
+/// LoRA on the CLIP vision tower trains a fifth group, `backbone`, all-reduced with the others: 2 ranks train
+/// exactly what 1 rank accumulating 2 micro-batches trains, the LoRA variables are in the checkpoint under
+/// their encoder paths and moved; a feature cache is refused with an adapted encoder.
+#[test]
+fn lora_adaptation_trains_the_backbone_group_across_ranks() {
+    let d = dataset();
+    let lora = "  clip: {checkpoint: CLIP, adapt: {mode: lora, rank: 4, alpha: 8}}\n";
+    let with_lora = |name: &str| {
+        let config = job(&d, name, 4, "");
+        let text = std::fs::read_to_string(&config).unwrap();
+        let clip_line = text.lines().find(|l| l.trim_start().starts_with("clip: {checkpoint:")).unwrap().to_string();
+        let clip = clip_line.split("checkpoint: ").nth(1).unwrap().trim_end_matches('}').to_string();
+        std::fs::write(&config, text.replace(&clip_line, lora.replace("CLIP", &clip).trim_end())).unwrap();
+        config
+    };
+    let (one, two) = (with_lora("lora-one"), with_lora("lora-two"));
+    ok(binary("worker").args(["train", "--config"]).arg(&one).output().unwrap());
+    let log = ok(mpirun(2, "worker").args(["train", "--config"]).arg(&two).output().unwrap());
+    assert!(log.contains("group=\"backbone\" parameters=1024"), "2 layers x (q, v) x (A, B) of 4 x 32: {log}");
+    let (a, b) = (variables(&one, 4), variables(&two, 4));
+    let diff = max_diff(&a, &b);
+    assert!(diff < 1e-5, "1 rank x 2 micro-batches vs 2 ranks: variables differ by {diff}");
+    let lora_b = "backbone.clip.vision_model.encoder.layers.1.self_attn.v_proj.lora_B";
+    assert!(a[lora_b].abs().max().double_value(&[]) > 0.0, "lora_B starts at zero and must have trained");
+    let text = std::fs::read_to_string(&one).unwrap();
+    let cached = d.root.join("lora-cached.yaml");
+    std::fs::write(
+        &cached,
+        text.replace("decode_threads: 1}", "decode_threads: 1, augment: null, features: {uri: /tmp/x}}"),
+    )
+    .unwrap();
+    let out = binary("worker").args(["train", "--config"]).arg(&cached).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("model.clip.adapt"), "{err}");
+}
+
 /// What TensorBoard's own reader (`EventAccumulator`, the `tensorboard` package) finds in a run's event files.
 const TENSORBOARD_READ: &str = r#"
 import io, json, sys

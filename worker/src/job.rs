@@ -303,6 +303,14 @@ impl JobConfig {
             return Err(("train.micro_batch", "must be positive".into()));
         }
         self.data.validate().map_err(|e| (e.field, e.reason))?;
+        if !self.model.clip.adapt.is_frozen() && self.data.features.is_some() {
+            return Err((
+                "model.clip.adapt",
+                "an adapted image encoder changes as it trains, so a feature cache (data.features, made once with \
+                 the frozen one) cannot stand in for it: remove data.features, or keep the encoder frozen"
+                    .into(),
+            ));
+        }
         let t = &self.train;
         if t.global_batch == 0 || !t.global_batch.is_multiple_of(t.micro_batch) {
             return Err((

@@ -227,7 +227,8 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let options = encoder_options(device, precision)?;
             let locate = |spec: Option<String>, revision, fields| {
-                spec.map(|checkpoint| locate(&EncoderConfig { checkpoint, revision }, fields)).transpose()
+                spec.map(|checkpoint| locate(&EncoderConfig { checkpoint, revision, ..Default::default() }, fields))
+                    .transpose()
             };
             let clip = locate(clip, clip_revision, ["--clip", "--clip-revision"])?;
             let wav2vec2 = locate(wav2vec2, wav2vec2_revision, ["--wav2vec2", "--wav2vec2-revision"])?;
@@ -245,7 +246,8 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", req.out.display());
         }
         Command::PushEncoder { from, revision, to } => {
-            let dir = locate(&EncoderConfig { checkpoint: from, revision }, ["--from", "--revision"])?;
+            let dir =
+                locate(&EncoderConfig { checkpoint: from, revision, ..Default::default() }, ["--from", "--revision"])?;
             let manifest = avexpr_model::locate::push(&dir, &to).map_err(|e| anyhow::anyhow!(e))?;
             let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
             println!(

@@ -63,6 +63,13 @@ impl ClipEncoder {
         self.layers.iter_mut().for_each(|l| l.self_attn.fuse_qkv());
     }
 
+    /// LoRA on every layer's query and value projections, variables under `vs/layers/<i>/self_attn`.
+    pub fn attach_lora(&mut self, vs: &nn::Path, rank: i64, alpha: f64) {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.self_attn.attach_lora(&(vs / "layers" / i / "self_attn"), rank, alpha);
+        }
+    }
+
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>, causal: bool) -> Tensor {
         let mut xs = xs.shallow_clone();
         for layer in &self.layers {

@@ -34,6 +34,8 @@ pub struct ClipVisionEncoder {
     pub config: ClipVisionConfig,
     pub processor: ClipImageProcessor,
     options: EncoderOptions,
+    /// LoRA attached: encoding keeps the autograd graph.
+    adapted: bool,
 }
 
 impl ClipVisionEncoder {
@@ -51,7 +53,7 @@ impl ClipVisionEncoder {
             ClipVisionModelWithProjection::new(p, &config, activation)
         })?;
         model.fuse_qkv();
-        Ok(Self { vs, model, config, processor, options })
+        Ok(Self { vs, model, config, processor, options, adapted: false })
     }
 
     /// A randomly initialised encoder (benchmarks, shape checks).
@@ -61,7 +63,7 @@ impl ClipVisionEncoder {
             build_frozen(None, &options, |p| ClipVisionModelWithProjection::new(p, config, activation))?;
         model.fuse_qkv();
         let processor = ClipImageProcessor::openai(config.image_size as u32);
-        Ok(Self { vs, model, config: config.clone(), processor, options })
+        Ok(Self { vs, model, config: config.clone(), processor, options, adapted: false })
     }
 
     pub fn var_store(&self) -> &VarStore {
@@ -71,10 +73,20 @@ impl ClipVisionEncoder {
     /// `pixel_values` `[batch, 3, H, W]` (any device) -> `image_embeds` `[batch, projection_dim]` f32 on the
     /// encoder's device.
     pub fn encode_pixels(&self, pixel_values: &Tensor) -> Tensor {
-        tch::no_grad(|| {
+        let forward = || {
             let xs = pixel_values.to_device(self.options.device).to_kind(self.options.kind());
             self.model.forward(&xs).to_kind(Kind::Float)
-        })
+        };
+        // With LoRA the gradients reach its variables (the frozen weights never need one).
+        if self.adapted { forward() } else { tch::no_grad(forward) }
+    }
+
+    /// LoRA of `rank` and `alpha` on every layer's query and value projections, its variables (trainable) under
+    /// `vs` with the checkpoint's paths: `<vs>/vision_model/encoder/layers/<i>/self_attn/q_proj/lora_A`, ...
+    /// `vs` must be on this encoder's device.
+    pub fn attach_lora(&mut self, vs: &tch::nn::Path, rank: i64, alpha: f64) {
+        self.model.attach_lora(vs, rank, alpha);
+        self.adapted = true;
     }
 
     pub fn encode_images(&self, images: &[DynamicImage]) -> Tensor {

@@ -80,6 +80,11 @@ impl ClipVisionTransformer {
     pub(crate) fn fuse_qkv(&mut self) {
         self.encoder.fuse_qkv();
     }
+
+    /// `vs` is the `vision_model` path of the LoRA variables.
+    pub(crate) fn attach_lora(&mut self, vs: &nn::Path, rank: i64, alpha: f64) {
+        self.encoder.attach_lora(&(vs / "encoder"), rank, alpha);
+    }
 }
 
 /// `CLIPVisionModelWithProjection`: the tower plus `visual_projection` (no bias).
@@ -105,6 +110,11 @@ impl ClipVisionModelWithProjection {
 
     pub fn fuse_qkv(&mut self) {
         self.vision_model.fuse_qkv();
+    }
+
+    /// LoRA on the vision tower's attention, variables under `vs/vision_model/encoder/layers/<i>/self_attn`.
+    pub fn attach_lora(&mut self, vs: &nn::Path, rank: i64, alpha: f64) {
+        self.vision_model.attach_lora(&(vs / "vision_model"), rank, alpha);
     }
 }
 
