@@ -27,6 +27,57 @@ struct Shape {
     gpus_per_node: usize,
 }
 
+/// Where and how `launch` (and each fold of `folds`) starts the ranks.
+#[derive(clap::Args)]
+struct Start {
+    /// local (mpirun here), hostfile (mpirun --hostfile) or k8s (an MPIJob applied with kubectl).
+    #[arg(long, value_enum, default_value_t = TargetKind::Local)]
+    target: TargetKind,
+    /// The hosts of `--target hostfile` (Open MPI format).
+    #[arg(long)]
+    hostfile: Option<PathBuf>,
+    /// Print the mpirun command or the Kubernetes manifests, start nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// The worker binary (default: `worker` beside this program).
+    #[arg(long)]
+    worker: Option<PathBuf>,
+    /// A directory with edited copies of the k8s/ templates (mpijob.yaml, configmap.yaml).
+    #[arg(long)]
+    templates: Option<PathBuf>,
+    /// The MPIJob's name (default: avexpr-<config stem>-<hash of checkpoint.uri>).
+    #[arg(long)]
+    name: Option<String>,
+    /// Elastic launch: when hosts of the hostfile cannot be reached, or Kubernetes cannot schedule worker
+    /// pods for launch.k8s.unschedulable_s, relaunch on the nodes that remain, down to this many (the global
+    /// batch stays the same: each rank accumulates more); nodes that come back rejoin at the next restart.
+    /// Default: --nodes (not elastic).
+    #[arg(long)]
+    min_nodes: Option<usize>,
+    /// `--target k8s`: the worker image (built from k8s/Dockerfile, best by digest), instead of
+    /// `launch.k8s.image`.
+    #[arg(long)]
+    image: Option<String>,
+}
+
+impl Start {
+    fn args(self, shape: Shape) -> jobs::LaunchArgs {
+        jobs::LaunchArgs {
+            config: shape.config,
+            nodes: shape.nodes,
+            gpus_per_node: shape.gpus_per_node,
+            target: self.target,
+            hostfile: self.hostfile,
+            dry_run: self.dry_run,
+            worker: self.worker,
+            templates: self.templates,
+            name: self.name,
+            min_nodes: self.min_nodes,
+            image: self.image,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Check that this machine can run avexpr workers (libtorch, devices, MPI, FFmpeg, Python venv).
@@ -44,34 +95,8 @@ enum Command {
     Launch {
         #[command(flatten)]
         shape: Shape,
-        /// local (mpirun here), hostfile (mpirun --hostfile) or k8s (an MPIJob applied with kubectl).
-        #[arg(long, value_enum, default_value_t = TargetKind::Local)]
-        target: TargetKind,
-        /// The hosts of `--target hostfile` (Open MPI format).
-        #[arg(long)]
-        hostfile: Option<PathBuf>,
-        /// Print the mpirun command or the Kubernetes manifests, start nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// The worker binary (default: `worker` beside this program).
-        #[arg(long)]
-        worker: Option<PathBuf>,
-        /// A directory with edited copies of the k8s/ templates (mpijob.yaml, configmap.yaml).
-        #[arg(long)]
-        templates: Option<PathBuf>,
-        /// The MPIJob's name (default: avexpr-<config stem>-<hash of checkpoint.uri>).
-        #[arg(long)]
-        name: Option<String>,
-        /// Elastic launch: when hosts of the hostfile cannot be reached, or Kubernetes cannot schedule worker
-        /// pods for launch.k8s.unschedulable_s, relaunch on the nodes that remain, down to this many (the global
-        /// batch stays the same: each rank accumulates more); nodes that come back rejoin at the next restart.
-        /// Default: --nodes (not elastic).
-        #[arg(long)]
-        min_nodes: Option<usize>,
-        /// `--target k8s`: the worker image (built from k8s/Dockerfile, best by digest), instead of
-        /// `launch.k8s.image`.
-        #[arg(long)]
-        image: Option<String>,
+        #[command(flatten)]
+        start: Start,
     },
     /// k-fold cross-validation: the training and validation videos re-split by video into --folds folds
     /// (seeded, stratified by class frames); one launch per fold, one after another; each fold's best
@@ -84,15 +109,8 @@ enum Command {
         /// Seed of the fold assignment.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        #[arg(long, value_enum, default_value_t = TargetKind::Local)]
-        target: TargetKind,
-        #[arg(long)]
-        hostfile: Option<PathBuf>,
-        /// Print what each fold would start, start nothing.
-        #[arg(long)]
-        dry_run: bool,
-        #[arg(long)]
-        worker: Option<PathBuf>,
+        #[command(flatten)]
+        start: Start,
     },
     /// A job's state: orchestrator record, newest checkpoint, metrics, restarts, live ranks.
     Status {
@@ -115,36 +133,9 @@ fn main() -> ExitCode {
     };
     match Cli::parse().command {
         Command::Plan { shape } => printed(jobs::plan(&shape.config, shape.nodes, shape.gpus_per_node)),
-        Command::Launch { shape, target, hostfile, dry_run, worker, templates, name, min_nodes, image } => {
-            printed(jobs::launch(&jobs::LaunchArgs {
-                config: shape.config,
-                nodes: shape.nodes,
-                gpus_per_node: shape.gpus_per_node,
-                target,
-                hostfile,
-                dry_run,
-                worker,
-                templates,
-                name,
-                min_nodes,
-                image,
-            }))
-        }
-        Command::Folds { shape, folds, seed, target, hostfile, dry_run, worker } => {
-            let args = jobs::LaunchArgs {
-                config: shape.config,
-                nodes: shape.nodes,
-                gpus_per_node: shape.gpus_per_node,
-                target,
-                hostfile,
-                dry_run,
-                worker,
-                templates: None,
-                name: None,
-                min_nodes: None,
-                image: None,
-            };
-            printed(avexpr_orchestrator::folds::run(&args, folds, seed))
+        Command::Launch { shape, start } => printed(jobs::launch(&start.args(shape))),
+        Command::Folds { shape, folds, seed, start } => {
+            printed(avexpr_orchestrator::folds::run(&start.args(shape), folds, seed))
         }
         Command::Status { run } => printed(jobs::status(&run)),
         Command::Doctor { python } => {
