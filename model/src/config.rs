@@ -91,11 +91,13 @@ pub struct Adapt {
     pub mode: AdaptMode,
     pub rank: i64,
     pub alpha: f64,
+    /// The `backbone` group's learning rate is `train.optimizer.lr` times this.
+    pub lr_scale: f64,
 }
 
 impl Default for Adapt {
     fn default() -> Self {
-        Self { mode: AdaptMode::Frozen, rank: 8, alpha: 16.0 }
+        Self { mode: AdaptMode::Frozen, rank: 8, alpha: 16.0, lr_scale: 1.0 }
     }
 }
 
@@ -412,6 +414,9 @@ impl ModelConfig {
         let a = &self.clip.adapt;
         if a.mode == AdaptMode::Lora && (a.rank < 1 || a.alpha.is_nan() || a.alpha <= 0.0) {
             return Err(bad("model.clip.adapt", format!("rank {} and alpha {} must be positive", a.rank, a.alpha)));
+        }
+        if a.lr_scale.is_nan() || a.lr_scale <= 0.0 {
+            return Err(bad("model.clip.adapt.lr_scale", format!("{} must be positive", a.lr_scale)));
         }
         if !self.wav2vec2.adapt.is_frozen() {
             return Err(bad("model.wav2vec2.adapt", "only `frozen` is built for Wav2Vec 2.0 so far".into()));

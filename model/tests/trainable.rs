@@ -197,7 +197,7 @@ fn gradients_reach_every_group_and_no_frozen_variable() {
         let mut cfg = tiny_config();
         cfg.prompt.context_vectors = context_vectors;
         if lora {
-            cfg.clip.adapt = Adapt { mode: AdaptMode::Lora, rank: 2, alpha: 4.0 };
+            cfg.clip.adapt = Adapt { mode: AdaptMode::Lora, rank: 2, alpha: 4.0, lr_scale: 1.0 };
         }
         let model = tiny_model(&cfg);
         assert_eq!(model.trainable_groups().contains_key("backbone"), lora);

@@ -32,6 +32,8 @@ struct Slot {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     decay: bool,
+    /// This variable's learning rate is `lr` times this (a group's own rate, e.g. an adapted backbone's).
+    lr_scale: f64,
 }
 
 pub struct AdamW {
@@ -56,9 +58,17 @@ impl AdamW {
                 exp_avg: var.zeros_like(),
                 exp_avg_sq: var.zeros_like(),
                 decay: var.dim() > 1,
+                lr_scale: 1.0,
             })
             .collect();
         AdamW { cfg, slots, step: 0 }
+    }
+
+    /// Each variable's learning rate scaled by `scale(name)` (as a PyTorch parameter group with its own `lr`:
+    /// the decoupled weight decay scales with it).
+    pub fn with_lr_scale(mut self, scale: impl Fn(&str) -> f64) -> AdamW {
+        self.slots.iter_mut().for_each(|s| s.lr_scale = scale(&s.name));
+        self
     }
 
     /// One update with learning rate `lr` from each variable's `.grad()`.
@@ -75,13 +85,13 @@ impl AdamW {
                     continue;
                 }
                 if s.decay && self.cfg.weight_decay != 0.0 {
-                    let _ = s.var.g_mul_scalar_(1.0 - lr * self.cfg.weight_decay);
+                    let _ = s.var.g_mul_scalar_(1.0 - lr * s.lr_scale * self.cfg.weight_decay);
                 }
                 let _ = s.exp_avg.lerp_(&grad, 1.0 - beta1);
                 let _ = s.exp_avg_sq.g_mul_scalar_(beta2);
                 let _ = s.exp_avg_sq.addcmul_(&(&grad * (1.0 - beta2)), &grad);
                 let denom = (s.exp_avg_sq.sqrt() / bias_correction2_sqrt) + self.cfg.eps;
-                let _ = s.var.addcdiv_(&(&s.exp_avg * -step_size), &denom);
+                let _ = s.var.addcdiv_(&(&s.exp_avg * (-step_size * s.lr_scale)), &denom);
             }
         });
     }

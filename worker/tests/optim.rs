@@ -29,7 +29,9 @@ fn adamw_equals_torch_optim_adamw() {
     Tensor::write_safetensors(&named, &input).unwrap();
 
     let cfg = AdamWConfig { lr: 3e-2, betas: [0.8, 0.99], eps: 1e-7, weight_decay: 0.1 };
-    let mut opt = AdamW::new(cfg, &vars);
+    // `w` learns at half the rate, as a PyTorch parameter group with its own lr (weight decay scaled with it).
+    let scale = |name: &str| if name == "w" { 0.5 } else { 1.0 };
+    let mut opt = AdamW::new(cfg, &vars).with_lr_scale(scale);
     for (s, g) in grads.iter().enumerate() {
         for ((_, v), g) in vars.iter().zip(g) {
             let mut grad = v.grad();
@@ -45,10 +47,10 @@ fn adamw_equals_torch_optim_adamw() {
     let script = format!(
         "import torch\nfrom safetensors.torch import load_file, save_file\n\
          t = load_file('{i}')\nw = t['init.w'].clone().requires_grad_(True)\nb = t['init.b'].clone().requires_grad_(True)\n\
-         opt = torch.optim.AdamW([{{'params': [w], 'weight_decay': 0.1}}, {{'params': [b], 'weight_decay': 0.0}}], \
-         lr=3e-2, betas=(0.8, 0.99), eps=1e-7)\n\
+         opt = torch.optim.AdamW([{{'params': [w], 'weight_decay': 0.1, 'scale': 0.5}}, \
+         {{'params': [b], 'weight_decay': 0.0, 'scale': 1.0}}], lr=3e-2, betas=(0.8, 0.99), eps=1e-7)\n\
          for s, lr in enumerate({lrs:?}):\n    w.grad = t[f'grad{{s}}.w']\n    b.grad = t[f'grad{{s}}.b']\n\
-         \x20   for g in opt.param_groups: g['lr'] = lr\n    opt.step()\n\
+         \x20   for g in opt.param_groups: g['lr'] = lr * g['scale']\n    opt.step()\n\
          save_file({{'w': w.detach(), 'b': b.detach()}}, '{o}')\n",
         i = input.display(),
         o = output.display()
@@ -74,7 +76,7 @@ fn adamw_equals_torch_optim_adamw() {
     for (_, c) in &copies {
         (c * 1.5).sum(Kind::Float).backward();
     }
-    let mut restored = AdamW::new(cfg, &copies);
+    let mut restored = AdamW::new(cfg, &copies).with_lr_scale(scale);
     restored.load_state(&state, opt.step).unwrap();
     for (_, v) in &vars {
         let _ = v.grad().fill_(1.5);
