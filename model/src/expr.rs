@@ -349,12 +349,14 @@ impl ExprModel {
         device: Device,
     ) -> Result<Self> {
         let vs = nn::VarStore::new(device);
+        let classes = ClassPrompts::Encoder(encoders.text.clone());
+        let head = ExprHead::new(&vs.root(), cfg, &encoders.dims(), classes, class_counts)?;
+        // After the head, so that the head starts from the same draws as with a frozen encoder (and with
+        // LoRA's B at zero, the whole model starts where the frozen one does).
         if cfg.clip.adapt.mode == crate::config::AdaptMode::Lora {
             let a = cfg.clip.adapt;
             encoders.vision.attach_lora(&(vs.root() / "backbone" / "clip"), a.rank, a.alpha);
         }
-        let classes = ClassPrompts::Encoder(encoders.text.clone());
-        let head = ExprHead::new(&vs.root(), cfg, &encoders.dims(), classes, class_counts)?;
         let model = Self { vs, cfg: cfg.clone(), encoders, head };
         for (group, count) in model.parameter_counts() {
             tracing::info!(group, parameters = count, "trainable group");

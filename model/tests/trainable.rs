@@ -575,3 +575,17 @@ fn lora_gradients_equal_peft() {
         assert_close(&format!("gradient of {name}"), &var.grad(), &r[&format!("grad.{theirs}")], 1e-4);
     }
 }
+
+/// LoRA starts where the frozen model is: B is zero and the head draws the same initial values (LoRA's
+/// variables are created after it), so the first forward pass is the frozen model's.
+#[test]
+fn a_lora_model_starts_as_the_frozen_one() {
+    let mut cfg = tiny_config();
+    let frozen = tiny_model(&cfg);
+    cfg.clip.adapt = Adapt { mode: AdaptMode::Lora, rank: 2, alpha: 4.0, lr_scale: 1.0 };
+    let adapted = tiny_model(&cfg);
+    let raw = raw_batch(2, 5);
+    let (a, b) =
+        tch::no_grad(|| (frozen.forward_raw_t(&raw, false).unwrap(), adapted.forward_raw_t(&raw, false).unwrap()));
+    assert!(a.logits.allclose(&b.logits, 1e-6, 1e-6, false), "{:?} vs {:?}", a.logits, b.logits);
+}
