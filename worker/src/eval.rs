@@ -197,7 +197,6 @@ impl FaceBank {
 /// written by `worker extract`): no face goes through the image encoder.
 struct CachedFaces {
     cache: crate::features::Cache,
-    records: HashMap<String, crate::features::FramesRecord>,
     /// The videos of the last batch: `[frames + 1, dim]` on the device, the last row the padding crop's.
     loaded: HashMap<String, tch::Tensor>,
     device: tch::Device,
@@ -210,8 +209,7 @@ impl CachedFaces {
         session.job.data.features.as_ref()?;
         let why = match crate::features::open_cache(session.job, &session.manifest_bytes) {
             Ok(cache) if !cache.manifest.frames.is_empty() => {
-                let records = cache.manifest.frames.iter().map(|r| (r.video.clone(), r.clone())).collect();
-                return Some(CachedFaces { cache, records, loaded: HashMap::new(), device: session.device });
+                return Some(CachedFaces { cache, loaded: HashMap::new(), device: session.device });
             }
             Ok(_) => "it holds no per-frame embeddings (extracted by an older version; `worker extract` into an \
                       empty data.features.uri adds them)"
@@ -226,21 +224,7 @@ impl CachedFaces {
 
     fn video(&mut self, name: &str) -> Result<&tch::Tensor> {
         if !self.loaded.contains_key(name) {
-            let record = self.records.get(name).with_context(|| {
-                format!("the feature cache {} has no frame embeddings of video {name}", self.cache.store.uri())
-            })?;
-            let bytes = self.cache.store.blocking().get(&record.key)?;
-            let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-            anyhow::ensure!(
-                bytes.len() as u64 == record.bytes && sha256 == record.sha256,
-                "{}/{}: {} bytes with SHA-256 {sha256}, features.json says {} bytes with {}",
-                self.cache.store.uri(),
-                record.key,
-                bytes.len(),
-                record.bytes,
-                record.sha256
-            );
-            let (image, padding) = crate::features::read_frames(&record.key, &bytes, record.frames)?;
+            let (image, padding) = self.cache.frames(name)?;
             self.loaded.insert(name.to_string(), tch::Tensor::cat(&[image, padding], 0).to_device(self.device));
         }
         Ok(&self.loaded[name])

@@ -43,7 +43,7 @@ pub(super) fn write_frames(video: &str, image: &[f32], padding: &[f32], dtype: F
 
 /// A stored video's embeddings as f32 tensors on the CPU: `([frames, dim], [1, dim])`, checked against the
 /// frame count the dataset's manifest has for the video.
-pub fn read_frames(key: &str, bytes: &[u8], frames: usize) -> Result<(Tensor, Tensor)> {
+pub(super) fn read_frames(key: &str, bytes: &[u8], frames: usize) -> Result<(Tensor, Tensor)> {
     let st = SafeTensors::deserialize(bytes).with_context(|| format!("frame embeddings {key}: not safetensors"))?;
     let get = |name: &str| -> Result<(Vec<f32>, Vec<usize>)> {
         let t = st.tensor(name).with_context(|| format!("frame embeddings {key}: no tensor {name}"))?;

@@ -14,6 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::job::JobConfig;
 
+use super::frames::read_frames;
 use super::key::{CACHE_MANIFEST, CacheKey, CacheManifest, UnitRecord, check_key};
 use super::unit::{Dims, FeatureRows, Unit, read_unit, unit_key};
 
@@ -22,6 +23,31 @@ use super::unit::{Dims, FeatureRows, Unit, read_unit, unit_key};
 pub struct Cache {
     pub store: Store,
     pub manifest: Arc<CacheManifest>,
+}
+
+impl Cache {
+    /// A video's per-frame image embeddings and the padding crop's (`[frames, dim]`, `[1, dim]`), checked
+    /// against `features.json`.
+    pub fn frames(&self, video: &str) -> Result<(Tensor, Tensor)> {
+        let record = self.manifest.frames.iter().find(|r| r.video == video).with_context(|| {
+            format!("the feature cache {} has no frame embeddings of video {video}", self.store.uri())
+        })?;
+        let bytes = get_verified(&self.store, &record.key, record.bytes, &record.sha256)?;
+        read_frames(&record.key, &bytes, record.frames)
+    }
+}
+
+/// An object of the cache as `features.json` lists it: its bytes, checked for size and SHA-256.
+fn get_verified(store: &Store, key: &str, size: u64, sha256: &str) -> Result<bytes::Bytes> {
+    let bytes = store.blocking().get(key).with_context(|| format!("feature cache object {key}"))?;
+    let sha = hex::encode(Sha256::digest(&bytes));
+    anyhow::ensure!(
+        bytes.len() as u64 == size && sha == sha256,
+        "feature cache object {}/{key}: {} bytes, SHA-256 {sha}; {CACHE_MANIFEST} says {size} bytes, {sha256}",
+        store.uri(),
+        bytes.len()
+    );
+    Ok(bytes)
 }
 
 /// Opens the job's cache for training: committed, and made with this job's settings.
@@ -109,16 +135,7 @@ impl FeatureLoader {
                 }
                 let record =
                     records.get(key).with_context(|| format!("feature cache: no unit {key} in {CACHE_MANIFEST}"))?;
-                let bytes = cache.blocking().get(key).with_context(|| format!("feature unit {key}"))?;
-                let sha = hex::encode(Sha256::digest(&bytes));
-                anyhow::ensure!(
-                    bytes.len() as u64 == record.bytes && sha == record.sha256,
-                    "feature unit {}/{key}: {} bytes, SHA-256 {sha}; {CACHE_MANIFEST} says {} bytes, {}",
-                    cache.uri(),
-                    bytes.len(),
-                    record.bytes,
-                    record.sha256
-                );
+                let bytes = get_verified(&cache, key, record.bytes, &record.sha256)?;
                 let unit = Arc::new(read_unit(key, &bytes)?);
                 resident.push_back((key.to_string(), unit.clone()));
                 if resident.len() > keep {

@@ -24,7 +24,7 @@ mod loader;
 mod unit;
 
 pub use extract::{ExtractReport, extract};
-pub use frames::{FramesRecord, read_frames};
+pub use frames::FramesRecord;
 pub use key::{CACHE_KEY, CACHE_MANIFEST, CacheKey, CacheManifest, Preprocessing, UnitRecord};
 pub use loader::{Cache, CachedBatch, FeatureLoader, open_cache};
 pub use unit::check_unit;
