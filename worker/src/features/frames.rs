@@ -27,6 +27,15 @@ pub struct FramesRecord {
     pub sha256: String,
 }
 
+impl FramesRecord {
+    /// The record of a stored object: its size and SHA-256.
+    fn of(key: String, video: &str, frames: usize, bytes: &[u8]) -> Self {
+        use sha2::{Digest, Sha256};
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        FramesRecord { key, video: video.to_string(), frames, bytes: bytes.len() as u64, sha256 }
+    }
+}
+
 /// Serializes one video's embeddings: `image` `[frames, dim]` and `padding` `[dim]`, f32 on the CPU.
 pub(super) fn write_frames(video: &str, image: &[f32], padding: &[f32], dtype: FeatureDtype) -> Result<Vec<u8>> {
     let dim = padding.len();
@@ -88,7 +97,6 @@ pub(super) fn extract_frames(
     use avexpr_data::loader::{Loader, Source};
     use avexpr_data::sampler::{Assignment, Cursor, RankSampler, SamplerConfig};
     use avexpr_data::store::StoreError;
-    use sha2::{Digest, Sha256};
 
     let (job, dist, manifest) = (session.job, session.dist, &session.manifest);
     // One frame per window: every frame of a video, in order, exactly once.
@@ -118,13 +126,7 @@ pub(super) fn extract_frames(
                 Ok(bytes) => {
                     // Written whole: one that does not read is damage to report, not work to redo.
                     let _ = read_frames(&key, &bytes, v.frames)?;
-                    report.records.push(FramesRecord {
-                        key,
-                        video: v.name.clone(),
-                        frames: v.frames,
-                        bytes: bytes.len() as u64,
-                        sha256: hex::encode(Sha256::digest(&bytes)),
-                    });
+                    report.records.push(FramesRecord::of(key, &v.name, v.frames, &bytes));
                 }
                 Err(StoreError::NotFound { .. }) => {
                     todo.insert(v.name.clone(), v.frames);
@@ -176,13 +178,7 @@ pub(super) fn extract_frames(
                     let rows = pending.remove(&clip.video).expect("pending video");
                     let key = frames_key(&clip.video);
                     let bytes = write_frames(&clip.video, &rows, padding.as_deref().expect("encoded"), dtype)?;
-                    report.records.push(FramesRecord {
-                        key: key.clone(),
-                        video: clip.video.clone(),
-                        frames,
-                        bytes: bytes.len() as u64,
-                        sha256: hex::encode(Sha256::digest(&bytes)),
-                    });
+                    report.records.push(FramesRecord::of(key.clone(), &clip.video, frames, &bytes));
                     cache.blocking().put(&key, bytes.into())?;
                     report.written += 1;
                 }
