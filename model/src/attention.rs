@@ -1,12 +1,39 @@
 //! Multi-head attention (self and cross) with the Hugging Face layout shared by CLIP (`CLIPAttention`) and Wav2Vec 2.0
 //! (`Wav2Vec2Attention`): `q_proj`, `k_proj`, `v_proj`, `out_proj`, all with bias, scale `head_dim^-0.5`.
 //!
+//! DINOv2 keeps the original ViT names ([`VIT_PROJECTIONS`]).
+//!
 //! For inference the three input projections are fused into one matmul once the weights are loaded
 //! ([`SelfAttention::fuse_qkv`]); the variables themselves keep their HF names.
 
 use tch::{Tensor, nn};
 
 use crate::lora::Lora;
+
+/// Where the four projections live under an attention module's path.
+#[derive(Debug, Clone, Copy)]
+pub struct ProjectionNames {
+    pub q: &'static [&'static str],
+    pub k: &'static [&'static str],
+    pub v: &'static [&'static str],
+    pub out: &'static [&'static str],
+}
+
+/// CLIP's and Wav2Vec 2.0's `q_proj`, `k_proj`, `v_proj`, `out_proj`.
+pub const HF_PROJECTIONS: ProjectionNames =
+    ProjectionNames { q: &["q_proj"], k: &["k_proj"], v: &["v_proj"], out: &["out_proj"] };
+
+/// The original ViT layout of DINOv2 checkpoints: `attention.{query,key,value}`, `output.dense`.
+pub const VIT_PROJECTIONS: ProjectionNames = ProjectionNames {
+    q: &["attention", "query"],
+    k: &["attention", "key"],
+    v: &["attention", "value"],
+    out: &["output", "dense"],
+};
+
+fn at<'a>(vs: &nn::Path<'a>, names: &[&str]) -> nn::Path<'a> {
+    names.iter().fold(vs.clone(), |p, n| p.sub(*n))
+}
 
 #[derive(Debug)]
 pub struct SelfAttention {
@@ -17,47 +44,51 @@ pub struct SelfAttention {
     num_heads: i64,
     head_dim: i64,
     fused_qkv: Option<(Tensor, Tensor)>,
+    names: ProjectionNames,
     /// LoRA on the query and value projections (peft's default targets for CLIP), when the encoder adapts.
     lora: Option<(Lora, Lora)>,
 }
 
 impl SelfAttention {
     pub fn new(vs: nn::Path, hidden_size: i64, num_heads: i64) -> Self {
-        Self::build(vs, hidden_size, num_heads, true)
+        Self::build(vs, hidden_size, num_heads, true, HF_PROJECTIONS)
     }
 
-    fn build(vs: nn::Path, hidden_size: i64, num_heads: i64, key_bias: bool) -> Self {
-        let linear = |name: &str| nn::linear(&vs / name, hidden_size, hidden_size, Default::default());
-        let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
+    /// With the projections at other paths (DINOv2's [`VIT_PROJECTIONS`]).
+    pub fn with_names(vs: nn::Path, hidden_size: i64, num_heads: i64, names: ProjectionNames) -> Self {
+        Self::build(vs, hidden_size, num_heads, true, names)
+    }
+
+    fn build(vs: nn::Path, hidden_size: i64, num_heads: i64, key_bias: bool, names: ProjectionNames) -> Self {
+        let linear = |name: &[&str], bias: bool| {
+            nn::linear(at(&vs, name), hidden_size, hidden_size, nn::LinearConfig { bias, ..Default::default() })
+        };
         Self {
-            q_proj: linear("q_proj"),
-            k_proj: if key_bias {
-                linear("k_proj")
-            } else {
-                nn::linear(&vs / "k_proj", hidden_size, hidden_size, no_bias)
-            },
-            v_proj: linear("v_proj"),
-            out_proj: linear("out_proj"),
+            q_proj: linear(names.q, true),
+            k_proj: linear(names.k, key_bias),
+            v_proj: linear(names.v, true),
+            out_proj: linear(names.out, true),
             num_heads,
             head_dim: hidden_size / num_heads,
             fused_qkv: None,
+            names,
             lora: None,
         }
     }
 
-    /// Adds LoRA of `rank` and `alpha` to `q_proj` and `v_proj`, its variables under `vs`
-    /// (`<vs>/q_proj/lora_A`, ...).
+    /// Adds LoRA of `rank` and `alpha` to the query and value projections, its variables under `vs` at their
+    /// paths (`<vs>/q_proj/lora_A`, ...).
     pub fn attach_lora(&mut self, vs: &nn::Path, rank: i64, alpha: f64) {
         let hidden = self.num_heads * self.head_dim;
-        let lora = |name: &str| Lora::new(&(vs / name), hidden, hidden, rank, alpha);
-        self.lora = Some((lora("q_proj"), lora("v_proj")));
+        let lora = |name: &[&str]| Lora::new(&at(vs, name), hidden, hidden, rank, alpha);
+        self.lora = Some((lora(self.names.q), lora(self.names.v)));
     }
 
     /// The same without a key bias, for attention that is trained: softmax ignores a bias shared by all of a
     /// query's logits, so a key bias gets a zero gradient up to rounding, which Adam turns into lr-sized random
     /// steps (results would then hang on summation order, e.g. batch sizes). No `k_proj.bias` variable.
     pub fn without_key_bias(vs: nn::Path, hidden_size: i64, num_heads: i64) -> Self {
-        Self::build(vs, hidden_size, num_heads, false)
+        Self::build(vs, hidden_size, num_heads, false, HF_PROJECTIONS)
     }
 
     /// Concatenates the q/k/v weights into one `[3*hidden, hidden]` matrix. Call after the weights are final

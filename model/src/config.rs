@@ -12,7 +12,14 @@ use crate::error::{ModelError, Result};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
+    /// The image encoder of every face frame: CLIP's vision tower (the paper's) or DINOv2 (`model.dinov2`). The
+    /// prompts are always CLIP text embeddings (`model.clip`'s text tower).
+    #[serde(skip_serializing_if = "ImageEncoder::is_clip")]
+    pub image_encoder: ImageEncoder,
     pub clip: EncoderConfig,
+    /// The DINOv2 checkpoint, used when `image_encoder` is `dinov2`.
+    #[serde(skip_serializing_if = "EncoderConfig::is_default_dinov2")]
+    pub dinov2: EncoderConfig,
     pub wav2vec2: EncoderConfig,
     pub tcn: TcnConfig,
     pub adapter: AdapterConfig,
@@ -37,6 +44,20 @@ pub struct ModalityDropout {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
+pub enum ImageEncoder {
+    #[default]
+    Clip,
+    Dinov2,
+}
+
+impl ImageEncoder {
+    pub fn is_clip(&self) -> bool {
+        *self == ImageEncoder::Clip
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
 pub enum Modalities {
     #[default]
     Both,
@@ -48,7 +69,9 @@ impl Default for ModelConfig {
     /// The paper's configuration (also `configs/paper.yaml`).
     fn default() -> Self {
         Self {
+            image_encoder: ImageEncoder::Clip,
             clip: EncoderConfig::new("openai/clip-vit-base-patch32"),
+            dinov2: EncoderConfig::new(DINOV2_DEFAULT),
             wav2vec2: EncoderConfig::new("facebook/wav2vec2-base"),
             tcn: TcnConfig::default(),
             adapter: AdapterConfig::default(),
@@ -76,34 +99,73 @@ pub struct EncoderConfig {
     pub adapt: Adapt,
 }
 
+/// `model.dinov2.checkpoint` when not given.
+pub const DINOV2_DEFAULT: &str = "facebook/dinov2-base";
+
 impl EncoderConfig {
     pub fn new(checkpoint: impl Into<String>) -> Self {
         Self { checkpoint: checkpoint.into(), revision: None, adapt: Adapt::default() }
     }
+
+    fn is_default_dinov2(&self) -> bool {
+        *self == Self::new(DINOV2_DEFAULT)
+    }
 }
 
-/// `model.<encoder>.adapt`: `frozen` (default), or `lora`: low-rank updates of every layer's query and value
-/// projections (peft's default targets), trained in a fifth variable group, `backbone`, that is all-reduced
-/// with the others.
+/// `model.<encoder>.adapt`: `frozen` (default); `lora`: low-rank updates of every layer's query and value
+/// projections (peft's default targets); `last_blocks`: the last `blocks` transformer layers (and what follows
+/// them: CLIP's post-layernorm and projection, Wav2Vec 2.0's final layer norm where it has one) train from the
+/// checkpoint's values. The adapted variables form a fifth group, `backbone`, all-reduced with the others.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Adapt {
     pub mode: AdaptMode,
+    /// LoRA's rank and alpha (the update is scaled by alpha / rank).
     pub rank: i64,
     pub alpha: f64,
-    /// The `backbone` group's learning rate is `train.optimizer.lr` times this.
+    /// `last_blocks`: how many of the last transformer layers train.
+    pub blocks: i64,
+    /// This encoder's adapted variables learn at `train.optimizer.lr` times this.
     pub lr_scale: f64,
 }
 
 impl Default for Adapt {
     fn default() -> Self {
-        Self { mode: AdaptMode::Frozen, rank: 8, alpha: 16.0, lr_scale: 1.0 }
+        Self { mode: AdaptMode::Frozen, rank: 8, alpha: 16.0, blocks: 2, lr_scale: 1.0 }
     }
 }
 
 impl Adapt {
     pub fn is_frozen(&self) -> bool {
         self.mode == AdaptMode::Frozen
+    }
+
+    /// What does not depend on the encoder (`blocks` is checked against its layers when it is built).
+    fn validate(&self, field: &str) -> Result<(), FieldError> {
+        match self.mode {
+            AdaptMode::Lora if self.rank < 1 || self.alpha.is_nan() || self.alpha <= 0.0 => {
+                return Err(bad(field, format!("rank {} and alpha {} must be positive", self.rank, self.alpha)));
+            }
+            AdaptMode::LastBlocks if self.blocks < 1 => {
+                return Err(bad(&format!("{field}.blocks"), format!("{} must be positive", self.blocks)));
+            }
+            _ => {}
+        }
+        if self.lr_scale.is_nan() || self.lr_scale <= 0.0 {
+            return Err(bad(&format!("{field}.lr_scale"), format!("{} must be positive", self.lr_scale)));
+        }
+        Ok(())
+    }
+
+    /// `blocks` of an encoder with `layers` transformer layers: the first trainable layer's index.
+    pub fn first_trainable_layer(&self, field: &str, layers: i64) -> Result<i64, FieldError> {
+        if self.blocks > layers {
+            return Err(bad(
+                &format!("{field}.blocks"),
+                format!("{} is more than the encoder's {layers} layers", self.blocks),
+            ));
+        }
+        Ok(layers - self.blocks)
     }
 }
 
@@ -113,6 +175,7 @@ pub enum AdaptMode {
     #[default]
     Frozen,
     Lora,
+    LastBlocks,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -317,6 +380,25 @@ fn check_positive(field: &str, v: i64) -> Result<(), FieldError> {
 }
 
 impl ModelConfig {
+    /// The adapted image tower's name and settings (`clip` or `dinov2`): the one `image_encoder` uses.
+    pub fn image_tower(&self) -> (&'static str, &EncoderConfig) {
+        match self.image_encoder {
+            ImageEncoder::Clip => ("clip", &self.clip),
+            ImageEncoder::Dinov2 => ("dinov2", &self.dinov2),
+        }
+    }
+
+    /// The learning-rate factor of a trainable variable: `model.<encoder>.adapt.lr_scale` for an adapted
+    /// encoder's (`backbone.<encoder>.*`), 1 for the rest.
+    pub fn lr_scale(&self, variable: &str) -> f64 {
+        match variable.split('.').take(2).collect::<Vec<_>>()[..] {
+            ["backbone", "clip"] => self.clip.adapt.lr_scale,
+            ["backbone", "dinov2"] => self.dinov2.adapt.lr_scale,
+            ["backbone", "wav2vec2"] => self.wav2vec2.adapt.lr_scale,
+            _ => 1.0,
+        }
+    }
+
     /// Reads the `model` section of a job's YAML file (the other sections belong to other crates). Relative
     /// checkpoint paths are taken relative to the directory the job is started from.
     pub fn from_job_file(path: &Path) -> Result<Self> {
@@ -411,15 +493,26 @@ impl ModelConfig {
         if !(l.logit_adjustment.tau >= 0.0 && l.logit_adjustment.tau.is_finite()) {
             return Err(bad("model.loss.logit_adjustment.tau", format!("{} must be >= 0", l.logit_adjustment.tau)));
         }
-        let a = &self.clip.adapt;
-        if a.mode == AdaptMode::Lora && (a.rank < 1 || a.alpha.is_nan() || a.alpha <= 0.0) {
-            return Err(bad("model.clip.adapt", format!("rank {} and alpha {} must be positive", a.rank, a.alpha)));
+        for (field, a) in [
+            ("model.clip.adapt", &self.clip.adapt),
+            ("model.dinov2.adapt", &self.dinov2.adapt),
+            ("model.wav2vec2.adapt", &self.wav2vec2.adapt),
+        ] {
+            a.validate(field)?;
         }
-        if a.lr_scale.is_nan() || a.lr_scale <= 0.0 {
-            return Err(bad("model.clip.adapt.lr_scale", format!("{} must be positive", a.lr_scale)));
-        }
-        if !self.wav2vec2.adapt.is_frozen() {
-            return Err(bad("model.wav2vec2.adapt", "only `frozen` is built for Wav2Vec 2.0 so far".into()));
+        match self.image_encoder {
+            ImageEncoder::Dinov2 if !self.clip.adapt.is_frozen() => {
+                return Err(bad(
+                    "model.clip.adapt",
+                    "with model.image_encoder: dinov2 only CLIP's text tower is used (frozen): adapt model.dinov2 \
+                     instead"
+                        .into(),
+                ));
+            }
+            ImageEncoder::Clip if !self.dinov2.adapt.is_frozen() => {
+                return Err(bad("model.dinov2.adapt", "model.image_encoder is clip: DINOv2 is not used".into()));
+            }
+            _ => {}
         }
         let m = self.modality_dropout;
         for (field, p) in [("model.modality_dropout.video", m.video), ("model.modality_dropout.audio", m.audio)] {

@@ -64,3 +64,25 @@ pub(crate) fn build_frozen<M>(
     }
     Ok((vs, module))
 }
+
+/// Adapting the last layers of an encoder: copies the frozen weights whose names start with one of `prefixes`
+/// (checkpoint keys, `vision_model.encoder.layers.11.`) into the variables of the same names under `trainable`
+/// (a path mirroring the checkpoint's root, where the trainable copies of those modules were built). Every
+/// matched weight must have its copy. Returns how many were copied.
+pub(crate) fn copy_frozen_into(frozen: &VarStore, trainable: &nn::Path, prefixes: &[String]) -> usize {
+    let mut copied = 0;
+    tch::no_grad(|| {
+        for (name, value) in frozen.variables() {
+            if !prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+                continue;
+            }
+            let mut parts: Vec<&str> = name.split('.').collect();
+            let last = parts.pop().expect("a variable name");
+            let path = parts.iter().fold(trainable.clone(), |p, c| p.sub(*c));
+            let var = path.get(last).unwrap_or_else(|| panic!("no trainable copy of {name} was built"));
+            var.shallow_clone().copy_(&value);
+            copied += 1;
+        }
+    });
+    copied
+}

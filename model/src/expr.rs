@@ -17,8 +17,8 @@ use tch::{Device, Kind, Tensor, nn};
 
 use crate::EncoderOptions;
 use crate::adapter::{AudioAdapter, AudioTiming};
-use crate::clip::{ClipTextConfig, ClipTextEncoder, ClipVisionConfig, ClipVisionEncoder};
-use crate::config::{AudioLayers, Modalities, ModelConfig, Target};
+use crate::clip::{ClipTextConfig, ClipTextEncoder, ClipVisionConfig};
+use crate::config::{AdaptMode, AudioLayers, Modalities, ModelConfig, Target};
 use crate::error::{ModelError, Result};
 use crate::fusion::BiCrossAttention;
 use crate::head::Head;
@@ -26,6 +26,7 @@ use crate::locate::locate_encoders;
 use crate::loss::{ExprLoss, LossTerms};
 use crate::prompt::{ClassPrompts, PromptHead};
 use crate::tcn::Tcn;
+use crate::vision::VisionEncoder;
 use crate::wav2vec2::{Wav2Vec2Config, Wav2Vec2Encoder};
 
 /// The trainable groups, in a fixed order (the order buckets are all-reduced in); `backbone` (LoRA of an
@@ -35,7 +36,8 @@ pub const GROUPS: [&str; 5] = ["tcn", "adapter", "fusion", "prompt", "backbone"]
 /// The frozen encoders.
 #[derive(Debug)]
 pub struct Encoders {
-    pub vision: ClipVisionEncoder,
+    /// The face-frame encoder (`model.image_encoder`).
+    pub vision: VisionEncoder,
     pub text: Rc<ClipTextEncoder>,
     pub audio: Wav2Vec2Encoder,
 }
@@ -43,8 +45,9 @@ pub struct Encoders {
 impl Encoders {
     pub fn load(cfg: &ModelConfig, options: EncoderOptions) -> Result<Self> {
         let (clip, wav2vec2) = locate_encoders(cfg)?;
+        let image = crate::locate::locate_image_encoder(cfg)?;
         Ok(Self {
-            vision: ClipVisionEncoder::load(&clip, options)?,
+            vision: VisionEncoder::load(cfg.image_encoder, &image, options)?,
             text: Rc::new(ClipTextEncoder::load(&clip, options)?),
             audio: Wav2Vec2Encoder::load(&wav2vec2, options)?,
         })
@@ -52,7 +55,7 @@ impl Encoders {
 
     pub fn dims(&self) -> EncoderDims {
         EncoderDims::new(
-            &self.vision.config,
+            self.vision.image_dim(),
             &self.text.config,
             &self.audio.config,
             self.audio.feature_extractor.sampling_rate,
@@ -72,9 +75,10 @@ pub struct EncoderDims {
 }
 
 impl EncoderDims {
-    pub fn new(vision: &ClipVisionConfig, text: &ClipTextConfig, audio: &Wav2Vec2Config, sample_rate: u32) -> Self {
+    /// `image_dim`: the image encoder's embedding width (CLIP's projection, DINOv2's hidden size).
+    pub fn new(image_dim: i64, text: &ClipTextConfig, audio: &Wav2Vec2Config, sample_rate: u32) -> Self {
         Self {
-            image_dim: vision.projection_dim,
+            image_dim,
             text_dim: text.projection_dim,
             text_hidden: text.hidden_size,
             audio_hidden: audio.hidden_size,
@@ -85,7 +89,8 @@ impl EncoderDims {
 
     /// The paper's encoders: CLIP ViT-B/32 and wav2vec2-base.
     pub fn paper() -> Self {
-        Self::new(&ClipVisionConfig::vit_b32(), &ClipTextConfig::vit_b32(), &Wav2Vec2Config::base(), 16_000)
+        let image_dim = ClipVisionConfig::vit_b32().projection_dim;
+        Self::new(image_dim, &ClipTextConfig::vit_b32(), &Wav2Vec2Config::base(), 16_000)
     }
 }
 
@@ -292,6 +297,37 @@ fn group_of(name: &str) -> Option<&'static str> {
     GROUPS.iter().copied().find(|g| *g == first)
 }
 
+/// Adapts the encoders as `model.<encoder>.adapt` asks, their trainable variables under `backbone/<encoder>`
+/// of `vs` (`clip` or `dinov2`, and `wav2vec2`).
+fn adapt_encoders(vs: &nn::VarStore, cfg: &ModelConfig, encoders: &mut Encoders) -> Result<()> {
+    let copied = |name: &str| vs.variables().keys().filter(|k| k.starts_with(name)).count();
+    let (tower, image) = cfg.image_tower();
+    let path = vs.root() / "backbone" / tower;
+    let a = image.adapt;
+    match a.mode {
+        AdaptMode::Frozen => {}
+        AdaptMode::Lora => encoders.vision.attach_lora(&path, a.rank, a.alpha),
+        AdaptMode::LastBlocks => {
+            let field = format!("model.{tower}.adapt");
+            let first = a.first_trainable_layer(&field, encoders.vision.num_layers())?;
+            let n = encoders.vision.adapt_last_blocks(&path, first);
+            assert_eq!(n, copied(&format!("backbone.{tower}.")), "every unfrozen {tower} variable has its value");
+        }
+    }
+    let wav2vec2 = vs.root() / "backbone" / "wav2vec2";
+    let a = cfg.wav2vec2.adapt;
+    match a.mode {
+        AdaptMode::Frozen => {}
+        AdaptMode::Lora => encoders.audio.attach_lora(&wav2vec2, a.rank, a.alpha),
+        AdaptMode::LastBlocks => {
+            let first = a.first_trainable_layer("model.wav2vec2.adapt", encoders.audio.model().num_layers())?;
+            let n = encoders.audio.adapt_last_blocks(&wav2vec2, first);
+            assert_eq!(n, copied("backbone.wav2vec2."), "every unfrozen Wav2Vec 2.0 variable has its value");
+        }
+    }
+    Ok(())
+}
+
 /// Raw clips: what the streaming loader delivers.
 #[derive(Debug)]
 pub struct RawBatch {
@@ -353,10 +389,7 @@ impl ExprModel {
         let head = ExprHead::new(&vs.root(), cfg, &encoders.dims(), classes, class_counts)?;
         // After the head, so that the head starts from the same draws as with a frozen encoder (and with
         // LoRA's B at zero, the whole model starts where the frozen one does).
-        if cfg.clip.adapt.mode == crate::config::AdaptMode::Lora {
-            let a = cfg.clip.adapt;
-            encoders.vision.attach_lora(&(vs.root() / "backbone" / "clip"), a.rank, a.alpha);
-        }
+        adapt_encoders(&vs, cfg, &mut encoders)?;
         let model = Self { vs, cfg: cfg.clone(), encoders, head };
         for (group, count) in model.parameter_counts() {
             tracing::info!(group, parameters = count, "trainable group");
@@ -441,7 +474,7 @@ impl ExprModel {
     /// CLIP image embeddings `[n, image_dim]` (f32) of `n` face crops `[n, 3, H, W]` as stored: each frame is
     /// encoded alone, so a frame's embedding does not depend on the clip it is in.
     pub fn encode_images(&self, frames: &Tensor) -> Tensor {
-        let pixels = self.encoders.vision.processor.preprocess_tensor(&frames.to_device(self.vs.device()));
+        let pixels = self.encoders.vision.processor().preprocess_tensor(&frames.to_device(self.vs.device()));
         // The trainable part runs in f32 whatever precision the frozen encoders run in (bf16 on CUDA).
         self.encoders.vision.encode_pixels(&pixels).to_kind(Kind::Float)
     }

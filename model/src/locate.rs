@@ -81,6 +81,17 @@ pub fn locate_encoders(cfg: &ModelConfig) -> Result<(PathBuf, PathBuf)> {
     ))
 }
 
+/// The local checkpoint directory of the face-frame encoder: CLIP's (the same as the text tower's) or DINOv2's,
+/// as `model.image_encoder` says.
+pub fn locate_image_encoder(cfg: &ModelConfig) -> Result<PathBuf> {
+    match cfg.image_encoder {
+        crate::config::ImageEncoder::Clip => locate(&cfg.clip, ["model.clip.checkpoint", "model.clip.revision"]),
+        crate::config::ImageEncoder::Dinov2 => {
+            locate(&cfg.dinov2, ["model.dinov2.checkpoint", "model.dinov2.revision"])
+        }
+    }
+}
+
 /// `huggingface_hub.utils.validate_repo_id`: `[namespace/]name` of word characters, `-` and `.`, at most 96
 /// characters, no `--` or `..`, not starting or ending with `-` or `.`.
 fn is_repo_id(id: &str) -> bool {

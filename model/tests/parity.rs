@@ -166,3 +166,55 @@ fn bf16_precision_stays_close_to_f32() {
     let diff = max_abs_diff(&out.last_hidden_state, reference);
     assert!(diff < 0.05 * scale, "bf16 wav2vec2 differs by {diff} (scale {scale})");
 }
+
+/// DINOv2 against transformers' `Dinov2Model` and `Dinov2WithRegistersModel` (tiny random checkpoints with the
+/// hub's key names; the second with 2 register tokens and the SwiGLU feed-forward): the whole sequence and the
+/// pooled output, at the trained 28 px (4x4 patches, position embeddings as stored) and at 42 px (6x6, the
+/// position embeddings interpolated bicubically, antialiased in the registers variant); and the checkpoint's
+/// `BitImageProcessor` settings read by our processor, to within one 8-bit level of PIL's.
+#[test]
+fn dinov2_sequence_and_pooled_output_with_and_without_registers() {
+    use avexpr_model::dinov2::Dinov2Encoder;
+    let exp: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(fixture("dinov2_expected.safetensors")).unwrap().into_iter().collect();
+    for (name, tokens_at_28) in [("dinov2-tiny", 1 + 16), ("dinov2-tiny-registers", 1 + 2 + 16)] {
+        let enc = Dinov2Encoder::load(&fixture(name), EncoderOptions::default()).unwrap();
+        for size in [28, 42] {
+            let pixels = &exp[&format!("{name}.{size}.pixel_values")];
+            let (sequence, pooled) = enc.forward(pixels);
+            let tag = format!("{name} at {size} px");
+            assert_close(
+                &format!("{tag}: last_hidden_state"),
+                &sequence,
+                &exp[&format!("{name}.{size}.last_hidden_state")],
+                ATOL,
+            );
+            assert_close(
+                &format!("{tag}: pooler_output"),
+                &pooled,
+                &exp[&format!("{name}.{size}.pooler_output")],
+                ATOL,
+            );
+            assert_close(&format!("{tag}: encode_pixels"), &enc.encode_pixels(pixels), &pooled, 0.0);
+            if size == 28 {
+                assert_eq!(sequence.size()[1], tokens_at_28, "{tag}");
+            }
+        }
+        let p = &enc.processor;
+        assert_eq!((p.shortest_edge, p.crop_height, p.crop_width), (32, 28, 28), "{name}");
+        let image = ClipImageProcessor::open(&fixture("image1.png")).unwrap();
+        let ours = p.preprocess(std::slice::from_ref(&image)).get(0);
+        let std = Tensor::from_slice(&p.image_std).view([3, 1, 1]).to_kind(tch::Kind::Float);
+        let levels = ((&ours - &exp["dinov2.image1.pixel_values"]) * std * 255.0).abs().max().double_value(&[]);
+        assert!(levels <= 1.0 + 1e-3, "{name}: a pixel differs from PIL's by {levels} levels");
+    }
+}
+
+/// A DINOv2 checkpoint whose config is not one names the file and the field.
+#[test]
+fn dinov2_rejects_another_model_type() {
+    let (_tmp, dir) = copy_fixture("dinov2-tiny");
+    edit_config(&dir, |c| c["model_type"] = "vit".into());
+    let e = avexpr_model::dinov2::Dinov2Encoder::load(&dir, EncoderOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("config.json") && e.contains("model_type") && e.contains("`vit`"), "{e}");
+}

@@ -7,8 +7,8 @@ mod common;
 use std::path::Path;
 
 use avexpr_model::config::{
-    Adapt, AdaptMode, AudioLayers, ClassWeights, ClassificationLoss, LogitAdjustment, LogitAdjustmentMode, LossConfig,
-    ModalityDropout, ModelConfig, Pooling, Target, TcnConfig,
+    Adapt, AdaptMode, AudioLayers, ClassWeights, ClassificationLoss, EncoderConfig, ImageEncoder, LogitAdjustment,
+    LogitAdjustmentMode, LossConfig, ModalityDropout, ModelConfig, Pooling, Target, TcnConfig,
 };
 use avexpr_model::expr::{EncoderDims, GROUPS, parameter_counts};
 use avexpr_model::hf::{KeyMap, load_into};
@@ -193,14 +193,40 @@ fn trainable_variables_are_exactly_the_four_groups() {
 
 #[test]
 fn gradients_reach_every_group_and_no_frozen_variable() {
-    for (context_vectors, lora) in [(0, false), (4, false), (0, true)] {
+    let adapt = |mode| Adapt { mode, rank: 2, alpha: 4.0, blocks: 1, lr_scale: 1.0 };
+    let frozen = Adapt::default();
+    let (clip, dinov2) = (ImageEncoder::Clip, ImageEncoder::Dinov2);
+    let cases = [
+        (0, clip, frozen, frozen),
+        (4, clip, frozen, frozen),
+        (0, clip, adapt(AdaptMode::Lora), frozen),
+        (0, clip, adapt(AdaptMode::LastBlocks), frozen),
+        (0, clip, frozen, adapt(AdaptMode::Lora)),
+        (0, clip, frozen, adapt(AdaptMode::LastBlocks)),
+        (0, dinov2, frozen, frozen),
+        (0, dinov2, adapt(AdaptMode::Lora), frozen),
+        (0, dinov2, adapt(AdaptMode::LastBlocks), frozen),
+    ];
+    for (context_vectors, image_encoder, image, wav2vec2) in cases {
         let mut cfg = tiny_config();
         cfg.prompt.context_vectors = context_vectors;
-        if lora {
-            cfg.clip.adapt = Adapt { mode: AdaptMode::Lora, rank: 2, alpha: 4.0, lr_scale: 1.0 };
-        }
+        cfg.image_encoder = image_encoder;
+        let tower = if image_encoder == dinov2 {
+            cfg.dinov2 = EncoderConfig::new(fixture("dinov2-tiny").display().to_string());
+            cfg.dinov2.adapt = image;
+            ".dinov2."
+        } else {
+            cfg.clip.adapt = image;
+            ".clip."
+        };
+        cfg.wav2vec2.adapt = wav2vec2;
         let model = tiny_model(&cfg);
-        assert_eq!(model.trainable_groups().contains_key("backbone"), lora);
+        let groups = model.trainable_groups();
+        let adapted = |tower: &str| groups.get("backbone").is_some_and(|v| v.iter().any(|(n, _)| n.contains(tower)));
+        assert_eq!((adapted(tower), adapted(".wav2vec2.")), (!image.is_frozen(), !wav2vec2.is_frozen()));
+        if image_encoder == dinov2 {
+            assert_eq!(model.encoders().dims().image_dim, 16, "the TCN takes DINOv2's hidden size");
+        }
         let raw = raw_batch(2, 6);
         let out = model.forward_raw_t(&raw, true).unwrap();
         let labels = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 7]).view([2, 6]);
@@ -208,7 +234,10 @@ fn gradients_reach_every_group_and_no_frozen_variable() {
         loss.total.backward();
         for (group, vars) in model.trainable_groups() {
             let grad_norm: f64 = vars.iter().map(|(_, v)| v.grad().abs().sum(Kind::Double).double_value(&[])).sum();
-            assert!(grad_norm > 0.0, "group {group} got no gradient (context_vectors {context_vectors})");
+            assert!(
+                grad_norm > 0.0,
+                "group {group}: no gradient ({context_vectors}, {image_encoder:?} {image:?}, {wav2vec2:?})"
+            );
         }
         if context_vectors > 0 {
             let groups = model.trainable_groups();
@@ -424,6 +453,22 @@ fn bad_configs_name_the_field() {
     assert!(e.contains("model.prompt.templates[0]"), "{e}");
     let e = err("adapter: {dropout: 1.5}");
     assert!(e.contains("model.adapter.dropout"), "{e}");
+    let e = err("wav2vec2: {checkpoint: w, adapt: {mode: last_blocks, blocks: 0}}");
+    assert!(e.contains("model.wav2vec2.adapt.blocks") && e.contains("must be positive"), "{e}");
+    let e = err("clip: {checkpoint: c, adapt: {mode: lora, rank: 0}}");
+    assert!(e.contains("model.clip.adapt") && e.contains("rank 0"), "{e}");
+    let e = err("image_encoder: dinov2\nclip: {checkpoint: c, adapt: {mode: lora}}");
+    assert!(e.contains("model.clip.adapt") && e.contains("adapt model.dinov2 instead"), "{e}");
+    let e = err("dinov2: {checkpoint: d, adapt: {mode: lora}}");
+    assert!(e.contains("model.dinov2.adapt") && e.contains("DINOv2 is not used"), "{e}");
+    let e = err("image_encoder: vit");
+    assert!(e.contains("model.image_encoder") && e.contains("unknown variant `vit`"), "{e}");
+    // More blocks than the encoder has: known once it is loaded.
+    let mut cfg = tiny_config();
+    cfg.clip.adapt = Adapt { mode: AdaptMode::LastBlocks, blocks: 3, ..Adapt::default() };
+    let encoders = Encoders::load(&cfg, EncoderOptions::default()).unwrap();
+    let e = ExprModel::new(&cfg, encoders, None, Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("model.clip.adapt.blocks") && e.contains("3 is more than the encoder's 2 layers"), "{e}");
 }
 
 #[test]
@@ -537,66 +582,162 @@ fn test_time_views_average_the_embeddings_of_the_crop_and_its_views() {
     assert!("zoom".parse::<ImageView>().is_ok() && "crop".parse::<ImageView>().unwrap_err().contains("flip and zoom"));
 }
 
-/// LoRA on the CLIP vision tower against peft + transformers: the same embeddings from the same A and B, and
-/// the same gradients of every A and B (reference: `lora_reference.py`, run with the project venv's Python).
-#[test]
-fn lora_gradients_equal_peft() {
+/// Runs `adapt_reference.py` (transformers, + peft for LoRA, with the project venv's Python) and returns its
+/// tensors by name.
+fn adapt_reference(tower: &str, mode: &str, checkpoint: &Path) -> std::collections::HashMap<String, Tensor> {
     let tmp = tempfile::tempdir().unwrap();
-    let reference = tmp.path().join("lora.safetensors");
+    let reference = tmp.path().join("reference.safetensors");
     let python = std::env::var("AVEXPR_PYTHON").unwrap_or_else(|_| "python3".into());
     let out = std::process::Command::new(python)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("lora_reference.py"))
-        .arg(fixture("clip-tiny"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("adapt_reference.py"))
+        .args([tower, mode])
+        .arg(checkpoint)
         .arg(&reference)
         .env("TRANSFORMERS_VERBOSITY", "error")
         .output()
         .unwrap();
-    assert!(out.status.success(), "the peft reference failed: {}", String::from_utf8_lossy(&out.stderr));
-    let r: std::collections::HashMap<String, Tensor> =
-        Tensor::read_safetensors(&reference).unwrap().into_iter().collect();
+    assert!(out.status.success(), "the {tower} {mode} reference failed: {}", String::from_utf8_lossy(&out.stderr));
+    Tensor::read_safetensors(&reference).unwrap().into_iter().collect()
+}
 
-    let mut encoder =
-        avexpr_model::clip::ClipVisionEncoder::load(&fixture("clip-tiny"), EncoderOptions::default()).unwrap();
-    let vs = nn::VarStore::new(Device::Cpu);
-    encoder.attach_lora(&(vs.root() / "backbone" / "clip"), 4, 8.0);
+/// Gives every adapted variable (`backbone.<tower>.<checkpoint key>`) the reference's value, then checks, after
+/// `backward` was run on the same loss, that each gradient equals the reference's, and that there are as many
+/// as the reference trained.
+fn adapted_variables_match(vs: &nn::VarStore, r: &std::collections::HashMap<String, Tensor>, tower: &str) -> usize {
+    let theirs = |name: &str| name.strip_prefix(&format!("backbone.{tower}.")).unwrap().to_string();
     let variables = vs.variables();
-    assert_eq!(variables.len(), 2 * 2 * 2, "A and B of q_proj and v_proj in each of the 2 layers");
+    assert_eq!(variables.len(), r.keys().filter(|k| k.starts_with("grad.")).count(), "the trained variables");
+    for (name, var) in &variables {
+        let grad = r.get(&format!("grad.{}", theirs(name))).unwrap_or_else(|| panic!("no reference for {name}"));
+        assert_close(&format!("gradient of {name}"), &var.grad(), grad, 1e-4);
+    }
+    variables.len()
+}
+
+fn set_reference_values(vs: &nn::VarStore, r: &std::collections::HashMap<String, Tensor>, tower: &str) {
     tch::no_grad(|| {
-        for (name, var) in &variables {
-            let theirs = name.strip_prefix("backbone.clip.").unwrap();
+        for (name, var) in vs.variables() {
+            let theirs = name.strip_prefix(&format!("backbone.{tower}.")).unwrap();
             let value = r.get(&format!("value.{theirs}")).unwrap_or_else(|| panic!("no reference for {name}"));
             var.shallow_clone().copy_(value);
         }
     });
-    let embeds = encoder.encode_pixels(&r["pixels"]);
-    assert_close("image_embeds with LoRA", &embeds, &r["image_embeds"], 1e-5);
-    (embeds * &r["w"]).sum(Kind::Float).backward();
-    for (name, var) in &variables {
-        let theirs = name.strip_prefix("backbone.clip.").unwrap();
-        assert_close(&format!("gradient of {name}"), &var.grad(), &r[&format!("grad.{theirs}")], 1e-4);
+}
+
+/// Adapting the CLIP vision tower against transformers (+ peft): LoRA (r 4, alpha 8 on q/v, seeded nonzero A
+/// and B) and the last block unfrozen (with the post-layernorm and the projection, from the checkpoint's
+/// values): the same embeddings and the same gradient of every adapted variable.
+#[test]
+fn clip_adaptation_gradients_equal_transformers() {
+    for mode in [AdaptMode::Lora, AdaptMode::LastBlocks] {
+        let name = if mode == AdaptMode::Lora { "lora" } else { "last_blocks" };
+        let r = adapt_reference("clip", name, &fixture("clip-tiny"));
+        let mut encoder =
+            avexpr_model::clip::ClipVisionEncoder::load(&fixture("clip-tiny"), EncoderOptions::default()).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let root = vs.root() / "backbone" / "clip";
+        if mode == AdaptMode::Lora {
+            encoder.attach_lora(&root, 4, 8.0);
+            set_reference_values(&vs, &r, "clip");
+        } else {
+            // From the checkpoint's values, which the reference trains from too.
+            assert_eq!(encoder.adapt_last_blocks(&root, 1), vs.variables().len());
+        }
+        let embeds = encoder.encode_pixels(&r["pixels"]);
+        assert_close(&format!("image_embeds ({name})"), &embeds, &r["output"], 1e-5);
+        (embeds * &r["w"]).sum(Kind::Float).backward();
+        let n = adapted_variables_match(&vs, &r, "clip");
+        // LoRA: A and B of q and v in 2 layers; last block: 16 variables of a layer + 2 + 1.
+        assert_eq!(n, if mode == AdaptMode::Lora { 8 } else { 19 }, "{name}");
     }
 }
 
-/// LoRA starts where the frozen model is: with B at zero, the same head gives the frozen model's outputs. (The
-/// tests of this file share torch's global generator across threads, so the head's values are copied rather
-/// than drawn twice from one seed.)
+/// The same for DINOv2 (the pooled output in the loss; the last block with the final layernorm).
 #[test]
-fn a_lora_model_starts_as_the_frozen_one() {
-    let mut cfg = tiny_config();
-    let frozen = tiny_model(&cfg);
-    cfg.clip.adapt = Adapt { mode: AdaptMode::Lora, rank: 2, alpha: 4.0, lr_scale: 1.0 };
-    let adapted = tiny_model(&cfg);
-    let heads = frozen.var_store().variables();
-    tch::no_grad(|| {
-        for (name, var) in adapted.var_store().variables() {
-            match heads.get(&name) {
-                Some(value) => var.shallow_clone().copy_(value),
-                None => assert!(name.starts_with("backbone."), "{name}"),
-            }
+fn dinov2_adaptation_gradients_equal_transformers() {
+    for mode in [AdaptMode::Lora, AdaptMode::LastBlocks] {
+        let name = if mode == AdaptMode::Lora { "lora" } else { "last_blocks" };
+        let r = adapt_reference("dinov2", name, &fixture("dinov2-tiny"));
+        let mut encoder =
+            avexpr_model::dinov2::Dinov2Encoder::load(&fixture("dinov2-tiny"), EncoderOptions::default()).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let root = vs.root() / "backbone" / "dinov2";
+        if mode == AdaptMode::Lora {
+            encoder.attach_lora(&root, 4, 8.0);
+            set_reference_values(&vs, &r, "dinov2");
+        } else {
+            assert_eq!(encoder.adapt_last_blocks(&root, 1), vs.variables().len());
         }
-    });
+        let pooled = encoder.encode_pixels(&r["pixels"]);
+        assert_close(&format!("pooled output ({name})"), &pooled, &r["output"], 1e-5);
+        (pooled * &r["w"]).sum(Kind::Float).backward();
+        let n = adapted_variables_match(&vs, &r, "dinov2");
+        // Last block: attention 8, norms 4, layer scales 2, MLP 4, + the final layernorm 2.
+        assert_eq!(n, if mode == AdaptMode::Lora { 8 } else { 18 + 2 }, "{name}");
+    }
+}
+
+/// The same for Wav2Vec 2.0 (every hidden state in the loss, as the weighted-sum adapter takes them, and the last
+/// hidden state): LoRA on
+/// the group-norm fixture, the last block on the stable-layer-norm one (its final layer norm trains too).
+#[test]
+fn wav2vec2_adaptation_gradients_equal_transformers() {
+    for (mode, checkpoint) in
+        [(AdaptMode::Lora, "wav2vec2-tiny-group"), (AdaptMode::LastBlocks, "wav2vec2-tiny-stable")]
+    {
+        let name = if mode == AdaptMode::Lora { "lora" } else { "last_blocks" };
+        let r = adapt_reference("wav2vec2", name, &fixture(checkpoint));
+        let mut encoder =
+            avexpr_model::wav2vec2::Wav2Vec2Encoder::load(&fixture(checkpoint), EncoderOptions::default()).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let root = vs.root() / "backbone" / "wav2vec2";
+        if mode == AdaptMode::Lora {
+            encoder.attach_lora(&root, 4, 8.0);
+            set_reference_values(&vs, &r, "wav2vec2");
+        } else {
+            assert_eq!(encoder.adapt_last_blocks(&root, 1), vs.variables().len());
+        }
+        let out = encoder.encode(&r["values"], None);
+        let mut states = out.hidden_states;
+        states.push(out.last_hidden_state);
+        let states = Tensor::stack(&states, 0);
+        assert_close(&format!("hidden states ({name}, {checkpoint})"), &states, &r["output"], 1e-5);
+        (states * &r["w"]).sum(Kind::Float).backward();
+        let n = adapted_variables_match(&vs, &r, "wav2vec2");
+        // Last block: attention 8, two layer norms 4, feed-forward 4, + the encoder's final layer norm 2.
+        assert_eq!(n, if mode == AdaptMode::Lora { 8 } else { 16 + 2 }, "{name}");
+    }
+}
+
+/// Adaptation starts where the frozen model is: LoRA with B at zero, unfrozen blocks from the checkpoint's
+/// values, so the same head gives the frozen model's outputs. (The tests of this file share torch's global
+/// generator across threads, so the head's values are copied rather than drawn twice from one seed.)
+#[test]
+fn an_adapted_model_starts_as_the_frozen_one() {
+    let frozen = tiny_model(&tiny_config());
     let raw = raw_batch(2, 5);
-    let (a, b) =
-        tch::no_grad(|| (frozen.forward_raw_t(&raw, false).unwrap(), adapted.forward_raw_t(&raw, false).unwrap()));
-    assert!(a.logits.allclose(&b.logits, 1e-6, 1e-6, false), "{:?} vs {:?}", a.logits, b.logits);
+    let expected = tch::no_grad(|| frozen.forward_raw_t(&raw, false).unwrap()).logits;
+    let heads = frozen.var_store().variables();
+    for mode in [AdaptMode::Lora, AdaptMode::LastBlocks] {
+        for tower in ["clip", "wav2vec2"] {
+            let mut cfg = tiny_config();
+            let adapt = Adapt { mode, rank: 2, alpha: 4.0, blocks: 2, lr_scale: 1.0 };
+            if tower == "clip" {
+                cfg.clip.adapt = adapt
+            } else {
+                cfg.wav2vec2.adapt = adapt
+            }
+            let adapted = tiny_model(&cfg);
+            tch::no_grad(|| {
+                for (name, var) in adapted.var_store().variables() {
+                    match heads.get(&name) {
+                        Some(value) => var.shallow_clone().copy_(value),
+                        None => assert!(name.starts_with(&format!("backbone.{tower}.")), "{name}"),
+                    }
+                }
+            });
+            let logits = tch::no_grad(|| adapted.forward_raw_t(&raw, false).unwrap()).logits;
+            assert!(logits.allclose(&expected, 1e-6, 1e-6, false), "{mode:?} {tower}: {logits:?} vs {expected:?}");
+        }
+    }
 }

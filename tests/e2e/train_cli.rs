@@ -26,30 +26,52 @@ fn two_ranks_train_exactly_what_one_rank_accumulating_trains() {
     tensorboard_holds_the_metrics(&run_dir(&two));
 }
 
-/// LoRA on the CLIP vision tower trains a fifth group, `backbone`, all-reduced with the others: 2 ranks train
-/// exactly what 1 rank accumulating 2 micro-batches trains, the LoRA variables are in the checkpoint under
-/// their encoder paths and moved; a feature cache is refused with an adapted encoder.
+/// Adapted encoders (DINOv2 as the image encoder with LoRA, Wav2Vec 2.0's last block at its own learning rate)
+/// train a fifth group,
+/// `backbone`, all-reduced with the others: 2 ranks train exactly what 1 rank accumulating 2 micro-batches
+/// trains, the adapted variables are in the checkpoint under their encoder paths and moved; a feature cache is
+/// refused with an adapted encoder.
 #[test]
-fn lora_adaptation_trains_the_backbone_group_across_ranks() {
+fn adaptation_trains_the_backbone_group_across_ranks() {
     let d = dataset();
-    let lora = "  clip: {checkpoint: CLIP, adapt: {mode: lora, rank: 4, alpha: 8}}\n";
-    let with_lora = |name: &str| {
+    // DINOv2 instead of CLIP's vision tower, with LoRA; the last block of Wav2Vec 2.0 at half the learning rate.
+    let dinov2 = avexpr_model::fixtures::dir().join("dinov2-tiny");
+    let lora = format!(
+        "  clip: {{checkpoint: CLIP}}\n  image_encoder: dinov2\n  dinov2: {{checkpoint: {}, adapt: {{mode: lora, \
+         rank: 4, alpha: 8}}}}\n",
+        dinov2.display()
+    );
+    let last = "  wav2vec2: {checkpoint: W2V, adapt: {mode: last_blocks, blocks: 1, lr_scale: 0.5}}\n";
+    let adapted = |name: &str| {
         let config = job(&d, name, 4, "");
-        let text = std::fs::read_to_string(&config).unwrap();
-        let clip_line = text.lines().find(|l| l.trim_start().starts_with("clip: {checkpoint:")).unwrap().to_string();
-        let clip = clip_line.split("checkpoint: ").nth(1).unwrap().trim_end_matches('}').to_string();
-        std::fs::write(&config, text.replace(&clip_line, lora.replace("CLIP", &clip).trim_end())).unwrap();
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        for (key, line, placeholder) in [("clip", lora.as_str(), "CLIP"), ("wav2vec2", last, "W2V")] {
+            let old = text.lines().find(|l| l.trim_start().starts_with(&format!("{key}: {{checkpoint:"))).unwrap();
+            let checkpoint = old.split("checkpoint: ").nth(1).unwrap().trim_end_matches('}').to_string();
+            text = text.replace(&old.to_string(), line.replace(placeholder, &checkpoint).trim_end());
+        }
+        std::fs::write(&config, text).unwrap();
         config
     };
-    let (one, two) = (with_lora("lora-one"), with_lora("lora-two"));
+    let (one, two) = (adapted("adapt-one"), adapted("adapt-two"));
     ok(binary("worker").args(["train", "--config"]).arg(&one).output().unwrap());
     let log = ok(mpirun(2, "worker").args(["train", "--config"]).arg(&two).output().unwrap());
-    assert!(log.contains("group=\"backbone\" parameters=1024"), "2 layers x (q, v) x (A, B) of 4 x 32: {log}");
+    // DINOv2: 2 layers x (query, value) x (A, B) of 4 x 16 = 512; Wav2Vec 2.0's last layer (hidden 16,
+    // intermediate 20): attention 4 x (16 x 16 + 16), layer norms 4 x 16, feed-forward 16 x 20 + 20 + 20 x 16 + 16
+    // = 1088 + 64 + 676.
+    assert!(log.contains("group=\"backbone\" parameters=2340"), "{log}");
     let (a, b) = (variables(&one, 4), variables(&two, 4));
     let diff = max_diff(&a, &b);
     assert!(diff < 1e-5, "1 rank x 2 micro-batches vs 2 ranks: variables differ by {diff}");
-    let lora_b = "backbone.clip.vision_model.encoder.layers.1.self_attn.v_proj.lora_B";
+    let lora_b = "backbone.dinov2.encoder.layer.1.attention.attention.value.lora_B";
     assert!(a[lora_b].abs().max().double_value(&[]) > 0.0, "lora_B starts at zero and must have trained");
+    let key = "encoder.layers.1.feed_forward.output_dense.weight";
+    let fixture = avexpr_model::fixtures::dir().join("wav2vec2-tiny-group").join("model.safetensors");
+    let checkpoint: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(&fixture).unwrap().into_iter().collect();
+    let moved = (&a[&format!("backbone.wav2vec2.{key}")] - checkpoint[key].to_kind(tch::Kind::Float)).abs().max();
+    assert!(moved.double_value(&[]) > 0.0, "the unfrozen block trained from the checkpoint's values");
+    assert!(!a.keys().any(|k| k.starts_with("backbone.wav2vec2.encoder.layers.0.")), "layer 0 stays frozen");
     let text = std::fs::read_to_string(&one).unwrap();
     let cached = d.root.join("lora-cached.yaml");
     std::fs::write(
@@ -59,7 +81,7 @@ fn lora_adaptation_trains_the_backbone_group_across_ranks() {
     .unwrap();
     let out = binary("worker").args(["train", "--config"]).arg(&cached).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("model.clip.adapt"), "{err}");
+    assert!(!out.status.success() && err.contains("model.dinov2.adapt"), "{err}");
 }
 
 /// What TensorBoard's own reader (`EventAccumulator`, the `tensorboard` package) finds in a run's event files.

@@ -6,8 +6,11 @@
 //!   transformers + PyTorch eager.
 //! - `bench-head`: forward + backward of the trainable part (`configs/paper.yaml`'s shape, paper encoders'
 //!   widths) against the same head written in PyTorch eager.
+//! - `bench-adapt`: one training step with each way of adapting the encoders (frozen, LoRA, last blocks), with
+//!   the trainable variables and the bytes a step all-reduces (no reference: the cost relative to frozen).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
@@ -383,4 +386,131 @@ pub fn head(cfg: &HeadBench, device: tch::Device, python: Option<&str>, rounds: 
         report.table.push_str(&format!("parameters {group:<8} {n:>12}   {check}\n"));
     }
     Ok(report)
+}
+
+/// `worker bench-adapt`: what adapting an encoder costs per training step.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdaptBench {
+    /// Job config whose `model` section names the encoders and shapes the head (e.g. the paper-size random
+    /// encoders of `model/tests/fixtures/generate.py paper-random`); its `adapt` settings are replaced per row.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// cpu, cuda, cuda:N or auto; on CUDA the encoders run in bf16 and the step under bf16 autocast.
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::DeviceChoice,
+    #[arg(long, default_value_t = crate::all_cores())]
+    pub threads: usize,
+    /// Clips per step.
+    #[arg(long, default_value_t = 2)]
+    pub batch: i64,
+    #[arg(long, default_value_t = 16)]
+    pub frames: i64,
+    /// Timed steps per row (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// LoRA rank (alpha = 2 x rank) and unfrozen blocks of the rows.
+    #[arg(long, default_value_t = 8)]
+    pub rank: i64,
+    #[arg(long, default_value_t = 2)]
+    pub blocks: i64,
+    /// Also write the rows as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// One row of `worker bench-adapt`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdaptRow {
+    pub mode: String,
+    pub ms_per_step: f64,
+    /// Trainable variables per group.
+    pub parameters: BTreeMap<String, i64>,
+    /// What one step all-reduces: every trainable variable's gradient in f32 (the buckets' type).
+    pub all_reduced_bytes: i64,
+}
+
+/// Seconds per training step (raw clips through the encoders, the head, the loss and backward) of each way of
+/// adapting the encoders, on the same random clips, with the trainable variables and the bytes one step
+/// all-reduces. Returns the table and the rows.
+pub fn adaptation(cfg: &AdaptBench) -> Result<(String, Vec<AdaptRow>)> {
+    use avexpr_model::config::{Adapt, AdaptMode};
+    anyhow::ensure!(cfg.batch > 0 && cfg.frames > 0 && cfg.iters > 0, "--batch, --frames and --iters must be positive");
+    tch::set_num_threads(cfg.threads as i32);
+    let base = ModelConfig::from_job_file(&cfg.config)?;
+    let options = crate::encoder_options(cfg.device, crate::PrecisionChoice::Auto)?;
+    let device = options.device;
+    let lora = Adapt { mode: AdaptMode::Lora, rank: cfg.rank, alpha: 2.0 * cfg.rank as f64, ..Adapt::default() };
+    let last = Adapt { mode: AdaptMode::LastBlocks, blocks: cfg.blocks, ..Adapt::default() };
+    let frozen = Adapt::default();
+    let rows = [
+        ("frozen (the paper)".to_string(), frozen, frozen),
+        (format!("CLIP LoRA r{} q,v", cfg.rank), lora, frozen),
+        (format!("CLIP last {} blocks", cfg.blocks), last, frozen),
+        (format!("Wav2Vec 2.0 LoRA r{} q,v", cfg.rank), frozen, lora),
+        (format!("Wav2Vec 2.0 last {} blocks", cfg.blocks), frozen, last),
+    ];
+    let mut out = Vec::new();
+    for (mode, clip, wav2vec2) in rows {
+        let mut model_cfg = base.clone();
+        (model_cfg.clip.adapt, model_cfg.wav2vec2.adapt) = (clip, wav2vec2);
+        tch::manual_seed(0);
+        let encoders = avexpr_model::Encoders::load(&model_cfg, options)?;
+        let size = encoders.vision.processor().crop_height as i64;
+        let model = avexpr_model::ExprModel::new(&model_cfg, encoders, None, device)?;
+        let samples = cfg.frames * 16_000 / 25;
+        let raw = avexpr_model::RawBatch {
+            frames: Tensor::randint(256, [cfg.batch, cfg.frames, 3, size, size], (Kind::Uint8, device)),
+            face_mask: Tensor::ones([cfg.batch, cfg.frames], (Kind::Bool, device)),
+            audio: Tensor::randn([cfg.batch, samples], (Kind::Float, device)) * 0.1,
+            audio_mask: Tensor::ones([cfg.batch, samples], (Kind::Bool, device)),
+            fps: vec![25.0; cfg.batch as usize],
+        };
+        let labels = Tensor::arange(cfg.batch * cfg.frames, (Kind::Int64, device)).remainder(8).view([cfg.batch, -1]);
+        let variables = model.trainable_variables();
+        let bf16 = crate::job::MixedPrecision::Auto.enabled(device);
+        let seconds = timed(device, cfg.iters, || {
+            for v in &variables {
+                let mut grad = v.grad();
+                if grad.defined() {
+                    let _ = grad.zero_();
+                }
+            }
+            let loss = avexpr_model::autocast::bf16(device, bf16, || {
+                let out = model.forward_raw_t(&raw, true).expect("a well-formed batch");
+                model.loss(&out, &labels).total
+            });
+            loss.backward();
+        });
+        let parameters: BTreeMap<String, i64> =
+            model.parameter_counts().into_iter().map(|(g, n)| (g.to_string(), n)).collect();
+        let all_reduced_bytes = 4 * parameters.values().sum::<i64>();
+        tracing::info!(mode, seconds_per_step = seconds / cfg.iters as f64, "adaptation benchmark row");
+        out.push(AdaptRow { mode, ms_per_step: 1e3 * seconds / cfg.iters as f64, parameters, all_reduced_bytes });
+    }
+    let mut table = format!(
+        "adaptation benchmark: {device:?}{}, {} thread(s), one training step (encoders + head + loss + backward) of \
+         {} clips x {} frames, mean of {} step(s) after a warm-up\n{:<28} {:>10} {:>12} {:>14} {:>10}\n",
+        if crate::job::MixedPrecision::Auto.enabled(device) { " (bf16)" } else { "" },
+        cfg.threads,
+        cfg.batch,
+        cfg.frames,
+        cfg.iters,
+        "mode",
+        "ms/step",
+        "backbone",
+        "all-reduced MB",
+        "vs frozen"
+    );
+    let frozen_ms = out[0].ms_per_step;
+    for row in &out {
+        table.push_str(&format!(
+            "{:<28} {:>10.0} {:>12} {:>14.2} {:>9.2}x\n",
+            row.mode,
+            row.ms_per_step,
+            row.parameters.get("backbone").copied().unwrap_or(0),
+            row.all_reduced_bytes as f64 / 1e6,
+            row.ms_per_step / frozen_ms
+        ));
+    }
+    Ok((table, out))
 }

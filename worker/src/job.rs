@@ -303,13 +303,19 @@ impl JobConfig {
             return Err(("train.micro_batch", "must be positive".into()));
         }
         self.data.validate().map_err(|e| (e.field, e.reason))?;
-        if !self.model.clip.adapt.is_frozen() && self.data.features.is_some() {
-            return Err((
-                "model.clip.adapt",
-                "an adapted image encoder changes as it trains, so a feature cache (data.features, made once with \
-                 the frozen one) cannot stand in for it: remove data.features, or keep the encoder frozen"
-                    .into(),
-            ));
+        for (field, adapt) in [
+            ("model.clip.adapt", &self.model.clip.adapt),
+            ("model.dinov2.adapt", &self.model.dinov2.adapt),
+            ("model.wav2vec2.adapt", &self.model.wav2vec2.adapt),
+        ] {
+            if !adapt.is_frozen() && self.data.features.is_some() {
+                return Err((
+                    field,
+                    "an adapted encoder changes as it trains, so a feature cache (data.features, made once with \
+                     the frozen one) cannot stand in for it: remove data.features, or keep the encoder frozen"
+                        .into(),
+                ));
+            }
         }
         let t = &self.train;
         if t.global_batch == 0 || !t.global_batch.is_multiple_of(t.micro_batch) {
@@ -405,7 +411,7 @@ impl JobConfig {
     /// evaluation, checkpoint and launch cadence, where the store, shards, cache and encoder checkpoints are,
     /// the loader's performance settings, and mixed precision.
     pub fn changes_that_forbid_resuming(&self, saved: &JobConfig) -> Vec<String> {
-        const MAY_CHANGE: [&str; 22] = [
+        const MAY_CHANGE: [&str; 24] = [
             "run_dir",
             "checkpoint",
             "launch",
@@ -426,8 +432,10 @@ impl JobConfig {
             "data.ready_batches",
             "data.skip_bad",
             "model.clip.checkpoint",
+            "model.dinov2.checkpoint",
             "model.wav2vec2.checkpoint",
             "model.clip.revision",
+            "model.dinov2.revision",
             "model.wav2vec2.revision",
         ];
         let (now, then) = (serde_json::to_value(self), serde_json::to_value(saved));

@@ -168,6 +168,8 @@ enum Command {
     },
     /// Throughput of our encoders against transformers + PyTorch eager, same machine, same settings.
     BenchEncoders(bench::EncoderBench),
+    /// One training step's time and all-reduced bytes with each way of adapting the encoders.
+    BenchAdapt(bench::AdaptBench),
     /// Forward + backward of the trainable part against the same head in PyTorch eager, same machine.
     BenchHead {
         /// Job config whose `model` section shapes the head (default: configs/paper.yaml's, built in).
@@ -194,11 +196,13 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Trainable parameters per group (tcn, adapter, fusion, prompt) of a job config's model.
+    /// Trainable parameters per group (tcn, adapter, fusion, prompt, and backbone when an encoder adapts) of a
+    /// job config's model.
     Params {
         #[arg(long)]
         config: PathBuf,
-        /// Take the encoder widths from the config's checkpoint directories instead of the paper's encoders.
+        /// Take the encoder widths from the config's checkpoint directories instead of the paper's encoders (and
+        /// count an adapted encoder's variables).
         #[arg(long)]
         from_checkpoints: bool,
     },
@@ -256,6 +260,14 @@ fn run(cli: Cli) -> Result<()> {
                 dir.display(),
                 manifest.key()
             );
+        }
+        Command::BenchAdapt(cfg) => {
+            let (table, rows) = bench::adaptation(&cfg)?;
+            print!("{table}");
+            if let Some(path) = &cfg.json {
+                std::fs::write(path, serde_json::to_string_pretty(&rows)? + "\n")
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+            }
         }
         Command::BenchEncoders(cfg) => {
             let report = bench::encoders(&cfg)?;
@@ -362,13 +374,21 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Params { config, from_checkpoints } => {
             let model = model_config(Some(&config))?;
-            let dims = if from_checkpoints {
+            let adapted = !(model.clip.adapt.is_frozen() && model.wav2vec2.adapt.is_frozen());
+            let (dims, counts) = if from_checkpoints {
+                // The whole model, so that an adapted encoder's `backbone` variables are counted too.
                 let encoders = avexpr_model::Encoders::load(&model, avexpr_model::EncoderOptions::default())?;
-                encoders.dims()
+                let dims = encoders.dims();
+                let built = avexpr_model::ExprModel::new(&model, encoders, None, tch::Device::Cpu)?;
+                (dims, built.parameter_counts())
             } else {
-                avexpr_model::expr::EncoderDims::paper()
+                let dims = avexpr_model::expr::EncoderDims::paper();
+                if adapted {
+                    println!("(an adapted encoder's backbone group is counted with --from-checkpoints)");
+                }
+                let counts = avexpr_model::expr::parameter_counts(&model, &dims)?;
+                (dims, counts)
             };
-            let counts = avexpr_model::expr::parameter_counts(&model, &dims)?;
             println!(
                 "trainable parameters of {} (image {}, audio {} x {} states):",
                 config.display(),

@@ -165,9 +165,7 @@ impl<'a> Trainer<'a> {
         buckets.broadcast_from_root(dist, &mut vars)?;
         buckets.attach_grads(&vars)?;
         // An adapted encoder's variables (`backbone`) learn at their own rate.
-        let backbone_scale = job.model.clip.adapt.lr_scale;
-        let mut opt = AdamW::new(job.train.optimizer, &named)
-            .with_lr_scale(|name| if name.starts_with("backbone.") { backbone_scale } else { 1.0 });
+        let mut opt = AdamW::new(job.train.optimizer, &named).with_lr_scale(|name| job.model.lr_scale(name));
 
         if !options.resume && dist.rank == 0 {
             fresh_start(&checkpoints, options.overwrite)?;

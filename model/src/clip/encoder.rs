@@ -31,8 +31,10 @@ impl ClipEncoderLayer {
         }
     }
 
+    /// `xs` is taken in the layer's precision (an adapted layer is f32 behind a bf16 frozen prefix).
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>, causal: bool) -> Tensor {
-        let xs = xs + self.self_attn.forward(&xs.apply(&self.layer_norm1), mask, causal);
+        let xs = xs.to_kind(self.fc1.ws.kind());
+        let xs = &xs + self.self_attn.forward(&xs.apply(&self.layer_norm1), mask, causal);
         let ys = self.activation.forward(&xs.apply(&self.layer_norm2).apply(&self.fc1)).apply(&self.fc2);
         xs + ys
     }
@@ -41,6 +43,7 @@ impl ClipEncoderLayer {
 #[derive(Debug)]
 pub struct ClipEncoder {
     layers: Vec<ClipEncoderLayer>,
+    shape: (i64, i64, i64, f64, Activation),
 }
 
 impl ClipEncoder {
@@ -56,7 +59,20 @@ impl ClipEncoder {
         let vs = &vs / "layers";
         let layers =
             (0..layers).map(|i| ClipEncoderLayer::new(&vs / i, hidden, intermediate, heads, eps, act)).collect();
-        Self { layers }
+        Self { layers, shape: (hidden, intermediate, heads, eps, act) }
+    }
+
+    pub fn num_layers(&self) -> i64 {
+        self.layers.len() as i64
+    }
+
+    /// Builds the layers from `first` on anew under `vs/layers/<i>` (the adapted encoder's trainable copies,
+    /// unfused); the caller gives them their values.
+    pub fn rebuild_layers(&mut self, vs: &nn::Path, first: i64) {
+        let (hidden, intermediate, heads, eps, act) = self.shape;
+        for i in first as usize..self.layers.len() {
+            self.layers[i] = ClipEncoderLayer::new(vs / "layers" / i, hidden, intermediate, heads, eps, act);
+        }
     }
 
     pub fn fuse_qkv(&mut self) {

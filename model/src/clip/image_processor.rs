@@ -59,10 +59,29 @@ impl ClipImageProcessor {
         }
     }
 
+    /// The published DINOv2 checkpoints' processor (a `BitImageProcessor`): shortest side 256, centre crop 224,
+    /// ImageNet's mean and std.
+    pub fn imagenet() -> Self {
+        Self {
+            shortest_edge: 256,
+            crop_height: 224,
+            crop_width: 224,
+            rescale_factor: 1.0 / 255.0,
+            image_mean: [0.485, 0.456, 0.406],
+            image_std: [0.229, 0.224, 0.225],
+        }
+    }
+
     /// Reads `dir/preprocessor_config.json`, or uses OpenAI's settings at `image_size` when it is absent.
     pub fn from_dir(dir: &Path, image_size: u32) -> Result<Self> {
+        Self::from_dir_or(dir, Self::openai(image_size))
+    }
+
+    /// Reads `dir/preprocessor_config.json` (a CLIP or Bit image processor: the same steps), its absent fields
+    /// (or the whole file) taken from `defaults`.
+    pub fn from_dir_or(dir: &Path, defaults: Self) -> Result<Self> {
         let path = dir.join("preprocessor_config.json");
-        let mut p = Self::openai(image_size);
+        let mut p = defaults;
         if !path.is_file() {
             return Ok(p);
         }

@@ -19,7 +19,7 @@ pub use text_model::ClipTextModelWithProjection;
 pub use tokenizer::ClipTokenizer;
 pub use vision_model::ClipVisionModelWithProjection;
 
-use crate::encoders::{EncoderOptions, build_frozen};
+use crate::encoders::{EncoderOptions, build_frozen, copy_frozen_into};
 use crate::error::{ModelError, Result};
 use crate::hf::{KeyMap, weights_file};
 
@@ -87,6 +87,22 @@ impl ClipVisionEncoder {
     pub fn attach_lora(&mut self, vs: &tch::nn::Path, rank: i64, alpha: f64) {
         self.model.attach_lora(vs, rank, alpha);
         self.adapted = true;
+    }
+
+    /// Unfreezes the layers from `first` on, the post-layernorm and the projection: trainable copies of them
+    /// (the checkpoint's values) under `vs` with the checkpoint's paths
+    /// (`<vs>/vision_model/encoder/layers/<i>/mlp/fc1/weight`, `<vs>/visual_projection/weight`, ...); the
+    /// frozen layers before them run as before (they record no graph). Returns how many variables were copied.
+    /// `vs` must be on this encoder's device.
+    pub fn adapt_last_blocks(&mut self, vs: &tch::nn::Path, first: i64) -> usize {
+        let prefixes = self.model.rebuild_tail(vs, &self.config, first);
+        self.adapted = true;
+        copy_frozen_into(&self.vs, vs, &prefixes)
+    }
+
+    /// Transformer layers of the tower.
+    pub fn num_layers(&self) -> i64 {
+        self.model.num_layers()
     }
 
     pub fn encode_images(&self, images: &[DynamicImage]) -> Tensor {

@@ -23,13 +23,7 @@ impl ClipVisionTransformer {
     pub fn new(vs: nn::Path, cfg: &ClipVisionConfig, activation: Activation) -> Self {
         let emb = &vs / "embeddings";
         let hidden = cfg.hidden_size;
-        let ln = |name: &str| {
-            nn::layer_norm(
-                &vs / name,
-                vec![hidden],
-                nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() },
-            )
-        };
+        let ln = |name: &str| layer_norm(&vs / name, cfg);
         Self {
             class_embedding: emb.var("class_embedding", &[hidden], nn::Init::Randn { mean: 0.0, stdev: 0.02 }),
             patch_embedding: nn::conv2d(
@@ -81,10 +75,24 @@ impl ClipVisionTransformer {
         self.encoder.fuse_qkv();
     }
 
+    /// The layers from `first` on and the post-layernorm built anew under `vs` (the `vision_model` path).
+    fn rebuild_tail(&mut self, vs: &nn::Path, cfg: &ClipVisionConfig, first: i64) {
+        self.encoder.rebuild_layers(&(vs / "encoder"), first);
+        self.post_layernorm = layer_norm(vs / "post_layernorm", cfg);
+    }
+
     /// `vs` is the `vision_model` path of the LoRA variables.
     pub(crate) fn attach_lora(&mut self, vs: &nn::Path, rank: i64, alpha: f64) {
         self.encoder.attach_lora(&(vs / "encoder"), rank, alpha);
     }
+}
+
+fn layer_norm(vs: nn::Path, cfg: &ClipVisionConfig) -> nn::LayerNorm {
+    nn::layer_norm(vs, vec![cfg.hidden_size], nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() })
+}
+
+fn projection(vs: nn::Path, cfg: &ClipVisionConfig) -> nn::Linear {
+    nn::linear(vs, cfg.hidden_size, cfg.projection_dim, nn::LinearConfig { bias: false, ..Default::default() })
 }
 
 /// `CLIPVisionModelWithProjection`: the tower plus `visual_projection` (no bias).
@@ -99,12 +107,7 @@ impl ClipVisionModelWithProjection {
     pub fn new(vs: &nn::Path, cfg: &ClipVisionConfig, activation: Activation) -> Self {
         Self {
             vision_model: ClipVisionTransformer::new(vs / "vision_model", cfg, activation),
-            visual_projection: nn::linear(
-                vs / "visual_projection",
-                cfg.hidden_size,
-                cfg.projection_dim,
-                nn::LinearConfig { bias: false, ..Default::default() },
-            ),
+            visual_projection: projection(vs / "visual_projection", cfg),
         }
     }
 
@@ -115,6 +118,22 @@ impl ClipVisionModelWithProjection {
     /// LoRA on the vision tower's attention, variables under `vs/vision_model/encoder/layers/<i>/self_attn`.
     pub fn attach_lora(&mut self, vs: &nn::Path, rank: i64, alpha: f64) {
         self.vision_model.attach_lora(&(vs / "vision_model"), rank, alpha);
+    }
+
+    pub fn num_layers(&self) -> i64 {
+        self.vision_model.encoder.num_layers()
+    }
+
+    /// The layers from `first` on, the post-layernorm and the projection built anew under `vs` (mirroring the
+    /// checkpoint's root): trainable copies, which the caller gives the checkpoint's values. Returns the
+    /// checkpoint keys' prefixes of what was rebuilt.
+    pub fn rebuild_tail(&mut self, vs: &nn::Path, cfg: &ClipVisionConfig, first: i64) -> Vec<String> {
+        self.vision_model.rebuild_tail(&(vs / "vision_model"), cfg, first);
+        self.visual_projection = projection(vs / "visual_projection", cfg);
+        let mut prefixes: Vec<String> =
+            (first..self.num_layers()).map(|i| format!("vision_model.encoder.layers.{i}.")).collect();
+        prefixes.extend(["vision_model.post_layernorm.".into(), "visual_projection.".into()]);
+        prefixes
     }
 }
 

@@ -133,7 +133,9 @@ impl EncoderLayer {
         }
     }
 
+    /// `xs` is taken in the layer's precision (an adapted layer is f32 behind a bf16 frozen prefix).
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        let xs = &xs.to_kind(self.feed_forward.output_dense.ws.kind());
         if self.stable_layer_norm {
             // Wav2Vec2EncoderLayerStableLayerNorm (pre-LN).
             let xs = xs + self.attention.forward(&xs.apply(&self.layer_norm), mask, false);
@@ -168,6 +170,7 @@ pub struct Wav2Vec2Model {
     encoder_layer_norm: nn::LayerNorm,
     layers: Vec<EncoderLayer>,
     stable_layer_norm: bool,
+    hidden_act: Activation,
     conv_kernel: Vec<i64>,
     conv_stride: Vec<i64>,
 }
@@ -223,6 +226,7 @@ impl Wav2Vec2Model {
                 .map(|i| EncoderLayer::new(&enc / "layers" / i, cfg, hidden_act))
                 .collect(),
             stable_layer_norm: cfg.do_stable_layer_norm,
+            hidden_act,
             conv_kernel: cfg.conv_kernel.clone(),
             conv_stride: cfg.conv_stride.clone(),
         }
@@ -233,6 +237,34 @@ impl Wav2Vec2Model {
     pub fn prepare_inference(&mut self) {
         self.layers.iter_mut().for_each(|l| l.attention.fuse_qkv());
         self.pos_conv_embed.conv.freeze_weight();
+    }
+
+    pub fn num_layers(&self) -> i64 {
+        self.layers.len() as i64
+    }
+
+    /// LoRA on every layer's query and value projections, variables under `vs/encoder/layers/<i>/attention`.
+    pub fn attach_lora(&mut self, vs: &nn::Path, rank: i64, alpha: f64) {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.attention.attach_lora(&(vs / "encoder" / "layers" / i / "attention"), rank, alpha);
+        }
+    }
+
+    /// The layers from `first` on (and, in the stable-layer-norm variant, the encoder's final layer norm that
+    /// follows them) built anew under `vs` (mirroring the checkpoint's root): trainable copies, which the caller
+    /// gives the checkpoint's values. Returns the checkpoint keys' prefixes of what was rebuilt.
+    pub fn rebuild_tail(&mut self, vs: &nn::Path, cfg: &Wav2Vec2Config, first: i64) -> Vec<String> {
+        let enc = vs / "encoder";
+        for i in first as usize..self.layers.len() {
+            self.layers[i] = EncoderLayer::new(&enc / "layers" / i, cfg, self.hidden_act);
+        }
+        let mut prefixes: Vec<String> = (first..self.num_layers()).map(|i| format!("encoder.layers.{i}.")).collect();
+        if self.stable_layer_norm {
+            let ln_cfg = nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
+            self.encoder_layer_norm = nn::layer_norm(&enc / "layer_norm", vec![cfg.hidden_size], ln_cfg);
+            prefixes.push("encoder.layer_norm.".into());
+        }
+        prefixes
     }
 
     /// Frames per sample count, as `_get_feat_extract_output_lengths` (works on tensors of lengths).

@@ -7,8 +7,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use avexpr_data::config::FeatureDtype;
 use avexpr_data::sampler::Target;
-use avexpr_model::config::AudioLayers;
-use avexpr_model::locate::locate_encoders;
+use avexpr_model::config::{AudioLayers, ImageEncoder};
+use avexpr_model::locate::{locate_encoders, locate_image_encoder};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -23,6 +23,10 @@ pub const CACHE_KEY: &str = "key.json";
 pub struct CacheKey {
     /// Over config.json, preprocessor_config.json and the weights (the name kept from earlier caches).
     pub clip_weights_sha256: String,
+    /// The face-frame encoder's, when it is not CLIP's vision tower (`model.image_encoder: dinov2`); absent in
+    /// caches of CLIP features (and in those made before there was a choice).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dinov2_weights_sha256: Option<String>,
     pub wav2vec2_weights_sha256: String,
     pub dataset_manifest_sha256: String,
     pub preprocessing: Preprocessing,
@@ -56,8 +60,13 @@ impl CacheKey {
     pub fn of(job: &JobConfig, manifest_bytes: &[u8]) -> Result<CacheKey> {
         let dtype = job.data.features.as_ref().map_or(FeatureDtype::F32, |f| f.dtype);
         let (clip, wav2vec2) = locate_encoders(&job.model)?;
+        let dinov2 = match job.model.image_encoder {
+            ImageEncoder::Clip => None,
+            ImageEncoder::Dinov2 => Some(hash_checkpoint(&locate_image_encoder(&job.model)?)?),
+        };
         Ok(CacheKey {
             clip_weights_sha256: hash_checkpoint(&clip)?,
+            dinov2_weights_sha256: dinov2,
             wav2vec2_weights_sha256: hash_checkpoint(&wav2vec2)?,
             dataset_manifest_sha256: hex::encode(Sha256::digest(manifest_bytes)),
             preprocessing: Preprocessing {
@@ -77,6 +86,9 @@ impl CacheKey {
         let mut out = Vec::new();
         if self.clip_weights_sha256 != cache.clip_weights_sha256 {
             out.push("the CLIP weights or preprocessing (model.clip.checkpoint) changed".into());
+        }
+        if self.dinov2_weights_sha256 != cache.dinov2_weights_sha256 {
+            out.push("the image encoder (model.image_encoder, model.dinov2.checkpoint) changed".into());
         }
         if self.wav2vec2_weights_sha256 != cache.wav2vec2_weights_sha256 {
             out.push("the Wav2Vec 2.0 weights or preprocessing (model.wav2vec2.checkpoint) changed".into());
