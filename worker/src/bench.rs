@@ -405,9 +405,12 @@ pub struct AdaptBench {
     pub batch: i64,
     #[arg(long, default_value_t = 16)]
     pub frames: i64,
-    /// Timed steps per row (after one warm-up step).
-    #[arg(long, default_value_t = 3)]
+    /// Timed steps per row and round (after one warm-up step).
+    #[arg(long, default_value_t = 2)]
     pub iters: usize,
+    /// Rounds over all rows (in alternating order); a row's figure is the median of its rounds.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// LoRA rank (alpha = 2 x rank) and unfrozen blocks of the rows.
     #[arg(long, default_value_t = 8)]
     pub rank: i64,
@@ -434,7 +437,10 @@ pub struct AdaptRow {
 /// all-reduces. Returns the table and the rows.
 pub fn adaptation(cfg: &AdaptBench) -> Result<(String, Vec<AdaptRow>)> {
     use avexpr_model::config::{Adapt, AdaptMode};
-    anyhow::ensure!(cfg.batch > 0 && cfg.frames > 0 && cfg.iters > 0, "--batch, --frames and --iters must be positive");
+    anyhow::ensure!(
+        cfg.batch > 0 && cfg.frames > 0 && cfg.iters > 0 && cfg.rounds > 0,
+        "--batch, --frames, --iters and --rounds must be positive"
+    );
     tch::set_num_threads(cfg.threads as i32);
     let base = ModelConfig::from_job_file(&cfg.config)?;
     let options = crate::encoder_options(cfg.device, crate::PrecisionChoice::Auto)?;
@@ -449,51 +455,70 @@ pub fn adaptation(cfg: &AdaptBench) -> Result<(String, Vec<AdaptRow>)> {
         (format!("Wav2Vec 2.0 LoRA r{} q,v", cfg.rank), frozen, lora),
         (format!("Wav2Vec 2.0 last {} blocks", cfg.blocks), frozen, last),
     ];
-    let mut out = Vec::new();
+    // Every model is built first; then rounds time each of them in turn (the order alternating), so that the
+    // machine's drift spreads over all rows; a row's figure is the median of its rounds.
+    let samples = cfg.frames * 16_000 / 25;
+    let mut models = Vec::new();
     for (mode, clip, wav2vec2) in rows {
         let mut model_cfg = base.clone();
         (model_cfg.clip.adapt, model_cfg.wav2vec2.adapt) = (clip, wav2vec2);
         tch::manual_seed(0);
         let encoders = avexpr_model::Encoders::load(&model_cfg, options)?;
-        let size = encoders.vision.processor().crop_height as i64;
-        let model = avexpr_model::ExprModel::new(&model_cfg, encoders, None, device)?;
-        let samples = cfg.frames * 16_000 / 25;
-        let raw = avexpr_model::RawBatch {
-            frames: Tensor::randint(256, [cfg.batch, cfg.frames, 3, size, size], (Kind::Uint8, device)),
-            face_mask: Tensor::ones([cfg.batch, cfg.frames], (Kind::Bool, device)),
-            audio: Tensor::randn([cfg.batch, samples], (Kind::Float, device)) * 0.1,
-            audio_mask: Tensor::ones([cfg.batch, samples], (Kind::Bool, device)),
-            fps: vec![25.0; cfg.batch as usize],
-        };
-        let labels = Tensor::arange(cfg.batch * cfg.frames, (Kind::Int64, device)).remainder(8).view([cfg.batch, -1]);
-        let variables = model.trainable_variables();
-        let bf16 = crate::job::MixedPrecision::Auto.enabled(device);
-        let seconds = timed(device, cfg.iters, || {
-            for v in &variables {
-                let mut grad = v.grad();
-                if grad.defined() {
-                    let _ = grad.zero_();
+        models.push((mode, avexpr_model::ExprModel::new(&model_cfg, encoders, None, device)?));
+    }
+    let size = models[0].1.encoders().vision.processor().crop_height as i64;
+    let raw = avexpr_model::RawBatch {
+        frames: Tensor::randint(256, [cfg.batch, cfg.frames, 3, size, size], (Kind::Uint8, device)),
+        face_mask: Tensor::ones([cfg.batch, cfg.frames], (Kind::Bool, device)),
+        audio: Tensor::randn([cfg.batch, samples], (Kind::Float, device)) * 0.1,
+        audio_mask: Tensor::ones([cfg.batch, samples], (Kind::Bool, device)),
+        fps: vec![25.0; cfg.batch as usize],
+    };
+    let labels = Tensor::arange(cfg.batch * cfg.frames, (Kind::Int64, device)).remainder(8).view([cfg.batch, -1]);
+    let bf16 = crate::job::MixedPrecision::Auto.enabled(device);
+    let mut seconds: Vec<Vec<f64>> = vec![Vec::new(); models.len()];
+    for round in 0..cfg.rounds {
+        let mut order: Vec<usize> = (0..models.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let model = &models[i].1;
+            let variables = model.trainable_variables();
+            let s = timed(device, cfg.iters, || {
+                for v in &variables {
+                    let mut grad = v.grad();
+                    if grad.defined() {
+                        let _ = grad.zero_();
+                    }
                 }
-            }
-            let loss = avexpr_model::autocast::bf16(device, bf16, || {
-                let out = model.forward_raw_t(&raw, true).expect("a well-formed batch");
-                model.loss(&out, &labels).total
+                let loss = avexpr_model::autocast::bf16(device, bf16, || {
+                    let out = model.forward_raw_t(&raw, true).expect("a well-formed batch");
+                    model.loss(&out, &labels).total
+                });
+                loss.backward();
             });
-            loss.backward();
-        });
+            seconds[i].push(s / cfg.iters as f64);
+        }
+        tracing::info!(round = round + 1, rounds = cfg.rounds, "adaptation benchmark round done");
+    }
+    let mut out = Vec::new();
+    for ((mode, model), s) in models.iter().zip(seconds) {
         let parameters: BTreeMap<String, i64> =
             model.parameter_counts().into_iter().map(|(g, n)| (g.to_string(), n)).collect();
         let all_reduced_bytes = 4 * parameters.values().sum::<i64>();
-        tracing::info!(mode, seconds_per_step = seconds / cfg.iters as f64, "adaptation benchmark row");
-        out.push(AdaptRow { mode, ms_per_step: 1e3 * seconds / cfg.iters as f64, parameters, all_reduced_bytes });
+        let ms_per_step = 1e3 * median(s).expect("at least one round");
+        out.push(AdaptRow { mode: mode.clone(), ms_per_step, parameters, all_reduced_bytes });
     }
     let mut table = format!(
         "adaptation benchmark: {device:?}{}, {} thread(s), one training step (encoders + head + loss + backward) of \
-         {} clips x {} frames, mean of {} step(s) after a warm-up\n{:<28} {:>10} {:>12} {:>14} {:>10}\n",
-        if crate::job::MixedPrecision::Auto.enabled(device) { " (bf16)" } else { "" },
+         {} clips x {} frames, median over {} interleaved round(s) of the mean of {} step(s) after a warm-up\n{:<28} \
+         {:>10} {:>12} {:>14} {:>10}\n",
+        if bf16 { " (bf16)" } else { "" },
         cfg.threads,
         cfg.batch,
         cfg.frames,
+        cfg.rounds,
         cfg.iters,
         "mode",
         "ms/step",
