@@ -8,7 +8,7 @@
 
 use tch::{Tensor, nn};
 
-use crate::lora::Lora;
+use crate::lora::{Lora, LoraSpec};
 
 /// Where the four projections live under an attention module's path.
 #[derive(Debug, Clone, Copy)]
@@ -76,11 +76,11 @@ impl SelfAttention {
         }
     }
 
-    /// Adds LoRA of `rank` and `alpha` to the query and value projections, its variables under `vs` at their
+    /// Adds LoRA of `spec`'s rank and alpha to the query and value projections, its variables under `vs` at their
     /// paths (`<vs>/q_proj/lora_A`, ...).
-    pub fn attach_lora(&mut self, vs: &nn::Path, rank: i64, alpha: f64) {
+    pub fn attach_lora(&mut self, vs: &nn::Path, spec: LoraSpec) {
         let hidden = self.num_heads * self.head_dim;
-        let lora = |name: &[&str]| Lora::new(&at(vs, name), hidden, hidden, rank, alpha);
+        let lora = |name: &[&str]| Lora::new(&at(vs, name), hidden, hidden, spec.rank, spec.alpha);
         self.lora = Some((lora(self.names.q), lora(self.names.v)));
     }
 

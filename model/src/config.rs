@@ -123,6 +123,8 @@ pub struct Adapt {
     /// LoRA's rank and alpha (the update is scaled by alpha / rank).
     pub rank: i64,
     pub alpha: f64,
+    /// LoRA on each layer's feed-forward (its two linear layers) too, not only on the query and value.
+    pub mlp: bool,
     /// `last_blocks`: how many of the last transformer layers train.
     pub blocks: i64,
     /// This encoder's adapted variables learn at `train.optimizer.lr` times this.
@@ -131,13 +133,18 @@ pub struct Adapt {
 
 impl Default for Adapt {
     fn default() -> Self {
-        Self { mode: AdaptMode::Frozen, rank: 8, alpha: 16.0, blocks: 2, lr_scale: 1.0 }
+        Self { mode: AdaptMode::Frozen, rank: 8, alpha: 16.0, mlp: false, blocks: 2, lr_scale: 1.0 }
     }
 }
 
 impl Adapt {
     pub fn is_frozen(&self) -> bool {
         self.mode == AdaptMode::Frozen
+    }
+
+    /// The LoRA settings.
+    pub fn lora(&self) -> crate::lora::LoraSpec {
+        crate::lora::LoraSpec { rank: self.rank, alpha: self.alpha, mlp: self.mlp }
     }
 
     /// What does not depend on the encoder (`blocks` is checked against its layers when it is built).

@@ -306,7 +306,7 @@ fn adapt_encoders(vs: &nn::VarStore, cfg: &ModelConfig, encoders: &mut Encoders)
     let a = image.adapt;
     match a.mode {
         AdaptMode::Frozen => {}
-        AdaptMode::Lora => encoders.vision.attach_lora(&path, a.rank, a.alpha),
+        AdaptMode::Lora => encoders.vision.attach_lora(&path, a.lora()),
         AdaptMode::LastBlocks => {
             let field = format!("model.{tower}.adapt");
             let first = a.first_trainable_layer(&field, encoders.vision.num_layers())?;
@@ -318,7 +318,7 @@ fn adapt_encoders(vs: &nn::VarStore, cfg: &ModelConfig, encoders: &mut Encoders)
     let a = cfg.wav2vec2.adapt;
     match a.mode {
         AdaptMode::Frozen => {}
-        AdaptMode::Lora => encoders.audio.attach_lora(&wav2vec2, a.rank, a.alpha),
+        AdaptMode::Lora => encoders.audio.attach_lora(&wav2vec2, a.lora()),
         AdaptMode::LastBlocks => {
             let first = a.first_trainable_layer("model.wav2vec2.adapt", encoders.audio.model().num_layers())?;
             let n = encoders.audio.adapt_last_blocks(&wav2vec2, first);

@@ -29,3 +29,39 @@ impl Lora {
         xs.linear::<Tensor>(&cast(&self.a), None).linear::<Tensor>(&cast(&self.b), None) * self.scale
     }
 }
+
+/// What LoRA adapts in each transformer layer of an encoder: the query and value projections always (peft's
+/// default targets for CLIP), the feed-forward's two linear layers too when `mlp`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraSpec {
+    pub rank: i64,
+    pub alpha: f64,
+    pub mlp: bool,
+}
+
+/// A linear layer that LoRA may adapt: `linear(x)`, plus `(alpha / r) B A x` once a [`Lora`] is attached.
+#[derive(Debug)]
+pub struct Adaptable {
+    pub linear: nn::Linear,
+    lora: Option<Lora>,
+}
+
+impl Adaptable {
+    pub fn new(linear: nn::Linear) -> Self {
+        Self { linear, lora: None }
+    }
+
+    /// LoRA on this layer, its variables under `vs` (`<vs>/lora_A`, `<vs>/lora_B`).
+    pub fn attach(&mut self, vs: &nn::Path, spec: LoraSpec) {
+        let (output, input) = self.linear.ws.size2().expect("a linear layer's weight is [out, in]");
+        self.lora = Some(Lora::new(vs, input, output, spec.rank, spec.alpha));
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        let ys = xs.apply(&self.linear);
+        match &self.lora {
+            Some(lora) => ys + lora.delta(xs),
+            None => ys,
+        }
+    }
+}

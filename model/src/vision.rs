@@ -64,11 +64,12 @@ impl VisionEncoder {
         }
     }
 
-    /// LoRA on every layer's query and value projections (variables under `vs` at the checkpoint's paths).
-    pub fn attach_lora(&mut self, vs: &nn::Path, rank: i64, alpha: f64) {
+    /// LoRA on every layer's query and value projections, and MLP if `spec.mlp` (variables under `vs` at the
+    /// checkpoint's paths).
+    pub fn attach_lora(&mut self, vs: &nn::Path, spec: crate::lora::LoraSpec) {
         match self {
-            Self::Clip(e) => e.attach_lora(vs, rank, alpha),
-            Self::Dinov2(e) => e.attach_lora(vs, rank, alpha),
+            Self::Clip(e) => e.attach_lora(vs, spec),
+            Self::Dinov2(e) => e.attach_lora(vs, spec),
         }
     }
 

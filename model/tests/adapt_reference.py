@@ -1,7 +1,7 @@
 """The backbone-adaptation gradient-parity reference (model/tests/trainable.rs), in transformers (+ peft for
 LoRA) on a tiny fixture, in f32 and eval mode (no dropout):
 
-    adapt_reference.py clip|dinov2|wav2vec2 lora|last_blocks CHECKPOINT OUT
+    adapt_reference.py clip|dinov2|wav2vec2 lora|lora_mlp|last_blocks CHECKPOINT OUT
 
 - clip: the vision tower of CLIPModel; one forward and backward of sum(image_embeds * w).
 - dinov2: Dinov2Model (MLP variant); one forward and backward of sum(pooler_output * w). transformers names the
@@ -10,7 +10,7 @@ LoRA) on a tiny fixture, in f32 and eval mode (no dropout):
 - wav2vec2: Wav2Vec2Model; one forward and backward of sum_i sum(states[i] * w[i]) over every hidden state (as
   the weighted-sum adapter uses them) and the last hidden state.
 - lora: peft's LoRA (r=4, alpha=8) on every layer's q_proj and v_proj (peft's defaults for CLIP), A and B drawn
-  seeded and nonzero.
+  seeded and nonzero; lora_mlp: on each layer's two feed-forward linear layers too.
 - last_blocks: the last layer trains (CLIP: with the post-layernorm and the projection), the rest is frozen.
 
 Writes the inputs, the outputs, and every trained variable's value and gradient under our names
@@ -27,26 +27,30 @@ g = torch.Generator().manual_seed(1)
 if tower == "clip":
     model = CLIPModel.from_pretrained(checkpoint, dtype=torch.float32).eval()  # the fixture is stored in f16
     layers = rf"vision_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|v_proj)"
+    mlp = rf"vision_model\.encoder\.layers\.\d+\.mlp\.(fc1|fc2)"
     last = model.config.vision_config.num_hidden_layers - 1
     tail = (f"vision_model.encoder.layers.{last}.", "vision_model.post_layernorm.", "visual_projection.")
 elif tower == "dinov2":
     model = Dinov2Model.from_pretrained(checkpoint, dtype=torch.float32).eval()
     layers = rf"encoder\.layer\.\d+\.attention\.(q_proj|v_proj)"
+    mlp = rf"encoder\.layer\.\d+\.mlp\.(fc1|fc2)"
     last = model.config.num_hidden_layers - 1
     tail = (f"encoder.layer.{last}.", "layernorm.")
 else:
     model = Wav2Vec2Model.from_pretrained(checkpoint, dtype=torch.float32).eval()
     layers = rf"encoder\.layers\.\d+\.attention\.(q_proj|v_proj)"
+    mlp = rf"encoder\.layers\.\d+\.feed_forward\.(intermediate_dense|output_dense)"
     last = model.config.num_hidden_layers - 1
     tail = (f"encoder.layers.{last}.",) + (("encoder.layer_norm.",) if model.config.do_stable_layer_norm else ())
 
 for p in model.parameters():
     p.requires_grad_(False)
 trained = {}
-if mode == "lora":
+if mode in ("lora", "lora_mlp"):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=f".*{layers}", lora_dropout=0.0))
+    targets = f".*({layers}|{mlp})" if mode == "lora_mlp" else f".*{layers}"
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.data = torch.randn(p.shape, generator=g) * 0.2

@@ -5,13 +5,14 @@ use tch::{Tensor, nn, nn::Module};
 
 use crate::activation::Activation;
 use crate::attention::SelfAttention;
+use crate::lora::{Adaptable, LoraSpec};
 
 #[derive(Debug)]
 pub struct ClipEncoderLayer {
     self_attn: SelfAttention,
     layer_norm1: nn::LayerNorm,
-    fc1: nn::Linear,
-    fc2: nn::Linear,
+    fc1: Adaptable,
+    fc2: Adaptable,
     layer_norm2: nn::LayerNorm,
     activation: Activation,
 }
@@ -24,8 +25,8 @@ impl ClipEncoderLayer {
         Self {
             self_attn: SelfAttention::new(&vs / "self_attn", hidden, heads),
             layer_norm1: ln("layer_norm1"),
-            fc1: nn::linear(&mlp / "fc1", hidden, intermediate, Default::default()),
-            fc2: nn::linear(&mlp / "fc2", intermediate, hidden, Default::default()),
+            fc1: Adaptable::new(nn::linear(&mlp / "fc1", hidden, intermediate, Default::default())),
+            fc2: Adaptable::new(nn::linear(&mlp / "fc2", intermediate, hidden, Default::default())),
             layer_norm2: ln("layer_norm2"),
             activation,
         }
@@ -33,9 +34,9 @@ impl ClipEncoderLayer {
 
     /// `xs` is taken in the layer's precision (an adapted layer is f32 behind a bf16 frozen prefix).
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>, causal: bool) -> Tensor {
-        let xs = xs.to_kind(self.fc1.ws.kind());
+        let xs = xs.to_kind(self.fc1.linear.ws.kind());
         let xs = &xs + self.self_attn.forward(&xs.apply(&self.layer_norm1), mask, causal);
-        let ys = self.activation.forward(&xs.apply(&self.layer_norm2).apply(&self.fc1)).apply(&self.fc2);
+        let ys = self.fc2.forward(&self.activation.forward(&self.fc1.forward(&xs.apply(&self.layer_norm2))));
         xs + ys
     }
 }
@@ -79,10 +80,16 @@ impl ClipEncoder {
         self.layers.iter_mut().for_each(|l| l.self_attn.fuse_qkv());
     }
 
-    /// LoRA on every layer's query and value projections, variables under `vs/layers/<i>/self_attn`.
-    pub fn attach_lora(&mut self, vs: &nn::Path, rank: i64, alpha: f64) {
+    /// LoRA on every layer's query and value projections (and MLP), variables under `vs/layers/<i>/self_attn`
+    /// (and `vs/layers/<i>/mlp`).
+    pub fn attach_lora(&mut self, vs: &nn::Path, spec: LoraSpec) {
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            layer.self_attn.attach_lora(&(vs / "layers" / i / "self_attn"), rank, alpha);
+            let at = vs / "layers" / i;
+            layer.self_attn.attach_lora(&(&at / "self_attn"), spec);
+            if spec.mlp {
+                layer.fc1.attach(&(&at / "mlp" / "fc1"), spec);
+                layer.fc2.attach(&(&at / "mlp" / "fc2"), spec);
+            }
         }
     }
 

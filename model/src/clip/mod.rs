@@ -84,8 +84,8 @@ impl ClipVisionEncoder {
     /// LoRA of `rank` and `alpha` on every layer's query and value projections, its variables (trainable) under
     /// `vs` with the checkpoint's paths: `<vs>/vision_model/encoder/layers/<i>/self_attn/q_proj/lora_A`, ...
     /// `vs` must be on this encoder's device.
-    pub fn attach_lora(&mut self, vs: &tch::nn::Path, rank: i64, alpha: f64) {
-        self.model.attach_lora(vs, rank, alpha);
+    pub fn attach_lora(&mut self, vs: &tch::nn::Path, spec: crate::lora::LoraSpec) {
+        self.model.attach_lora(vs, spec);
         self.adapted = true;
     }
 

@@ -6,6 +6,7 @@ use tch::{Tensor, nn, nn::Module};
 use super::config::ClipVisionConfig;
 use super::encoder::ClipEncoder;
 use crate::activation::Activation;
+use crate::lora::LoraSpec;
 
 #[derive(Debug)]
 pub struct ClipVisionTransformer {
@@ -82,8 +83,8 @@ impl ClipVisionTransformer {
     }
 
     /// `vs` is the `vision_model` path of the LoRA variables.
-    pub(crate) fn attach_lora(&mut self, vs: &nn::Path, rank: i64, alpha: f64) {
-        self.encoder.attach_lora(&(vs / "encoder"), rank, alpha);
+    pub(crate) fn attach_lora(&mut self, vs: &nn::Path, spec: LoraSpec) {
+        self.encoder.attach_lora(&(vs / "encoder"), spec);
     }
 }
 
@@ -116,8 +117,8 @@ impl ClipVisionModelWithProjection {
     }
 
     /// LoRA on the vision tower's attention, variables under `vs/vision_model/encoder/layers/<i>/self_attn`.
-    pub fn attach_lora(&mut self, vs: &nn::Path, rank: i64, alpha: f64) {
-        self.vision_model.attach_lora(&(vs / "vision_model"), rank, alpha);
+    pub fn attach_lora(&mut self, vs: &nn::Path, spec: LoraSpec) {
+        self.vision_model.attach_lora(&(vs / "vision_model"), spec);
     }
 
     pub fn num_layers(&self) -> i64 {

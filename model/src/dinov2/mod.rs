@@ -82,8 +82,8 @@ impl Dinov2Encoder {
 
     /// LoRA on every layer's query and value projections, variables under `vs` at their checkpoint paths
     /// (`<vs>/encoder/layer/<i>/attention/attention/query/lora_A`, ...).
-    pub fn attach_lora(&mut self, vs: &tch::nn::Path, rank: i64, alpha: f64) {
-        self.model.attach_lora(vs, rank, alpha);
+    pub fn attach_lora(&mut self, vs: &tch::nn::Path, spec: crate::lora::LoraSpec) {
+        self.model.attach_lora(vs, spec);
         self.adapted = true;
     }
 

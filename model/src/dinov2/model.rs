@@ -11,48 +11,56 @@ use super::config::Dinov2Config;
 use crate::activation::Activation;
 use crate::attention::{SelfAttention, VIT_PROJECTIONS};
 use crate::hf::KeyMap;
+use crate::lora::{Adaptable, LoraSpec};
 
 pub const KEY_MAP: KeyMap = KeyMap { strip_prefixes: &["dinov2."], renames: &[] };
 
 #[derive(Debug)]
 enum FeedForward {
     Mlp {
-        fc1: nn::Linear,
-        fc2: nn::Linear,
+        fc1: Adaptable,
+        fc2: Adaptable,
         activation: Activation,
     },
     /// `weights_in` holds the gate and the up projection stacked (gate first).
     SwiGlu {
-        weights_in: nn::Linear,
-        weights_out: nn::Linear,
+        weights_in: Adaptable,
+        weights_out: Adaptable,
     },
 }
 
 impl FeedForward {
     fn new(vs: nn::Path, cfg: &Dinov2Config, activation: Activation) -> Self {
         let (hidden, inner) = (cfg.hidden_size, cfg.ffn_hidden());
+        let linear = |name: &str, i: i64, o: i64| Adaptable::new(nn::linear(&vs / name, i, o, Default::default()));
         if cfg.use_swiglu_ffn {
             Self::SwiGlu {
-                weights_in: nn::linear(&vs / "weights_in", hidden, 2 * inner, Default::default()),
-                weights_out: nn::linear(&vs / "weights_out", inner, hidden, Default::default()),
+                weights_in: linear("weights_in", hidden, 2 * inner),
+                weights_out: linear("weights_out", inner, hidden),
             }
         } else {
-            Self::Mlp {
-                fc1: nn::linear(&vs / "fc1", hidden, inner, Default::default()),
-                fc2: nn::linear(&vs / "fc2", inner, hidden, Default::default()),
-                activation,
-            }
+            Self::Mlp { fc1: linear("fc1", hidden, inner), fc2: linear("fc2", inner, hidden), activation }
         }
     }
 
     fn forward(&self, xs: &Tensor) -> Tensor {
         match self {
-            Self::Mlp { fc1, fc2, activation } => activation.forward(&xs.apply(fc1)).apply(fc2),
+            Self::Mlp { fc1, fc2, activation } => fc2.forward(&activation.forward(&fc1.forward(xs))),
             Self::SwiGlu { weights_in, weights_out } => {
-                let gate_up = xs.apply(weights_in).chunk(2, -1);
-                (gate_up[0].silu() * &gate_up[1]).apply(weights_out)
+                let gate_up = weights_in.forward(xs).chunk(2, -1);
+                weights_out.forward(&(gate_up[0].silu() * &gate_up[1]))
             }
         }
+    }
+
+    /// LoRA on both linear layers (SwiGLU: on the stacked `weights_in` as one matrix), under `vs` (`mlp`).
+    fn attach_lora(&mut self, vs: &nn::Path, spec: LoraSpec) {
+        let (first, second, names) = match self {
+            Self::Mlp { fc1, fc2, .. } => (fc1, fc2, ["fc1", "fc2"]),
+            Self::SwiGlu { weights_in, weights_out } => (weights_in, weights_out, ["weights_in", "weights_out"]),
+        };
+        first.attach(&(vs / names[0]), spec);
+        second.attach(&(vs / names[1]), spec);
     }
 }
 
@@ -193,11 +201,15 @@ impl Dinov2Model {
         self.layers.iter_mut().for_each(|l| l.attention.fuse_qkv());
     }
 
-    /// LoRA on every layer's query and value projections, variables under
-    /// `vs/encoder/layer/<i>/attention/attention/{query,value}`.
-    pub fn attach_lora(&mut self, vs: &nn::Path, rank: i64, alpha: f64) {
+    /// LoRA on every layer's query and value projections (and MLP), variables under
+    /// `vs/encoder/layer/<i>/attention/attention/{query,value}` (and `vs/encoder/layer/<i>/mlp`).
+    pub fn attach_lora(&mut self, vs: &nn::Path, spec: LoraSpec) {
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            layer.attention.attach_lora(&(vs / "encoder" / "layer" / i / "attention"), rank, alpha);
+            let at = vs / "encoder" / "layer" / i;
+            layer.attention.attach_lora(&(&at / "attention"), spec);
+            if spec.mlp {
+                layer.mlp.attach_lora(&(&at / "mlp"), spec);
+            }
         }
     }
 

@@ -90,8 +90,8 @@ impl Wav2Vec2Encoder {
 
     /// LoRA of `rank` and `alpha` on every layer's query and value projections, its variables (trainable) under
     /// `vs` with the checkpoint's paths: `<vs>/encoder/layers/<i>/attention/q_proj/lora_A`, ...
-    pub fn attach_lora(&mut self, vs: &tch::nn::Path, rank: i64, alpha: f64) {
-        self.model.attach_lora(vs, rank, alpha);
+    pub fn attach_lora(&mut self, vs: &tch::nn::Path, spec: crate::lora::LoraSpec) {
+        self.model.attach_lora(vs, spec);
         self.adapted = true;
     }
 

@@ -10,6 +10,7 @@ use super::config::{FeatExtractNorm, Wav2Vec2Config};
 use crate::activation::Activation;
 use crate::attention::SelfAttention;
 use crate::hf::KeyMap;
+use crate::lora::{Adaptable, LoraSpec};
 use crate::weight_norm::{WeightNormConv1d, WeightNormConv1dConfig};
 
 /// The one key mapping of Wav2Vec 2.0 checkpoints: `Wav2Vec2ForCTC`-style prefixes, and the pre-parametrization
@@ -80,14 +81,14 @@ impl PositionalConvEmbedding {
 
 #[derive(Debug)]
 struct FeedForward {
-    intermediate_dense: nn::Linear,
-    output_dense: nn::Linear,
+    intermediate_dense: Adaptable,
+    output_dense: Adaptable,
     activation: Activation,
 }
 
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Tensor {
-        self.activation.forward(&xs.apply(&self.intermediate_dense)).apply(&self.output_dense)
+        self.output_dense.forward(&self.activation.forward(&self.intermediate_dense.forward(xs)))
     }
 }
 
@@ -114,18 +115,18 @@ impl EncoderLayer {
             attention: SelfAttention::new(&vs / "attention", cfg.hidden_size, cfg.num_attention_heads),
             layer_norm: ln("layer_norm"),
             feed_forward: FeedForward {
-                intermediate_dense: nn::linear(
+                intermediate_dense: Adaptable::new(nn::linear(
                     &ff / "intermediate_dense",
                     cfg.hidden_size,
                     cfg.intermediate_size,
                     Default::default(),
-                ),
-                output_dense: nn::linear(
+                )),
+                output_dense: Adaptable::new(nn::linear(
                     &ff / "output_dense",
                     cfg.intermediate_size,
                     cfg.hidden_size,
                     Default::default(),
-                ),
+                )),
                 activation,
             },
             final_layer_norm: ln("final_layer_norm"),
@@ -135,7 +136,7 @@ impl EncoderLayer {
 
     /// `xs` is taken in the layer's precision (an adapted layer is f32 behind a bf16 frozen prefix).
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Tensor {
-        let xs = &xs.to_kind(self.feed_forward.output_dense.ws.kind());
+        let xs = &xs.to_kind(self.feed_forward.output_dense.linear.ws.kind());
         if self.stable_layer_norm {
             // Wav2Vec2EncoderLayerStableLayerNorm (pre-LN).
             let xs = xs + self.attention.forward(&xs.apply(&self.layer_norm), mask, false);
@@ -243,10 +244,17 @@ impl Wav2Vec2Model {
         self.layers.len() as i64
     }
 
-    /// LoRA on every layer's query and value projections, variables under `vs/encoder/layers/<i>/attention`.
-    pub fn attach_lora(&mut self, vs: &nn::Path, rank: i64, alpha: f64) {
+    /// LoRA on every layer's query and value projections (and feed-forward), variables under
+    /// `vs/encoder/layers/<i>/attention` (and `.../feed_forward`).
+    pub fn attach_lora(&mut self, vs: &nn::Path, spec: LoraSpec) {
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            layer.attention.attach_lora(&(vs / "encoder" / "layers" / i / "attention"), rank, alpha);
+            let at = vs / "encoder" / "layers" / i;
+            layer.attention.attach_lora(&(&at / "attention"), spec);
+            if spec.mlp {
+                let ff = &at / "feed_forward";
+                layer.feed_forward.intermediate_dense.attach(&(&ff / "intermediate_dense"), spec);
+                layer.feed_forward.output_dense.attach(&(&ff / "output_dense"), spec);
+            }
         }
     }
 
