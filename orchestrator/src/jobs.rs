@@ -99,6 +99,7 @@ pub fn launch(a: &LaunchArgs) -> Result<String> {
     // fetched into this host's cache, which the ranks then use).
     if target == Target::Local && !a.dry_run {
         avexpr_model::locate::locate_encoders(&job_cfg.model).with_context(|| config.display().to_string())?;
+        avexpr_model::locate::locate_image_encoder(&job_cfg.model).with_context(|| config.display().to_string())?;
     }
     if let Target::Hostfile(file) = &target {
         crate::launch::check_hostfile(file, a.nodes)?;
