@@ -7,8 +7,9 @@ For each CLIP checkpoint: the image embedding (transformers' `get_image_features
 up to `--per-video` labelled frames of every training and validation video of an Aff-Wild2-layout dataset
 (`cropped_aligned/<video>/<frame>.jpg`, the EXPR annotations), then a linear probe (softmax regression,
 class-balanced, Adam 500 steps, the same for every encoder) from a frame's embedding to its expression, trained
-on the training frames and scored by macro F1 on the validation frames: once on the raw embeddings, as the TCN
-receives them, and once per dimension standardized with the training frames' mean and std. Also printed: the
+on the training frames and scored by macro F1 on the validation frames: on the raw embeddings, as the TCN
+receives them, centered (the training frames' mean subtracted), and per dimension standardized with the
+training frames' mean and std. Also printed: the
 mean cosine between embeddings of different frames and the share of the embeddings' energy in their mean (a
 random ViT maps every face close to one direction). Written for the README's question why adapting random
 encoders does not recover the face stream.
@@ -87,5 +88,6 @@ for checkpoint in args.checkpoints:
 
     mu, sd = xt.mean(0), xt.std(0) + 1e-6
     print(f"{checkpoint}: linear probe macro F1 on {len(yv)} validation frames ({len(yt)} training): raw "
-          f"{probe(xt, xv):.3f}, standardized {probe((xt - mu) / sd, (xv - mu) / sd):.3f}; mean cosine between "
-          f"frames {cosine:.3f}; the mean embedding's share of the energy {mean_share:.3f}")
+          f"{probe(xt, xv):.3f}, centered {probe(xt - mu, xv - mu):.3f}, standardized "
+          f"{probe((xt - mu) / sd, (xv - mu) / sd):.3f}; mean cosine between frames {cosine:.3f}; the mean "
+          f"embedding's share of the energy {mean_share:.3f}")
