@@ -2,10 +2,11 @@
 
 use std::path::Path;
 
-use tch::{Device, Kind, nn, nn::VarStore};
+use tch::{Device, Kind, Tensor, nn, nn::VarStore};
 
 use crate::error::Result;
 use crate::hf::{KeyMap, load_into};
+use crate::lora::LoraSpec;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
@@ -85,4 +86,54 @@ pub(crate) fn copy_frozen_into(frozen: &VarStore, trainable: &nn::Path, prefixes
         }
     });
     copied
+}
+
+/// What adapting a tower needs from its model.
+pub(crate) trait AdaptableModel {
+    type Config;
+    /// LoRA on every layer (the query and value projections, and the feed-forward if `spec.mlp`), its
+    /// variables under `vs` at the checkpoint's paths.
+    fn attach_lora(&mut self, vs: &nn::Path, spec: LoraSpec);
+    /// The layers from `first` on (and what follows them) rebuilt under `vs`, mirroring the checkpoint's root;
+    /// returns the checkpoint keys' prefixes of what was rebuilt.
+    fn rebuild_tail(&mut self, vs: &nn::Path, cfg: &Self::Config, first: i64) -> Vec<String>;
+}
+
+/// An encoder's model with its own variables, where and in which precision it runs, and whether it adapts.
+#[derive(Debug)]
+pub(crate) struct Tower<M> {
+    pub vs: VarStore,
+    pub model: M,
+    pub options: EncoderOptions,
+    /// Adapted (LoRA or last blocks): its forward keeps the autograd graph.
+    pub adapted: bool,
+}
+
+impl<M> Tower<M> {
+    /// What [`build_frozen`] built, not adapted.
+    pub fn new((vs, model): (VarStore, M), options: EncoderOptions) -> Self {
+        Self { vs, model, options, adapted: false }
+    }
+
+    /// `forward` on `input` moved to the tower's device and precision, under no_grad unless the tower adapts
+    /// (then the gradients reach the adapted variables; the frozen weights never need one).
+    pub fn run<T>(&self, input: &Tensor, forward: impl FnOnce(&M, &Tensor) -> T) -> T {
+        let run = || forward(&self.model, &input.to_device(self.options.device).to_kind(self.options.kind()));
+        if self.adapted { run() } else { tch::no_grad(run) }
+    }
+}
+
+impl<M: AdaptableModel> Tower<M> {
+    pub fn attach_lora(&mut self, vs: &nn::Path, spec: LoraSpec) {
+        self.model.attach_lora(vs, spec);
+        self.adapted = true;
+    }
+
+    /// The layers from `first` on (and what follows them) trainable under `vs`, from the checkpoint's values;
+    /// the frozen layers before them record no graph. Returns how many variables were copied.
+    pub fn adapt_last_blocks(&mut self, vs: &nn::Path, cfg: &M::Config, first: i64) -> usize {
+        let prefixes = self.model.rebuild_tail(vs, cfg, first);
+        self.adapted = true;
+        copy_frozen_into(&self.vs, vs, &prefixes)
+    }
 }

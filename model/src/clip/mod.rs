@@ -19,7 +19,7 @@ pub use text_model::ClipTextModelWithProjection;
 pub use tokenizer::ClipTokenizer;
 pub use vision_model::ClipVisionModelWithProjection;
 
-use crate::encoders::{EncoderOptions, build_frozen, copy_frozen_into};
+use crate::encoders::{EncoderOptions, Tower, build_frozen};
 use crate::error::{ModelError, Result};
 use crate::hf::{KeyMap, weights_file};
 
@@ -29,13 +29,9 @@ pub const KEY_MAP: KeyMap = KeyMap { strip_prefixes: &[], renames: &[] };
 /// The frozen CLIP image encoder: `pixel_values` -> `image_embeds` (projected, not normalised).
 #[derive(Debug)]
 pub struct ClipVisionEncoder {
-    vs: VarStore,
-    model: ClipVisionModelWithProjection,
+    tower: Tower<ClipVisionModelWithProjection>,
     pub config: ClipVisionConfig,
     pub processor: ClipImageProcessor,
-    options: EncoderOptions,
-    /// LoRA attached: encoding keeps the autograd graph.
-    adapted: bool,
 }
 
 impl ClipVisionEncoder {
@@ -49,44 +45,43 @@ impl ClipVisionEncoder {
         let processor = ClipImageProcessor::from_dir(dir, config.image_size as u32)?;
         let activation = config.activation(&config_path)?;
         let weights = weights_file(dir)?;
-        let (vs, mut model) = build_frozen(Some((&weights, &KEY_MAP)), &options, |p| {
-            ClipVisionModelWithProjection::new(p, &config, activation)
-        })?;
-        model.fuse_qkv();
-        Ok(Self { vs, model, config, processor, options, adapted: false })
+        let mut tower = Tower::new(
+            build_frozen(Some((&weights, &KEY_MAP)), &options, |p| {
+                ClipVisionModelWithProjection::new(p, &config, activation)
+            })?,
+            options,
+        );
+        tower.model.fuse_qkv();
+        Ok(Self { tower, config, processor })
     }
 
     /// A randomly initialised encoder (benchmarks, shape checks).
     pub fn from_config(config: &ClipVisionConfig, options: EncoderOptions) -> Result<Self> {
         let activation = config.activation(Path::new("<config>"))?;
-        let (vs, mut model) =
-            build_frozen(None, &options, |p| ClipVisionModelWithProjection::new(p, config, activation))?;
-        model.fuse_qkv();
+        let mut tower = Tower::new(
+            build_frozen(None, &options, |p| ClipVisionModelWithProjection::new(p, config, activation))?,
+            options,
+        );
+        tower.model.fuse_qkv();
         let processor = ClipImageProcessor::openai(config.image_size as u32);
-        Ok(Self { vs, model, config: config.clone(), processor, options, adapted: false })
+        Ok(Self { tower, config: config.clone(), processor })
     }
 
     pub fn var_store(&self) -> &VarStore {
-        &self.vs
+        &self.tower.vs
     }
 
     /// `pixel_values` `[batch, 3, H, W]` (any device) -> `image_embeds` `[batch, projection_dim]` f32 on the
     /// encoder's device.
     pub fn encode_pixels(&self, pixel_values: &Tensor) -> Tensor {
-        let forward = || {
-            let xs = pixel_values.to_device(self.options.device).to_kind(self.options.kind());
-            self.model.forward(&xs).to_kind(Kind::Float)
-        };
-        // With LoRA the gradients reach its variables (the frozen weights never need one).
-        if self.adapted { forward() } else { tch::no_grad(forward) }
+        self.tower.run(pixel_values, |model, xs| model.forward(xs).to_kind(Kind::Float))
     }
 
     /// LoRA of `rank` and `alpha` on every layer's query and value projections, its variables (trainable) under
     /// `vs` with the checkpoint's paths: `<vs>/vision_model/encoder/layers/<i>/self_attn/q_proj/lora_A`, ...
     /// `vs` must be on this encoder's device.
     pub fn attach_lora(&mut self, vs: &tch::nn::Path, spec: crate::lora::LoraSpec) {
-        self.model.attach_lora(vs, spec);
-        self.adapted = true;
+        self.tower.attach_lora(vs, spec);
     }
 
     /// Unfreezes the layers from `first` on, the post-layernorm and the projection: trainable copies of them
@@ -95,14 +90,12 @@ impl ClipVisionEncoder {
     /// frozen layers before them run as before (they record no graph). Returns how many variables were copied.
     /// `vs` must be on this encoder's device.
     pub fn adapt_last_blocks(&mut self, vs: &tch::nn::Path, first: i64) -> usize {
-        let prefixes = self.model.rebuild_tail(vs, &self.config, first);
-        self.adapted = true;
-        copy_frozen_into(&self.vs, vs, &prefixes)
+        self.tower.adapt_last_blocks(vs, &self.config, first)
     }
 
     /// Transformer layers of the tower.
     pub fn num_layers(&self) -> i64 {
-        self.model.num_layers()
+        self.tower.model.num_layers()
     }
 
     pub fn encode_images(&self, images: &[DynamicImage]) -> Tensor {

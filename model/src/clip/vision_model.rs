@@ -6,6 +6,7 @@ use tch::{Tensor, nn, nn::Module};
 use super::config::ClipVisionConfig;
 use super::encoder::ClipEncoder;
 use crate::activation::Activation;
+use crate::encoders::AdaptableModel;
 use crate::lora::LoraSpec;
 
 #[derive(Debug)]
@@ -116,19 +117,23 @@ impl ClipVisionModelWithProjection {
         self.vision_model.fuse_qkv();
     }
 
-    /// LoRA on the vision tower's attention, variables under `vs/vision_model/encoder/layers/<i>/self_attn`.
-    pub fn attach_lora(&mut self, vs: &nn::Path, spec: LoraSpec) {
-        self.vision_model.attach_lora(&(vs / "vision_model"), spec);
-    }
-
     pub fn num_layers(&self) -> i64 {
         self.vision_model.encoder.num_layers()
+    }
+}
+
+impl AdaptableModel for ClipVisionModelWithProjection {
+    type Config = ClipVisionConfig;
+
+    /// LoRA on the vision tower's layers, variables under `vs/vision_model/encoder/layers/<i>/self_attn`.
+    fn attach_lora(&mut self, vs: &nn::Path, spec: LoraSpec) {
+        self.vision_model.attach_lora(&(vs / "vision_model"), spec);
     }
 
     /// The layers from `first` on, the post-layernorm and the projection built anew under `vs` (mirroring the
     /// checkpoint's root): trainable copies, which the caller gives the checkpoint's values. Returns the
     /// checkpoint keys' prefixes of what was rebuilt.
-    pub fn rebuild_tail(&mut self, vs: &nn::Path, cfg: &ClipVisionConfig, first: i64) -> Vec<String> {
+    fn rebuild_tail(&mut self, vs: &nn::Path, cfg: &Self::Config, first: i64) -> Vec<String> {
         self.vision_model.rebuild_tail(&(vs / "vision_model"), cfg, first);
         self.visual_projection = projection(vs / "visual_projection", cfg);
         let mut prefixes: Vec<String> =

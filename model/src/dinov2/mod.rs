@@ -14,20 +14,17 @@ pub use config::Dinov2Config;
 pub use model::{Dinov2Model, KEY_MAP};
 
 use crate::clip::ClipImageProcessor;
-use crate::encoders::{EncoderOptions, build_frozen, copy_frozen_into};
+use crate::encoders::{EncoderOptions, Tower, build_frozen};
 use crate::error::Result;
 use crate::hf::weights_file;
 
 /// The DINOv2 image encoder: `pixel_values` -> pooled output `[batch, hidden]`; frozen unless adapted.
 #[derive(Debug)]
 pub struct Dinov2Encoder {
-    vs: VarStore,
-    model: Dinov2Model,
+    tower: Tower<Dinov2Model>,
     pub config: Dinov2Config,
     /// `preprocessor_config.json` (a `BitImageProcessor`: resize 256, crop 224, ImageNet normalisation).
     pub processor: ClipImageProcessor,
-    options: EncoderOptions,
-    adapted: bool,
 }
 
 impl Dinov2Encoder {
@@ -38,60 +35,53 @@ impl Dinov2Encoder {
         let activation = config.activation(&dir.join("config.json"))?;
         let processor = ClipImageProcessor::from_dir_or(dir, ClipImageProcessor::imagenet())?;
         let weights = weights_file(dir)?;
-        let (vs, mut model) =
-            build_frozen(Some((&weights, &KEY_MAP)), &options, |p| Dinov2Model::new(p, &config, activation))?;
-        model.fuse_qkv();
-        Ok(Self { vs, model, config, processor, options, adapted: false })
+        let mut tower = Tower::new(
+            build_frozen(Some((&weights, &KEY_MAP)), &options, |p| Dinov2Model::new(p, &config, activation))?,
+            options,
+        );
+        tower.model.fuse_qkv();
+        Ok(Self { tower, config, processor })
     }
 
     /// A randomly initialised encoder (benchmarks, shape checks).
     pub fn from_config(config: &Dinov2Config, options: EncoderOptions) -> Result<Self> {
         let activation = config.activation(Path::new("<config>"))?;
-        let (vs, mut model) = build_frozen(None, &options, |p| Dinov2Model::new(p, config, activation))?;
-        model.fuse_qkv();
-        let processor = ClipImageProcessor::imagenet();
-        Ok(Self { vs, model, config: config.clone(), processor, options, adapted: false })
+        let mut tower = Tower::new(build_frozen(None, &options, |p| Dinov2Model::new(p, config, activation))?, options);
+        tower.model.fuse_qkv();
+        Ok(Self { tower, config: config.clone(), processor: ClipImageProcessor::imagenet() })
     }
 
     pub fn var_store(&self) -> &VarStore {
-        &self.vs
+        &self.tower.vs
     }
 
     /// `pixel_values` `[batch, 3, H, W]` (any device; H and W multiples of the patch size) -> the pooled output
     /// `[batch, hidden]` f32 on the encoder's device.
     pub fn encode_pixels(&self, pixel_values: &Tensor) -> Tensor {
-        let forward = || {
-            let xs = pixel_values.to_device(self.options.device).to_kind(self.options.kind());
-            self.model.forward(&xs).1.to_kind(Kind::Float)
-        };
-        if self.adapted { forward() } else { tch::no_grad(forward) }
+        self.tower.run(pixel_values, |model, xs| model.forward(xs).1.to_kind(Kind::Float))
     }
 
     /// `(last_hidden_state, pooler_output)` f32, as `Dinov2Model` returns them (parity tests).
     pub fn forward(&self, pixel_values: &Tensor) -> (Tensor, Tensor) {
-        tch::no_grad(|| {
-            let xs = pixel_values.to_device(self.options.device).to_kind(self.options.kind());
-            let (sequence, pooled) = self.model.forward(&xs);
+        self.tower.run(pixel_values, |model, xs| {
+            let (sequence, pooled) = model.forward(xs);
             (sequence.to_kind(Kind::Float), pooled.to_kind(Kind::Float))
         })
     }
 
     pub fn num_layers(&self) -> i64 {
-        self.model.num_layers()
+        self.tower.model.num_layers()
     }
 
     /// LoRA on every layer's query and value projections, variables under `vs` at their checkpoint paths
     /// (`<vs>/encoder/layer/<i>/attention/attention/query/lora_A`, ...).
     pub fn attach_lora(&mut self, vs: &tch::nn::Path, spec: crate::lora::LoraSpec) {
-        self.model.attach_lora(vs, spec);
-        self.adapted = true;
+        self.tower.attach_lora(vs, spec);
     }
 
     /// Unfreezes the layers from `first` on and the final layernorm (trainable copies with the checkpoint's
     /// values under `vs`); returns how many variables were copied.
     pub fn adapt_last_blocks(&mut self, vs: &tch::nn::Path, first: i64) -> usize {
-        let prefixes = self.model.rebuild_tail(vs, &self.config, first);
-        self.adapted = true;
-        copy_frozen_into(&self.vs, vs, &prefixes)
+        self.tower.adapt_last_blocks(vs, &self.config, first)
     }
 }

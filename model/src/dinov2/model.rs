@@ -10,6 +10,7 @@ use tch::{Kind, Tensor, nn};
 use super::config::Dinov2Config;
 use crate::activation::Activation;
 use crate::attention::{SelfAttention, VIT_PROJECTIONS};
+use crate::encoders::AdaptableModel;
 use crate::hf::KeyMap;
 use crate::lora::{Adaptable, LoraSpec};
 
@@ -200,10 +201,14 @@ impl Dinov2Model {
     pub fn fuse_qkv(&mut self) {
         self.layers.iter_mut().for_each(|l| l.attention.fuse_qkv());
     }
+}
+
+impl AdaptableModel for Dinov2Model {
+    type Config = Dinov2Config;
 
     /// LoRA on every layer's query and value projections (and MLP), variables under
     /// `vs/encoder/layer/<i>/attention/attention/{query,value}` (and `vs/encoder/layer/<i>/mlp`).
-    pub fn attach_lora(&mut self, vs: &nn::Path, spec: LoraSpec) {
+    fn attach_lora(&mut self, vs: &nn::Path, spec: LoraSpec) {
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let at = vs / "encoder" / "layer" / i;
             layer.attention.attach_lora(&(&at / "attention"), spec);
@@ -216,7 +221,7 @@ impl Dinov2Model {
     /// The layers from `first` on and the final layernorm built anew under `vs` (mirroring the checkpoint's
     /// root): trainable copies, which the caller gives the checkpoint's values. Returns the checkpoint keys'
     /// prefixes of what was rebuilt.
-    pub fn rebuild_tail(&mut self, vs: &nn::Path, cfg: &Dinov2Config, first: i64) -> Vec<String> {
+    fn rebuild_tail(&mut self, vs: &nn::Path, cfg: &Self::Config, first: i64) -> Vec<String> {
         for i in first as usize..self.layers.len() {
             self.layers[i] = Dinov2Layer::new(vs / "encoder" / "layer" / i, cfg, self.activation);
         }

@@ -13,20 +13,16 @@ pub use config::{FeatExtractNorm, Wav2Vec2Config};
 pub use feature_extractor::{AudioBatch, Wav2Vec2FeatureExtractor};
 pub use model::{KEY_MAP, Wav2Vec2Model, Wav2Vec2Output};
 
-use crate::encoders::{EncoderOptions, build_frozen, copy_frozen_into};
+use crate::encoders::{EncoderOptions, Tower, build_frozen};
 use crate::error::Result;
 
 /// The Wav2Vec 2.0 encoder, frozen unless adapted: its own parameters never require grad; forward runs in eval
 /// mode (no dropout), under no_grad unless adapted.
 #[derive(Debug)]
 pub struct Wav2Vec2Encoder {
-    vs: VarStore,
-    model: Wav2Vec2Model,
+    tower: Tower<Wav2Vec2Model>,
     pub config: Wav2Vec2Config,
     pub feature_extractor: Wav2Vec2FeatureExtractor,
-    options: EncoderOptions,
-    /// Adapted (LoRA or last blocks): encoding keeps the autograd graph.
-    adapted: bool,
 }
 
 impl Wav2Vec2Encoder {
@@ -39,11 +35,14 @@ impl Wav2Vec2Encoder {
         let (feat_act, hidden_act) =
             (config.feat_extract_activation(&config_path)?, config.hidden_activation(&config_path)?);
         let weights = crate::hf::weights_file(dir)?;
-        let (vs, mut model) = build_frozen(Some((&weights, &KEY_MAP)), &options, |p| {
-            Wav2Vec2Model::new(p, &config, feat_act, hidden_act)
-        })?;
-        model.prepare_inference();
-        Ok(Self { vs, model, config, feature_extractor, options, adapted: false })
+        let mut tower = Tower::new(
+            build_frozen(Some((&weights, &KEY_MAP)), &options, |p| {
+                Wav2Vec2Model::new(p, &config, feat_act, hidden_act)
+            })?,
+            options,
+        );
+        tower.model.prepare_inference();
+        Ok(Self { tower, config, feature_extractor })
     }
 
     /// A randomly initialised encoder (benchmarks, shape checks).
@@ -51,22 +50,23 @@ impl Wav2Vec2Encoder {
         let here = Path::new("<config>");
         config.validate(here)?;
         let (feat_act, hidden_act) = (config.feat_extract_activation(here)?, config.hidden_activation(here)?);
-        let (vs, mut model) = build_frozen(None, &options, |p| Wav2Vec2Model::new(p, config, feat_act, hidden_act))?;
-        model.prepare_inference();
-        Ok(Self { vs, model, config: config.clone(), feature_extractor: Default::default(), options, adapted: false })
+        let mut tower =
+            Tower::new(build_frozen(None, &options, |p| Wav2Vec2Model::new(p, config, feat_act, hidden_act))?, options);
+        tower.model.prepare_inference();
+        Ok(Self { tower, config: config.clone(), feature_extractor: Default::default() })
     }
 
     pub fn var_store(&self) -> &VarStore {
-        &self.vs
+        &self.tower.vs
     }
 
     /// The underlying module, for callers that manage no_grad and masks themselves.
     pub fn model(&self) -> &Wav2Vec2Model {
-        &self.model
+        &self.tower.model
     }
 
     pub fn options(&self) -> &EncoderOptions {
-        &self.options
+        &self.tower.options
     }
 
     /// `input_values` `[batch, samples]` as the feature extractor makes them. The attention mask is passed to
@@ -74,34 +74,28 @@ impl Wav2Vec2Encoder {
     /// pipeline does: group-norm models were trained on zero-padded audio without one. Outputs are f32.
     pub fn encode(&self, input_values: &Tensor, attention_mask: Option<&Tensor>) -> Wav2Vec2Output {
         let mask = attention_mask.filter(|_| self.feature_extractor.return_attention_mask);
-        let forward = || {
-            let xs = input_values.to_device(self.options.device).to_kind(self.options.kind());
-            let mask = mask.map(|m| m.to_device(self.options.device));
-            let out = self.model.forward(&xs, mask.as_ref());
+        let mask = mask.map(|m| m.to_device(self.tower.options.device));
+        self.tower.run(input_values, |model, xs| {
+            let out = model.forward(xs, mask.as_ref());
             Wav2Vec2Output {
                 last_hidden_state: out.last_hidden_state.to_kind(tch::Kind::Float),
                 hidden_states: out.hidden_states.into_iter().map(|h| h.to_kind(tch::Kind::Float)).collect(),
                 frame_mask: out.frame_mask,
             }
-        };
-        // Adapted, the gradients reach the adapted variables (the frozen weights never need one).
-        if self.adapted { forward() } else { tch::no_grad(forward) }
+        })
     }
 
     /// LoRA of `rank` and `alpha` on every layer's query and value projections, its variables (trainable) under
     /// `vs` with the checkpoint's paths: `<vs>/encoder/layers/<i>/attention/q_proj/lora_A`, ...
     pub fn attach_lora(&mut self, vs: &tch::nn::Path, spec: crate::lora::LoraSpec) {
-        self.model.attach_lora(vs, spec);
-        self.adapted = true;
+        self.tower.attach_lora(vs, spec);
     }
 
     /// Unfreezes the layers from `first` on (and the stable variant's final layer norm): trainable copies with
     /// the checkpoint's values under `vs` with the checkpoint's paths (`<vs>/encoder/layers/<i>/...`). Returns
     /// how many variables were copied.
     pub fn adapt_last_blocks(&mut self, vs: &tch::nn::Path, first: i64) -> usize {
-        let prefixes = self.model.rebuild_tail(vs, &self.config, first);
-        self.adapted = true;
-        copy_frozen_into(&self.vs, vs, &prefixes)
+        self.tower.adapt_last_blocks(vs, &self.config, first)
     }
 
     /// Normalises, pads and encodes raw 16 kHz waveforms.

@@ -9,6 +9,7 @@ use tch::{Kind, Tensor, nn, nn::Module};
 use super::config::{FeatExtractNorm, Wav2Vec2Config};
 use crate::activation::Activation;
 use crate::attention::SelfAttention;
+use crate::encoders::AdaptableModel;
 use crate::hf::KeyMap;
 use crate::lora::{Adaptable, LoraSpec};
 use crate::weight_norm::{WeightNormConv1d, WeightNormConv1dConfig};
@@ -244,37 +245,6 @@ impl Wav2Vec2Model {
         self.layers.len() as i64
     }
 
-    /// LoRA on every layer's query and value projections (and feed-forward), variables under
-    /// `vs/encoder/layers/<i>/attention` (and `.../feed_forward`).
-    pub fn attach_lora(&mut self, vs: &nn::Path, spec: LoraSpec) {
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            let at = vs / "encoder" / "layers" / i;
-            layer.attention.attach_lora(&(&at / "attention"), spec);
-            if spec.mlp {
-                let ff = &at / "feed_forward";
-                layer.feed_forward.intermediate_dense.attach(&(&ff / "intermediate_dense"), spec);
-                layer.feed_forward.output_dense.attach(&(&ff / "output_dense"), spec);
-            }
-        }
-    }
-
-    /// The layers from `first` on (and, in the stable-layer-norm variant, the encoder's final layer norm that
-    /// follows them) built anew under `vs` (mirroring the checkpoint's root): trainable copies, which the caller
-    /// gives the checkpoint's values. Returns the checkpoint keys' prefixes of what was rebuilt.
-    pub fn rebuild_tail(&mut self, vs: &nn::Path, cfg: &Wav2Vec2Config, first: i64) -> Vec<String> {
-        let enc = vs / "encoder";
-        for i in first as usize..self.layers.len() {
-            self.layers[i] = EncoderLayer::new(&enc / "layers" / i, cfg, self.hidden_act);
-        }
-        let mut prefixes: Vec<String> = (first..self.num_layers()).map(|i| format!("encoder.layers.{i}.")).collect();
-        if self.stable_layer_norm {
-            let ln_cfg = nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
-            self.encoder_layer_norm = nn::layer_norm(&enc / "layer_norm", vec![cfg.hidden_size], ln_cfg);
-            prefixes.push("encoder.layer_norm.".into());
-        }
-        prefixes
-    }
-
     /// Frames per sample count, as `_get_feat_extract_output_lengths` (works on tensors of lengths).
     fn output_lengths(&self, lengths: &Tensor) -> Tensor {
         let mut lengths = lengths.shallow_clone();
@@ -319,5 +289,40 @@ impl Wav2Vec2Model {
         }
         let last_hidden_state = if self.stable_layer_norm { xs.apply(&self.encoder_layer_norm) } else { xs };
         Wav2Vec2Output { last_hidden_state, hidden_states, frame_mask }
+    }
+}
+
+impl AdaptableModel for Wav2Vec2Model {
+    type Config = Wav2Vec2Config;
+
+    /// LoRA on every layer's query and value projections (and feed-forward), variables under
+    /// `vs/encoder/layers/<i>/attention` (and `.../feed_forward`).
+    fn attach_lora(&mut self, vs: &nn::Path, spec: LoraSpec) {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let at = vs / "encoder" / "layers" / i;
+            layer.attention.attach_lora(&(&at / "attention"), spec);
+            if spec.mlp {
+                let ff = &at / "feed_forward";
+                layer.feed_forward.intermediate_dense.attach(&(&ff / "intermediate_dense"), spec);
+                layer.feed_forward.output_dense.attach(&(&ff / "output_dense"), spec);
+            }
+        }
+    }
+
+    /// The layers from `first` on (and, in the stable-layer-norm variant, the encoder's final layer norm that
+    /// follows them) built anew under `vs` (mirroring the checkpoint's root): trainable copies, which the caller
+    /// gives the checkpoint's values. Returns the checkpoint keys' prefixes of what was rebuilt.
+    fn rebuild_tail(&mut self, vs: &nn::Path, cfg: &Self::Config, first: i64) -> Vec<String> {
+        let enc = vs / "encoder";
+        for i in first as usize..self.layers.len() {
+            self.layers[i] = EncoderLayer::new(&enc / "layers" / i, cfg, self.hidden_act);
+        }
+        let mut prefixes: Vec<String> = (first..self.num_layers()).map(|i| format!("encoder.layers.{i}.")).collect();
+        if self.stable_layer_norm {
+            let ln_cfg = nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
+            self.encoder_layer_norm = nn::layer_norm(&enc / "layer_norm", vec![cfg.hidden_size], ln_cfg);
+            prefixes.push("encoder.layer_norm.".into());
+        }
+        prefixes
     }
 }
