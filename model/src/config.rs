@@ -395,6 +395,15 @@ impl ModelConfig {
         }
     }
 
+    /// Each encoder's `adapt` setting with its field name.
+    pub fn adapts(&self) -> [(&'static str, &Adapt); 3] {
+        [
+            ("model.clip.adapt", &self.clip.adapt),
+            ("model.dinov2.adapt", &self.dinov2.adapt),
+            ("model.wav2vec2.adapt", &self.wav2vec2.adapt),
+        ]
+    }
+
     /// The learning-rate factor of a trainable variable: `model.<encoder>.adapt.lr_scale` for an adapted
     /// encoder's (`backbone.<encoder>.*`), 1 for the rest.
     pub fn lr_scale(&self, variable: &str) -> f64 {
@@ -500,11 +509,7 @@ impl ModelConfig {
         if !(l.logit_adjustment.tau >= 0.0 && l.logit_adjustment.tau.is_finite()) {
             return Err(bad("model.loss.logit_adjustment.tau", format!("{} must be >= 0", l.logit_adjustment.tau)));
         }
-        for (field, a) in [
-            ("model.clip.adapt", &self.clip.adapt),
-            ("model.dinov2.adapt", &self.dinov2.adapt),
-            ("model.wav2vec2.adapt", &self.wav2vec2.adapt),
-        ] {
+        for (field, a) in self.adapts() {
             a.validate(field)?;
         }
         match self.image_encoder {

@@ -29,8 +29,8 @@ use crate::tcn::Tcn;
 use crate::vision::VisionEncoder;
 use crate::wav2vec2::{Wav2Vec2Config, Wav2Vec2Encoder};
 
-/// The trainable groups, in a fixed order (the order buckets are all-reduced in); `backbone` (LoRA of an
-/// adapted encoder) exists only when `model.clip.adapt` is not `frozen`.
+/// The trainable groups, in a fixed order (the order buckets are all-reduced in); `backbone` (an adapted
+/// encoder's variables) exists only when some `model.<encoder>.adapt` is not `frozen`.
 pub const GROUPS: [&str; 5] = ["tcn", "adapter", "fusion", "prompt", "backbone"];
 
 /// The frozen encoders.

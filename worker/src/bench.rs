@@ -47,6 +47,18 @@ fn timed(device: tch::Device, iters: usize, mut step: impl FnMut()) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// One training step as training takes it: every gradient of `variables` zeroed, the loss (under bf16 autocast
+/// when `bf16`), backward.
+fn training_step(device: tch::Device, bf16: bool, variables: &[Tensor], loss: impl FnOnce() -> Tensor) {
+    for v in variables {
+        let mut grad = v.grad();
+        if grad.defined() {
+            let _ = grad.zero_();
+        }
+    }
+    avexpr_model::autocast::bf16(device, bf16, loss).backward();
+}
+
 /// Runs `script` with `args` as JSON; it prints one JSON line with a `figures` object.
 fn run_reference(python: &str, script: &str, args: &impl Serialize) -> Result<(Figures, serde_json::Value)> {
     let output = Command::new(python)
@@ -341,17 +353,7 @@ pub fn head_ours(cfg: &HeadBench, device: tch::Device) -> Result<(Figures, Vec<(
     let labels = targets.unsqueeze(1).expand([cfg.batch, cfg.frames], false).contiguous();
     let variables = vs.trainable_variables();
     let seconds = timed(device, cfg.iters, || {
-        variables.iter().for_each(|v| {
-            let mut grad = v.grad();
-            if grad.defined() {
-                let _ = grad.zero_();
-            }
-        });
-        let loss = avexpr_model::autocast::bf16(device, cfg.bf16, || {
-            let out = head.forward_t(&feats, true);
-            head.loss(&out, &labels).total
-        });
-        loss.backward();
+        training_step(device, cfg.bf16, &variables, || head.loss(&head.forward_t(&feats, true), &labels).total)
     });
     let counts = avexpr_model::expr::parameter_counts(&cfg.model, &dims)?;
     Ok((Figures::from([("clips_per_s".to_string(), (cfg.batch as usize * cfg.iters) as f64 / seconds)]), counts))
@@ -448,10 +450,12 @@ pub fn adaptation(cfg: &AdaptBench) -> Result<(String, Vec<AdaptRow>)> {
     let lora = Adapt { mode: AdaptMode::Lora, rank: cfg.rank, alpha: 2.0 * cfg.rank as f64, ..Adapt::default() };
     let last = Adapt { mode: AdaptMode::LastBlocks, blocks: cfg.blocks, ..Adapt::default() };
     let frozen = Adapt::default();
+    // The image rows adapt the image encoder the config uses (CLIP's vision tower or DINOv2).
+    let image = if base.image_encoder.is_clip() { "CLIP" } else { "DINOv2" };
     let rows = [
         ("frozen (the paper)".to_string(), frozen, frozen),
-        (format!("CLIP LoRA r{} q,v", cfg.rank), lora, frozen),
-        (format!("CLIP last {} blocks", cfg.blocks), last, frozen),
+        (format!("{image} LoRA r{} q,v", cfg.rank), lora, frozen),
+        (format!("{image} last {} blocks", cfg.blocks), last, frozen),
         (format!("Wav2Vec 2.0 LoRA r{} q,v", cfg.rank), frozen, lora),
         (format!("Wav2Vec 2.0 last {} blocks", cfg.blocks), frozen, last),
     ];
@@ -459,9 +463,14 @@ pub fn adaptation(cfg: &AdaptBench) -> Result<(String, Vec<AdaptRow>)> {
     // machine's drift spreads over all rows; a row's figure is the median of its rounds.
     let samples = cfg.frames * 16_000 / 25;
     let mut models = Vec::new();
-    for (mode, clip, wav2vec2) in rows {
+    for (mode, image, wav2vec2) in rows {
         let mut model_cfg = base.clone();
-        (model_cfg.clip.adapt, model_cfg.wav2vec2.adapt) = (clip, wav2vec2);
+        if model_cfg.image_encoder.is_clip() {
+            model_cfg.clip.adapt = image
+        } else {
+            model_cfg.dinov2.adapt = image
+        }
+        model_cfg.wav2vec2.adapt = wav2vec2;
         tch::manual_seed(0);
         let encoders = avexpr_model::Encoders::load(&model_cfg, options)?;
         models.push((mode, avexpr_model::ExprModel::new(&model_cfg, encoders, None, device)?));
@@ -486,17 +495,9 @@ pub fn adaptation(cfg: &AdaptBench) -> Result<(String, Vec<AdaptRow>)> {
             let model = &models[i].1;
             let variables = model.trainable_variables();
             let s = timed(device, cfg.iters, || {
-                for v in &variables {
-                    let mut grad = v.grad();
-                    if grad.defined() {
-                        let _ = grad.zero_();
-                    }
-                }
-                let loss = avexpr_model::autocast::bf16(device, bf16, || {
-                    let out = model.forward_raw_t(&raw, true).expect("a well-formed batch");
-                    model.loss(&out, &labels).total
-                });
-                loss.backward();
+                training_step(device, bf16, &variables, || {
+                    model.loss(&model.forward_raw_t(&raw, true).expect("a well-formed batch"), &labels).total
+                })
             });
             seconds[i].push(s / cfg.iters as f64);
         }

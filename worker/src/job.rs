@@ -303,11 +303,7 @@ impl JobConfig {
             return Err(("train.micro_batch", "must be positive".into()));
         }
         self.data.validate().map_err(|e| (e.field, e.reason))?;
-        for (field, adapt) in [
-            ("model.clip.adapt", &self.model.clip.adapt),
-            ("model.dinov2.adapt", &self.model.dinov2.adapt),
-            ("model.wav2vec2.adapt", &self.model.wav2vec2.adapt),
-        ] {
+        for (field, adapt) in self.model.adapts() {
             if !adapt.is_frozen() && self.data.features.is_some() {
                 return Err((
                     field,

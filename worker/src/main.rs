@@ -374,7 +374,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Params { config, from_checkpoints } => {
             let model = model_config(Some(&config))?;
-            let adapted = !(model.clip.adapt.is_frozen() && model.wav2vec2.adapt.is_frozen());
+            let adapted = model.adapts().iter().any(|(_, a)| !a.is_frozen());
             let (dims, counts) = if from_checkpoints {
                 // The whole model, so that an adapted encoder's `backbone` variables are counted too.
                 let encoders = avexpr_model::Encoders::load(&model, avexpr_model::EncoderOptions::default())?;

@@ -189,7 +189,8 @@ impl Dinov2Model {
         for layer in &self.layers {
             xs = layer.forward(&xs);
         }
-        let sequence = xs.to_kind(self.layernorm.ws.as_ref().map_or(xs.kind(), Tensor::kind)).apply(&self.layernorm);
+        // The final layernorm is in the last layer's precision (adapted, both are rebuilt together).
+        let sequence = xs.apply(&self.layernorm);
         let pooled = sequence.select(1, 0);
         (sequence, pooled)
     }
