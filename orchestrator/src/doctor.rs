@@ -31,16 +31,41 @@ fn command_check(name: &'static str, required: bool, program: &str, args: &[&str
     }
 }
 
+/// Whether libtorch's CUDA backend is in this process: libtorch_cuda.so registers it when loaded, and a binary
+/// linked with `--as-needed` drops it (nothing calls into it), leaving GPUs unused. `Err` when the libtorch this
+/// process loaded ships libtorch_cuda.so but it is not loaded.
+pub fn cuda_backend() -> Result<String, String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mapped = |name: &str| {
+        maps.lines().find_map(|l| l.split_whitespace().nth(5).filter(|p| p.ends_with(name)).map(str::to_string))
+    };
+    if let Some(path) = mapped("/libtorch_cuda.so") {
+        return Ok(format!("CUDA backend loaded ({path})"));
+    }
+    let dir = mapped("/libtorch_cpu.so").and_then(|p| std::path::Path::new(&p).parent().map(|d| d.to_path_buf()));
+    match dir {
+        Some(dir) if dir.join("libtorch_cuda.so").exists() => Err(format!(
+            "{} has libtorch_cuda.so but this binary did not load it, so GPUs go unused; \
+             rebuild (worker/build.rs links it with --no-as-needed)",
+            dir.display()
+        )),
+        Some(dir) => Ok(format!("CPU-only libtorch (no libtorch_cuda.so in {})", dir.display())),
+        None => Ok("libtorch linked statically or not found in /proc/self/maps".into()),
+    }
+}
+
 pub fn run_checks(python: &str) -> Vec<Check> {
     let cuda = tch::Cuda::device_count();
+    let backend = cuda_backend();
     let torch = Check {
         name: "libtorch",
-        ok: true,
+        ok: backend.is_ok(),
         required: true,
         detail: format!(
-            "loaded; {} CPU thread(s); CUDA devices: {cuda}{}",
+            "loaded; {} CPU thread(s); CUDA devices: {cuda}{}; {}",
             tch::get_num_threads(),
-            if cuda > 0 { format!(", cuDNN {}", tch::Cuda::cudnn_is_available()) } else { String::new() }
+            if cuda > 0 { format!(", cuDNN {}", tch::Cuda::cudnn_is_available()) } else { String::new() },
+            backend.unwrap_or_else(|e| e)
         ),
     };
     let gpus = match avexpr_worker::nccl::cuda_devices() {
@@ -124,7 +149,16 @@ mod tests {
     #[test]
     fn libtorch_is_always_reported() {
         let checks = run_checks("avexpr-no-such-python");
-        assert!(checks[0].ok && checks[0].detail.contains("CUDA devices"));
+        assert!(checks[0].ok && checks[0].detail.contains("CUDA devices"), "{}", checks[0].detail);
         assert!(!checks.last().unwrap().ok);
+    }
+
+    /// The torch wheels scripts/setup installs on Linux x86-64 are CUDA builds: their libtorch_cuda.so must be
+    /// loaded by our binaries (and this test binary, built by the same build script), or a GPU machine trains
+    /// on its CPU. Fails with the `--no-as-needed` link of worker/build.rs removed.
+    #[test]
+    fn the_cuda_backend_is_loaded_when_libtorch_has_one() {
+        let backend = cuda_backend();
+        assert!(backend.as_ref().is_ok_and(|b| !b.contains("not found")), "{backend:?}");
     }
 }
