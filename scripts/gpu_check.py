@@ -107,8 +107,9 @@ class Check:
 
     # -- running things ---------------------------------------------------------------------------------------
 
-    def run(self, argv, log_name, env=None):
-        """Runs `argv` within the current step's time; stdout returned, stdout+stderr kept in <out>/logs."""
+    def run(self, argv, log_name, env=None, check=True):
+        """Runs `argv` within the current step's time; stdout returned, stdout+stderr kept in <out>/logs.
+        A non-zero exit raises StepFailed unless `check` is false."""
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise StepFailed("out of time before: " + " ".join(argv[:2]))
@@ -121,7 +122,7 @@ class Check:
                 raise StepFailed(f"{os.path.basename(argv[0])} {argv[1]} ran past the step's time limit "
                                  f"(log: {path})")
             logf.write(p.stdout)
-        if p.returncode != 0:
+        if p.returncode != 0 and check:
             tail = open(path).read().strip().splitlines()[-5:]
             raise StepFailed(f"{' '.join(os.path.basename(a) for a in argv[:2])} exited with {p.returncode} "
                              f"(log: {path}): " + " | ".join(tail))
@@ -156,17 +157,29 @@ class Check:
     # -- steps ------------------------------------------------------------------------------------------------
 
     def doctor(self):
-        text = self.run([os.path.join(self.bin, "orchestrator"), "doctor"], "doctor")
+        # Doctor exits non-zero when anything a training host needs is missing; this check needs libtorch (with
+        # its CUDA backend), the driver and libnccl, not the FFmpeg CLI (a device bundle has no FFmpeg).
+        text = self.run([os.path.join(self.bin, "orchestrator"), "doctor"], "doctor", check=False)
         # `name (36 columns) status (20 columns) detail` per line.
-        lines = {line[:36].strip(): line[57:].strip() for line in text.splitlines() if line.strip()}
-        torch_line = lines.get("libtorch", "")
+        rows = {line[:36].strip(): (line[37:57].strip(), line[57:].strip()) for line in text.splitlines()
+                if line.strip()}
+        if "libtorch" not in rows:
+            raise StepFailed(f"orchestrator doctor printed no libtorch line: {text.strip()[-300:]}")
+        lines = {name: detail for name, (_, detail) in rows.items()}
+        torch_line = lines["libtorch"]
         m = re.search(r"CUDA devices: (\d+)", torch_line)
         self.gpus = int(m.group(1)) if m else 0
-        figures = {"libtorch_cuda_devices": self.gpus, "driver": lines.get("CUDA devices (driver)", ""),
-                   "libnccl": lines.get("libnccl", "")}
+        figures = {"libtorch_cuda_devices": self.gpus, "libtorch": torch_line,
+                   "driver": lines.get("CUDA devices (driver)", ""), "libnccl": lines.get("libnccl", ""),
+                   "missing": [name for name, (status, _) in rows.items() if status != "ok"]}
+        if rows["libtorch"][0] != "ok":
+            raise StepFailed(f"libtorch: {torch_line}")
         if not self.args.cpu and self.gpus == 0:
             raise StepFailed(f"libtorch sees no CUDA device ({torch_line}; driver: {figures['driver']})")
-        return f"{self.gpus} CUDA device(s) [{figures['driver']}]; libnccl {figures['libnccl']}", figures
+        if not self.args.cpu and rows.get("libnccl", ("",))[0] != "ok":
+            raise StepFailed(f"libnccl: {figures['libnccl']}")
+        missing = f"; missing here: {', '.join(figures['missing'])}" if figures["missing"] else ""
+        return f"{self.gpus} CUDA device(s) [{figures['driver']}]; libnccl {figures['libnccl']}{missing}", figures
 
     def embed(self):
         inputs = os.path.join(self.out, "inputs")

@@ -85,6 +85,9 @@ pub fn shared_unique_id(dist: &Dist) -> Result<[u8; 128], DistError> {
 pub struct NcclComm {
     comm: sys::ncclComm_t,
     pub ordinal: usize,
+    /// The device's primary context, which the communicator's buffers live in, held for as long as it lives:
+    /// dropping cudarc's handle releases it, and a primary context whose last holder lets go is reset.
+    _context: std::sync::Arc<cudarc::driver::CudaContext>,
 }
 
 impl NcclComm {
@@ -94,6 +97,9 @@ impl NcclComm {
             return Err(DistError::Nccl(why));
         }
         let id_bytes = shared_unique_id(dist)?;
+        // libtorch first: its runtime holds the device's primary context from here on (whichever of NCCL and
+        // libtorch touches the GPU first, they share that one context).
+        let _ = Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cuda(ordinal)));
         let ctx = cudarc::driver::CudaContext::new(ordinal)
             .map_err(|e| DistError::Nccl(format!("CUDA device {ordinal}: {e:?}")))?;
         ctx.bind_to_thread().map_err(|e| DistError::Nccl(format!("CUDA device {ordinal}: {e:?}")))?;
@@ -103,7 +109,7 @@ impl NcclComm {
         unsafe { result::comm_init_rank(&mut comm, dist.world_size as i32, id, dist.rank as i32) }.map_err(|e| {
             DistError::Nccl(format!("ncclCommInitRank (rank {} of {}): {e:?}", dist.rank, dist.world_size))
         })?;
-        Ok(NcclComm { comm, ordinal })
+        Ok(NcclComm { comm, ordinal, _context: ctx })
     }
 
     /// Averages a contiguous CUDA f32 tensor over ranks, in place, queued on the default stream.
@@ -137,7 +143,7 @@ impl NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        // SAFETY: the communicator this value owns, destroyed once.
+        // SAFETY: the communicator this value owns, destroyed once (before `_context` is released).
         let _ = unsafe { result::comm_destroy(self.comm) };
     }
 }
