@@ -443,15 +443,24 @@ impl JobConfig {
     }
 }
 
-/// The leaves of two JSON values that differ, by path (`train.optimizer.lr`), as `then -> now`.
+/// The leaves of two JSON values that differ, by path (`train.optimizer.lr`), as `then -> now`. A field one
+/// side omits (settings at their default are not serialized) reads `(default)`.
 fn diff(path: &str, then: &serde_json::Value, now: &serde_json::Value, out: &mut Vec<(String, String)>) {
     use serde_json::Value;
+    let show = |v: Option<&Value>| v.map_or_else(|| "(default)".to_string(), Value::to_string);
     match (then, now) {
         (Value::Object(a), Value::Object(b)) => {
             let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
             for k in keys {
                 let child = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                diff(&child, a.get(k).unwrap_or(&Value::Null), b.get(k).unwrap_or(&Value::Null), out);
+                let empty = Value::Object(Default::default());
+                match (a.get(k), b.get(k)) {
+                    (Some(x), Some(y)) => diff(&child, x, y, out),
+                    // An omitted section: its leaves, one by one (some of them may change).
+                    (Some(x @ Value::Object(_)), None) => diff(&child, x, &empty, out),
+                    (None, Some(y @ Value::Object(_))) => diff(&child, &empty, y, out),
+                    (x, y) => out.push((child, format!("{} -> {}", show(x), show(y)))),
+                }
             }
         }
         (a, b) if a != b => out.push((path.to_string(), format!("{a} -> {b}"))),

@@ -64,3 +64,35 @@ fn a_global_batch_that_the_world_cannot_split_names_the_file() {
         )
     );
 }
+
+/// `configs/quickstart.yaml` with `edit` applied, parsed.
+fn job_with(edit: impl FnOnce(&mut serde_yaml::Value)) -> JobConfig {
+    let quickstart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/quickstart.yaml");
+    let mut job: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&quickstart).unwrap()).unwrap();
+    edit(&mut job);
+    JobConfig::from_text(&serde_yaml::to_string(&job).unwrap(), &quickstart).unwrap()
+}
+
+#[test]
+fn a_resume_names_a_setting_left_at_its_default_as_such() {
+    // Settings at their default are not saved with a checkpoint; a change to one read `"dinov2" -> null`.
+    let clip = job_with(|_| {});
+    let dinov2 = job_with(|j| {
+        j["model"]["image_encoder"] = "dinov2".into();
+        j["model"]["dinov2"] = serde_yaml::from_str("{checkpoint: /somewhere/dinov2-small}").unwrap();
+    });
+    assert_eq!(clip.changes_that_forbid_resuming(&dinov2), ["model.image_encoder: \"dinov2\" -> (default)"]);
+    assert_eq!(dinov2.changes_that_forbid_resuming(&clip), ["model.image_encoder: (default) -> \"dinov2\""]);
+    // The section one side omits is compared field by field: its checkpoint may move (the whole section read
+    // as a change, `model.dinov2: {..} -> null`, refusing a resume that only named the default checkpoint)...
+    let default_place = job_with(|j| j["model"]["image_encoder"] = "dinov2".into());
+    assert_eq!(default_place.changes_that_forbid_resuming(&dinov2), Vec::<String>::new());
+    // ... and its adaptation may not.
+    let adapted = job_with(|j| {
+        j["model"]["image_encoder"] = "dinov2".into();
+        j["model"]["dinov2"] = serde_yaml::from_str("{checkpoint: /elsewhere, adapt: {mode: lora}}").unwrap();
+    });
+    let changes = dinov2.changes_that_forbid_resuming(&adapted);
+    assert!(changes.iter().all(|c| c.starts_with("model.dinov2.adapt.")), "{changes:?}");
+    assert!(changes.contains(&"model.dinov2.adapt.mode: \"lora\" -> (default)".to_string()), "{changes:?}");
+}
