@@ -18,9 +18,10 @@ pub enum ModelError {
     },
     #[error("{path}: field `{field}`: {reason}")]
     BadConfig { path: PathBuf, field: String, reason: String },
-    /// A [`crate::ModelConfig`] built in code (not read from a file) that does not validate.
+    /// A [`crate::ModelConfig`] built in code (not read from a file) that does not validate. The message holds
+    /// the field error's, so it is not also a `source` (anyhow's `{:#}` printed it twice).
     #[error("model config: {0}")]
-    InvalidConfig(#[from] FieldError),
+    InvalidConfig(FieldError),
     #[error("{path}: unsupported model_type `{found}` (expected {expected})")]
     UnsupportedModelType { path: PathBuf, found: String, expected: String },
     #[error("{dir}: no checkpoint found (looked for model.safetensors and pytorch_model.bin)")]
@@ -48,6 +49,12 @@ pub enum ModelError {
     Torch(#[from] tch::TchError),
 }
 
+impl From<FieldError> for ModelError {
+    fn from(e: FieldError) -> Self {
+        ModelError::InvalidConfig(e)
+    }
+}
+
 /// A `model` field whose value is invalid, by its path in the job file (`model.fusion.heads`).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("field `{field}`: {reason}")]
@@ -72,5 +79,28 @@ impl ModelError {
 
     pub(crate) fn config(path: impl Into<PathBuf>, field: impl Into<String>, reason: impl Into<String>) -> Self {
         ModelError::BadConfig { path: path.into(), field: field.into(), reason: reason.into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a binary prints for an error and its chain of sources (anyhow's `{:#}`): each part once.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut text = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            text += &format!(": {s}");
+            source = s.source();
+        }
+        text
+    }
+
+    #[test]
+    fn an_invalid_config_names_its_field_once() {
+        let e =
+            ModelError::from(FieldError { field: "model.clip.adapt.blocks".into(), reason: "must be positive".into() });
+        assert_eq!(chain(&e), "model config: field `model.clip.adapt.blocks`: must be positive");
     }
 }
