@@ -4,18 +4,12 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: cannot read: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: malformed JSON: {source}")]
-    BadJson {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    // The cause is part of the message and so not also a `source`: binaries print the chain (`{:#}`), which
+    // showed it twice.
+    #[error("{path}: cannot read: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("{path}: malformed JSON: {error}")]
+    BadJson { path: PathBuf, error: serde_json::Error },
     #[error("{path}: field `{field}`: {reason}")]
     BadConfig { path: PathBuf, field: String, reason: String },
     /// A [`crate::ModelConfig`] built in code (not read from a file) that does not validate. The message holds
@@ -73,8 +67,8 @@ impl FieldError {
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 impl ModelError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ModelError::Io { path: path.into(), source }
+    pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
+        ModelError::Io { path: path.into(), error }
     }
 
     pub(crate) fn config(path: impl Into<PathBuf>, field: impl Into<String>, reason: impl Into<String>) -> Self {
@@ -102,5 +96,14 @@ mod tests {
         let e =
             ModelError::from(FieldError { field: "model.clip.adapt.blocks".into(), reason: "must be positive".into() });
         assert_eq!(chain(&e), "model config: field `model.clip.adapt.blocks`: must be positive");
+    }
+
+    #[test]
+    fn an_unreadable_file_names_the_cause_once() {
+        let e = ModelError::io("/x/config.json", std::io::Error::from(std::io::ErrorKind::NotFound));
+        assert_eq!(chain(&e), "/x/config.json: cannot read: entity not found");
+        let bad = serde_json::from_str::<serde_json::Value>("{").unwrap_err();
+        let e = ModelError::BadJson { path: "/x/config.json".into(), error: bad };
+        assert_eq!(chain(&e), "/x/config.json: malformed JSON: EOF while parsing an object at line 1 column 1");
     }
 }

@@ -46,7 +46,7 @@ pub fn weights_file(dir: &Path) -> Result<PathBuf> {
 /// Reads and parses a JSON file (a `config.json`, a `preprocessor_config.json`).
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| ModelError::BadJson { path: path.to_path_buf(), source })
+    serde_json::from_str(&text).map_err(|error| ModelError::BadJson { path: path.to_path_buf(), error })
 }
 
 /// What a load did, for the log.

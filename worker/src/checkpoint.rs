@@ -32,7 +32,7 @@ pub enum CheckpointError {
     /// The store could not be read or written (unreachable, denied, a failed request): nothing is known about
     /// the checkpoint itself.
     #[error("checkpoint store: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
     /// A committed checkpoint whose objects do not match its commit (size, SHA-256, missing, unreadable).
     #[error("checkpoint {uri}/{name} is corrupt: {reason}")]
     Corrupt { uri: String, name: String, reason: String },
@@ -46,6 +46,13 @@ pub enum CheckpointError {
     /// The state could not be serialized (a bug, not a condition of the store or the data).
     #[error("checkpoint {name}: cannot encode: {reason}")]
     Encode { name: String, reason: String },
+}
+
+// The store's error is part of the message and so not also a `source` (printed twice in a chain).
+impl From<StoreError> for CheckpointError {
+    fn from(e: StoreError) -> Self {
+        CheckpointError::Store(e)
+    }
 }
 
 pub type Result<T, E = CheckpointError> = std::result::Result<T, E>;

@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::optim::AdamWConfig;
 
+/// A job file's error: the file, the field at fault (empty when the file as a whole is: unreadable, not text)
+/// and why.
 #[derive(Debug, thiserror::Error)]
-#[error("{path}: {field}: {reason}")]
+#[error("{path}: {}{reason}", if .field.is_empty() { String::new() } else { format!("{}: ", .field) })]
 pub struct JobError {
     pub path: PathBuf,
     pub field: String,
@@ -247,7 +249,7 @@ impl JobConfig {
     pub fn from_file(path: &Path) -> Result<JobConfig, JobError> {
         let text = std::fs::read_to_string(path).map_err(|e| JobError {
             path: path.to_path_buf(),
-            field: "<file>".into(),
+            field: String::new(),
             reason: format!("cannot read: {e}"),
         })?;
         Self::from_text(&text, path)
@@ -260,7 +262,7 @@ impl JobConfig {
         if !uri.starts_with("s3://") {
             return Self::from_file(location);
         }
-        let err = |reason: String| JobError { path: location.to_path_buf(), field: "<file>".into(), reason };
+        let err = |reason: String| JobError { path: location.to_path_buf(), field: String::new(), reason };
         let (dir, file) = uri.rsplit_once('/').ok_or_else(|| err("not an object URI".into()))?;
         let store = avexpr_data::store::Store::open(dir).map_err(|e| err(e.to_string()))?;
         let bytes = store.blocking().get(file).map_err(|e| err(format!("cannot read: {e}")))?;

@@ -25,6 +25,13 @@ fn line_pointed_at<'a>(e: &str, text: &'a str) -> &'a str {
 }
 
 #[test]
+fn an_unreadable_job_file_is_named_without_a_field() {
+    // It read `/nowhere/job.yaml: <file>: cannot read: ...`.
+    let e = JobConfig::from_file(std::path::Path::new("/nowhere/job.yaml")).unwrap_err().to_string();
+    assert!(e.starts_with("/nowhere/job.yaml: cannot read: "), "{e}");
+}
+
+#[test]
 fn a_zero_micro_batch_is_reported_as_train_micro_batch() {
     // It was reported as `data.batch_size`, the loader's name for it, which no job file has.
     let (e, _) = error_of(|j| j["train"]["micro_batch"] = 0.into());
