@@ -6,7 +6,8 @@ failed. With --cpu every step runs on the CPU through the same code paths (the "
 where CUDA would use bf16, on the CPU), which is how the test suite exercises this script.
 
 Steps:
-  doctor      `orchestrator doctor`: libtorch's CUDA devices, the driver's GPUs, libnccl.
+  doctor      `orchestrator doctor`: libtorch's CUDA devices (its CUDA backend loaded), the driver's GPUs,
+              libnccl; what else doctor finds missing (FFmpeg on a bundle's machine) is listed, not failed.
   embed       `worker embed` of images, the 8 class prompts and audio with bf16 encoders on the device against
               f32 on the CPU, for the fixture checkpoints and the quickstart's pretrained ones: the cosine of
               every embedding vector >= 0.999; the largest absolute difference is stated.
