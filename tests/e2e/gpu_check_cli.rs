@@ -9,16 +9,19 @@ use std::process::Command;
 
 use avexpr_tests::binary;
 
+/// The folder of our binaries.
+fn bin() -> std::path::PathBuf {
+    Path::new(binary("worker").get_program()).parent().unwrap().to_path_buf()
+}
+
 /// `scripts/NAME` with the quickstart's assets under `tmp` (6 videos), our binaries, and the project venv's
 /// Python first on PATH (a bundle's run uses the `python3` it finds, as on a GPU machine).
 fn script(name: &str, tmp: &Path) -> Command {
-    let worker = binary("worker");
-    let bin = Path::new(worker.get_program()).parent().unwrap().to_path_buf();
     let python = std::env::var("AVEXPR_PYTHON").unwrap_or_else(|_| "python3".into());
     let venv_bin = Path::new(&python).parent().map(Path::to_path_buf).unwrap_or_default();
     let mut cmd = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts").join(name));
     cmd.env("PATH", format!("{}:{}", venv_bin.display(), std::env::var("PATH").unwrap()))
-        .env("AVEXPR_BIN", &bin)
+        .env("AVEXPR_BIN", bin())
         .env("AVEXPR_QUICKSTART", tmp.join("quickstart"))
         .env("AVEXPR_QUICKSTART_VIDEOS", "6")
         .env_remove("LD_LIBRARY_PATH");
@@ -77,10 +80,8 @@ fn the_gpu_check_runs_every_step_on_the_cpu_and_fails_where_there_is_no_gpu() {
     // Without --cpu on this GPU-less machine, from a bundle of these binaries: the device steps fail with their
     // reasons, and the exit status says so.
     let bundle = tmp.path().join("bundle");
-    let worker = binary("worker");
-    let bin = Path::new(worker.get_program()).parent().unwrap();
     let packed =
-        script("gpu-bundle", tmp.path()).arg("--prebuilt").arg(bin).arg("--out").arg(&bundle).output().unwrap();
+        script("gpu-bundle", tmp.path()).arg("--prebuilt").arg(bin()).arg("--out").arg(&bundle).output().unwrap();
     assert!(packed.status.success(), "gpu-bundle: {}", String::from_utf8_lossy(&packed.stderr));
     for file in ["bin.tar", "mpi.tar.gz", "assets.tar", "torch-version"] {
         assert!(bundle.join(file).exists(), "{file} missing from the bundle");

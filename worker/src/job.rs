@@ -453,9 +453,9 @@ fn diff(path: &str, then: &serde_json::Value, now: &serde_json::Value, out: &mut
     match (then, now) {
         (Value::Object(a), Value::Object(b)) => {
             let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            let empty = Value::Object(Default::default());
             for k in keys {
                 let child = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                let empty = Value::Object(Default::default());
                 match (a.get(k), b.get(k)) {
                     (Some(x), Some(y)) => diff(&child, x, y, out),
                     // An omitted section: its leaves, one by one (some of them may change).

@@ -3,15 +3,20 @@
 
 use avexpr_worker::job::JobConfig;
 
-/// `configs/quickstart.yaml` with `edit` applied to its YAML tree: the error `JobConfig::from_file` gives,
-/// without the file's path, and the file's text.
-fn error_of(edit: impl FnOnce(&mut serde_yaml::Value)) -> (String, String) {
+/// `configs/quickstart.yaml`'s path, and its text with `edit` applied to its YAML tree.
+fn quickstart_with(edit: impl FnOnce(&mut serde_yaml::Value)) -> (std::path::PathBuf, String) {
     let quickstart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/quickstart.yaml");
-    let mut job: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(quickstart).unwrap()).unwrap();
+    let mut job: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&quickstart).unwrap()).unwrap();
     edit(&mut job);
+    (quickstart, serde_yaml::to_string(&job).unwrap())
+}
+
+/// `configs/quickstart.yaml` with `edit` applied: the error `JobConfig::from_file` gives, without the file's
+/// path, and the file's text.
+fn error_of(edit: impl FnOnce(&mut serde_yaml::Value)) -> (String, String) {
+    let (_, text) = quickstart_with(edit);
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("job.yaml");
-    let text = serde_yaml::to_string(&job).unwrap();
     std::fs::write(&path, &text).unwrap();
     let e = JobConfig::from_file(&path).expect_err("the edited config was accepted").to_string();
     let prefix = format!("{}: ", path.display());
@@ -74,10 +79,8 @@ fn a_global_batch_that_the_world_cannot_split_names_the_file() {
 
 /// `configs/quickstart.yaml` with `edit` applied, parsed.
 fn job_with(edit: impl FnOnce(&mut serde_yaml::Value)) -> JobConfig {
-    let quickstart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/quickstart.yaml");
-    let mut job: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&quickstart).unwrap()).unwrap();
-    edit(&mut job);
-    JobConfig::from_text(&serde_yaml::to_string(&job).unwrap(), &quickstart).unwrap()
+    let (path, text) = quickstart_with(edit);
+    JobConfig::from_text(&text, &path).unwrap()
 }
 
 #[test]
